@@ -1,0 +1,58 @@
+# Taskhook: `make run` starts the whole stack, `make test` runs the whole suite.
+# Both work from a fresh clone: they find Python >= 3.12, build .venv and install what they need.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PORT ?= 8000
+
+# Python >= 3.12: the pyenv version named in .python-version first, then whatever is on PATH.
+PYTHON_BOOT := $(shell \
+  for c in "$$(pyenv root 2>/dev/null)/versions/$$(cat .python-version 2>/dev/null)"*/bin/python \
+           python3.13 python3.12 "$$(pyenv root 2>/dev/null)"/versions/3.1[2-9]*/bin/python python3; do \
+    if command -v "$$c" >/dev/null 2>&1 && "$$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then \
+      echo "$$c"; break; fi; done)
+
+.PHONY: run dev test lint bench install migrate clean
+
+# Local runs are development runs unless the environment says otherwise (production sets
+# DEBUG=false and SECRET_KEY; see README "Deployment").
+run dev test bench migrate: export DEBUG ?= true
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON_BOOT)" || { echo "Python >= 3.12 not found (pyenv install 3.12, or put python3.12 on PATH)"; exit 1; }
+	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+migrate: $(STAMP)
+	@mkdir -p var
+	$(PY) manage.py migrate --noinput -v 0
+
+# Web (gunicorn), RQ workers with the scheduler, the periodic jobs and, when REDIS_URL is unset
+# or unreachable, an embedded Redis under var/. Ctrl-C stops all of them.
+run: migrate
+	$(PY) manage.py runstack --port $(PORT)
+
+# Same stack with Django's autoreloading runserver instead of gunicorn.
+dev: migrate
+	$(PY) manage.py runstack --port $(PORT) --dev
+
+test: $(STAMP)
+	@bash .ci/ensure-chromium
+	$(PY) -m ruff check .
+	$(PY) -m dashboard.embedded_redis exec -- $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+bench: migrate
+	$(PY) -m dashboard.embedded_redis exec -- $(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) var

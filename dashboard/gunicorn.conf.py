@@ -1,0 +1,20 @@
+"""gunicorn settings for the Taskhook web process; every value can be overridden from the env.
+
+gthread workers: blocking submits wait on Redis for up to the blocking timeout, so each process
+serves many requests at once with threads rather than one per process.
+"""
+
+import multiprocessing
+import os
+
+bind = os.environ.get("GUNICORN_BIND", f"127.0.0.1:{os.environ.get('PORT', '8000')}")
+workers = int(os.environ.get("WEB_CONCURRENCY", max(2, multiprocessing.cpu_count())))
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
+graceful_timeout = 10
+keepalive = 5
+max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "10000"))
+max_requests_jitter = 500
+accesslog = os.environ.get("GUNICORN_ACCESSLOG", None)
+errorlog = "-"

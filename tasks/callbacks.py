@@ -1,0 +1,308 @@
+"""Callback delivery: scheduling, one attempt, its record, and what comes next (DESIGN.md §3).
+
+Deliveries run on their own RQ queue (`callbacks`), so a slow receiver never delays task
+execution; several callback workers keep one slow receiver from holding up the others. Retries
+are RQ scheduled jobs (`enqueue_in`, workers started `--with-scheduler`), so the schedule lives in
+Redis and survives worker restarts; the reconciler re-creates any that vanished with Redis from
+`callback_next_attempt_at` in the database.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import redis
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+from rq.exceptions import DuplicateJobError
+
+from . import credentials, retry_policy, signing, ssrf
+from .models import AttemptTrigger, CallbackAttempt, CallbackStatus, Task, TaskStatus
+from .presenters import iso
+from .queueing import queue
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+USER_AGENT = f"Taskhook/{VERSION}"
+EXCERPT_BYTES = 2048
+DELIVERABLE_STATUSES = (TaskStatus.SUCCEEDED, TaskStatus.FAILED)
+
+
+@functools.cache
+def http_client() -> httpx.Client:
+    """One pooled client per worker process: keep-alive to receivers, redirects never followed."""
+    return httpx.Client(
+        follow_redirects=False,
+        headers={"User-Agent": USER_AGENT},
+        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+    )
+
+
+def payload(task: Task) -> dict[str, Any]:
+    return {
+        "event": "task.finished",
+        "task_id": str(task.id),
+        "run": task.run,
+        "app_id": str(task.application_id),
+        "status": task.status,
+        "output": task.output,
+        "error": task.error or None,
+        "user": task.user or None,
+        "created_at": iso(task.created_at),
+        "started_at": iso(task.started_at),
+        "finished_at": iso(task.finished_at),
+    }
+
+
+# --- scheduling -------------------------------------------------------------------------------
+
+
+def _enqueue_delivery(
+    *,
+    task: Task,
+    trigger: str,
+    auto_attempt: int | None = None,
+    delay: float = 0.0,
+) -> bool:
+    """Put a delivery job on the callbacks queue (now, or after `delay` seconds).
+
+    False when it was not added: the same job already exists, or Redis is unreachable (the
+    reconciler schedules it later from the database).
+    """
+    suffix = f"a{auto_attempt}" if trigger == AttemptTrigger.AUTO else f"m{secrets.token_hex(6)}"
+    application = task.application
+    options = {
+        "args": (str(task.id), task.run, trigger, auto_attempt),
+        "job_id": f"cb-{task.id}-{task.run}-{suffix}",
+        "job_timeout": int(application.callback_timeout_seconds) + 30,
+        "result_ttl": 0,
+        "failure_ttl": application.retention_hours * 3600,
+        "unique": True,
+        "description": f"callback {task.id} run {task.run} ({trigger})",
+    }
+    callbacks = queue(settings.CALLBACK_QUEUE)
+    try:
+        if delay > 0:
+            callbacks.enqueue_in(timedelta(seconds=delay), "tasks.jobs.deliver_callback", **options)
+        else:
+            callbacks.enqueue("tasks.jobs.deliver_callback", **options)
+    except DuplicateJobError:
+        return False  # already scheduled: nothing to add
+    except redis.RedisError:
+        logger.warning(
+            "could not schedule callback; the reconciler will",
+            extra={"task_id": str(task.id), "app_id": str(task.application_id)},
+            exc_info=True,
+        )
+        return False
+    return True
+
+
+def schedule_first_delivery(*, task_id: uuid.UUID | str) -> bool:
+    """After a task finished: enqueue attempt 1 if it has a callback due."""
+    task = (
+        Task.objects.select_related("application")
+        .filter(pk=task_id, callback_status=CallbackStatus.PENDING, status__in=DELIVERABLE_STATUSES)
+        .first()
+    )
+    if task is None:
+        return False
+    return _enqueue_delivery(task=task, trigger=AttemptTrigger.AUTO, auto_attempt=1)
+
+
+def resume_delivery(*, task: Task) -> bool:
+    """Re-create a lost automatic delivery job (reconciler): the next attempt in the sequence."""
+    auto_done = CallbackAttempt.objects.filter(
+        task_id=task.id, run=task.run, trigger=AttemptTrigger.AUTO
+    ).count()
+    return _enqueue_delivery(task=task, trigger=AttemptTrigger.AUTO, auto_attempt=auto_done + 1)
+
+
+def redeliver(*, task_ids: list[uuid.UUID | str]) -> list[uuid.UUID]:
+    """Operator's manual redelivery: one `manual` attempt now per finished task with a callback,
+    whatever its automatic state. Returns the ids that were enqueued."""
+    tasks = Task.objects.select_related("application").filter(
+        pk__in=task_ids, status__in=DELIVERABLE_STATUSES
+    ).exclude(callback_url="")
+    enqueued: list[uuid.UUID] = []
+    for task in tasks:
+        Task.objects.filter(pk=task.pk, run=task.run).exclude(
+            callback_status=CallbackStatus.DELIVERING
+        ).update(callback_status=CallbackStatus.PENDING)
+        if _enqueue_delivery(task=task, trigger=AttemptTrigger.MANUAL):
+            enqueued.append(task.id)
+    return enqueued
+
+
+# --- one attempt ------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    status_code: int | None = None
+    excerpt: str = ""
+    error: str = ""
+    retry_after: float | None = None
+    duration_ms: int = 0
+
+    @property
+    def delivered(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+def _claim_attempt_number(task: Task, trigger: str) -> int | None:
+    """Reserve the next attempt number for this run, marking the callback as delivering."""
+    with transaction.atomic():
+        current = (
+            Task.objects.select_for_update()
+            .filter(pk=task.id, run=task.run)
+            .values_list("callback_attempts", flat=True)
+            .first()
+        )
+        if current is None:
+            return None
+        fields: dict[str, Any] = {
+            "callback_attempts": current + 1,
+            "callback_status": CallbackStatus.DELIVERING,
+        }
+        if trigger == AttemptTrigger.AUTO:
+            fields["callback_next_attempt_at"] = None
+        Task.objects.filter(pk=task.id, run=task.run).update(**fields)
+        return current + 1
+
+
+def _send(task: Task, number: int) -> Outcome:
+    application = task.application
+    try:
+        ssrf.check_callback_url(task.callback_url)
+    except ssrf.UnsafeCallbackUrl as exc:
+        return Outcome(error=f"refused by the SSRF guard: {exc}")
+
+    body = signing.encode_body(payload(task))
+    headers = {
+        "Content-Type": "application/json",
+        "X-Taskhook-Attempt": str(number),
+        **signing.signature_headers(
+            secrets=credentials.signing_secrets(application),
+            message_id=signing.webhook_id(task.id, task.run),
+            timestamp=int(time.time()),
+            body=body,
+        ),
+    }
+    timeout = application.callback_timeout_seconds
+    started = time.monotonic()
+    outcome = Outcome()
+    try:
+        with http_client().stream(
+            "POST", task.callback_url, content=body, headers=headers, timeout=timeout
+        ) as response:
+            outcome.status_code = response.status_code
+            outcome.excerpt = _read_excerpt(response)
+            outcome.retry_after = retry_policy.parse_retry_after(response.headers.get("Retry-After"))
+            if response.is_redirect:
+                location = response.headers.get("Location", "")
+                outcome.error = f"redirect not followed (HTTP {response.status_code} to {location})"
+            elif not outcome.delivered:
+                outcome.error = f"receiver answered HTTP {response.status_code}"
+    except httpx.TimeoutException:
+        outcome.error = f"timed out after {timeout:g} s"
+    except httpx.HTTPError as exc:
+        outcome.error = f"{type(exc).__name__}: {exc}" or type(exc).__name__
+    outcome.duration_ms = int((time.monotonic() - started) * 1000)
+    return outcome
+
+
+def _read_excerpt(response: httpx.Response) -> str:
+    chunks, size = [], 0
+    for chunk in response.iter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= EXCERPT_BYTES:
+            break
+    return b"".join(chunks)[:EXCERPT_BYTES].decode("utf-8", errors="replace")
+
+
+def deliver(
+    *, task_id: uuid.UUID | str, run: int, trigger: str, auto_attempt: int | None = None
+) -> str:
+    """Make one delivery attempt, record it, and schedule the next one if the policy says so."""
+    task = (
+        Task.objects.select_related("application")
+        .filter(pk=task_id, run=run, status__in=DELIVERABLE_STATUSES)
+        .exclude(callback_url="")
+        .first()
+    )
+    if task is None:
+        return "skipped: task gone, re-run or without callback"
+    auto = trigger == AttemptTrigger.AUTO
+    if auto and task.callback_status not in (CallbackStatus.PENDING, CallbackStatus.DELIVERING):
+        return f"skipped: callback already {task.callback_status}"
+    number = _claim_attempt_number(task, trigger)
+    if number is None:
+        return "skipped: task gone"
+
+    started_at = timezone.now()
+    outcome = _send(task, number)
+    CallbackAttempt.objects.create(
+        task_id=task.id,
+        run=run,
+        number=number,
+        trigger=trigger,
+        started_at=started_at,
+        url=task.callback_url,
+        status_code=outcome.status_code,
+        response_excerpt=outcome.excerpt,
+        error=outcome.error[:2000],
+        duration_ms=outcome.duration_ms,
+        delivered=outcome.delivered,
+    )
+    log_extra = {"task_id": str(task.id), "app_id": str(task.application_id), "attempt": number}
+    this_run = Task.objects.filter(pk=task.id, run=run)
+    if outcome.delivered:
+        this_run.update(
+            callback_status=CallbackStatus.DELIVERED,
+            callback_last_status_code=outcome.status_code,
+        )
+        logger.info("callback delivered", extra=log_extra)
+        return "delivered"
+
+    logger.info("callback attempt failed: %s", outcome.error, extra=log_extra)
+    if not auto:
+        # A manual attempt schedules nothing; an automatic retry already scheduled still runs.
+        this_run.filter(callback_next_attempt_at__isnull=True).update(
+            callback_status=CallbackStatus.FAILED,
+            callback_last_status_code=outcome.status_code,
+        )
+        this_run.update(callback_last_status_code=outcome.status_code)
+        return "failed"
+
+    delay = retry_policy.next_delay(
+        schedule=list(task.application.retry_schedule),
+        auto_attempt=auto_attempt or 1,
+        status_code=outcome.status_code,
+        retry_after=outcome.retry_after,
+    )
+    if delay is None:
+        this_run.update(
+            callback_status=CallbackStatus.FAILED,
+            callback_last_status_code=outcome.status_code,
+        )
+        return "failed"
+    this_run.update(
+        callback_last_status_code=outcome.status_code,
+        callback_next_attempt_at=timezone.now() + timedelta(seconds=delay),
+    )
+    _enqueue_delivery(
+        task=task, trigger=AttemptTrigger.AUTO, auto_attempt=(auto_attempt or 1) + 1, delay=delay
+    )
+    return "retrying"

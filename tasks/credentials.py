@@ -1,0 +1,76 @@
+"""API keys and webhook secrets: how they are made, stored and checked.
+
+API keys are random 256-bit tokens, so a single SHA-256 is a sufficient at-rest hash (no slow KDF
+is needed for high-entropy secrets); the lookup is by hash, and the found hash is compared again in
+constant time. Webhook secrets must be kept in clear: the worker signs with them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from django.db.models import Q
+from django.utils import timezone
+
+from .models import ApiKey, Application
+
+API_KEY_PREFIX = "thk_"
+WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
+def hash_api_key(raw_key: str) -> str:
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+def new_webhook_secret() -> str:
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    api_key: ApiKey
+    raw: str  # shown once, never stored
+
+
+def issue_api_key(*, application_id: str) -> IssuedKey:
+    raw = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey.objects.create(
+        application_id=application_id, prefix=raw[:12], key_hash=hash_api_key(raw)
+    )
+    return IssuedKey(api_key=key, raw=raw)
+
+
+def authenticate(raw_key: str) -> ApiKey | None:
+    """The live key matching `raw_key`, with its application loaded; None if none matches."""
+    if not raw_key or len(raw_key) > 200:
+        return None
+    digest = hash_api_key(raw_key)
+    now = timezone.now()
+    key = (
+        ApiKey.objects.select_related("application")
+        .filter(key_hash=digest, revoked_at__isnull=True)
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+        .first()
+    )
+    if key is None or not hmac.compare_digest(key.key_hash, digest):
+        return None
+    # Bounded write amplification: touch last_used_at at most once a minute per key.
+    if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:
+        ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+    return key
+
+
+def signing_secrets(application: Application) -> list[str]:
+    """Secrets that sign a delivery now: the current one first, then one in its grace period."""
+    found = [application.webhook_secret]
+    if (
+        application.previous_webhook_secret
+        and application.previous_secret_expires_at
+        and application.previous_secret_expires_at > timezone.now()
+    ):
+        found.append(application.previous_webhook_secret)
+    return found

@@ -1,0 +1,89 @@
+"""Running one run of a task inside a worker, and what happens when a task finishes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+import uuid
+from typing import Any
+
+from rq.timeouts import JobTimeoutException
+
+from . import state
+from .models import Task, TaskLog
+from .queueing import publish_finished
+from .runners import RunnerError, TaskCancelled, resolve_runner
+
+logger = logging.getLogger(__name__)
+
+MAX_LOG_MESSAGE = 10_000
+
+
+class TaskContext:
+    """The `ctx` a runner receives: progress, log lines, its application's runner_config."""
+
+    def __init__(self, *, task_id: uuid.UUID | str, run: int, config: dict[str, Any]) -> None:
+        self.task_id = task_id
+        self.run = run
+        self.config = config
+
+    def progress(self, percent: int) -> None:
+        if not state.set_progress(task_id=self.task_id, run=self.run, progress=percent):
+            raise TaskCancelled(f"task {self.task_id} run {self.run} is no longer running")
+
+    def log(self, message: str, level: str = "info") -> None:
+        TaskLog.objects.create(
+            task_id=self.task_id, run=self.run, level=level[:10], message=str(message)[:MAX_LOG_MESSAGE]
+        )
+
+
+def execute_task(*, task_id: str, run: int, worker_name: str = "") -> str:
+    """Run one run of a task; returns the status it ended in (or why nothing was done)."""
+    task = Task.objects.select_related("application").filter(pk=task_id).first()
+    if task is None:
+        return "gone"  # expired and cleaned up, or never committed
+    if task.run != run:
+        return "superseded"
+    if not state.start(task_id=task.id, run=run, worker_name=worker_name):
+        return "not-pending"  # cancelled before it started, or another worker has it
+    log_extra = {"task_id": str(task.id), "app_id": str(task.application_id), "run": run}
+    logger.info("task started", extra=log_extra)
+
+    application = task.application
+    ctx = TaskContext(task_id=task.id, run=run, config=dict(application.runner_config or {}))
+    try:
+        runner = resolve_runner(application.runner)
+        output = runner(dict(task.inputs), ctx)
+        json.dumps(output)  # a result the API cannot serve is a failure of the runner
+    except TaskCancelled:
+        logger.info("task stopped: cancelled", extra=log_extra)
+        return "cancelled"
+    except JobTimeoutException:
+        seconds = application.job_timeout_seconds
+        return _finish_failed(task.id, run, f"timed out after {seconds} s", traceback.format_exc())
+    except Exception as exc:
+        message = str(exc) if isinstance(exc, RunnerError) else f"{type(exc).__name__}: {exc}"
+        return _finish_failed(task.id, run, message, traceback.format_exc())
+
+    if state.succeed(task_id=task.id, run=run, output=output):
+        logger.info("task succeeded", extra=log_extra)
+        on_task_finished(task.id)
+        return "succeeded"
+    return "discarded"  # cancelled (or re-run) while the runner worked: its result is dropped
+
+
+def _finish_failed(task_id: uuid.UUID, run: int, error: str, tb: str) -> str:
+    if state.fail(task_id=task_id, run=run, error=error[:5000], traceback=tb):
+        logger.info("task failed: %s", error[:200], extra={"task_id": str(task_id), "run": run})
+        on_task_finished(task_id)
+        return "failed"
+    return "discarded"
+
+
+def on_task_finished(task_id: uuid.UUID | str) -> None:
+    """Side effects of reaching succeeded/failed: wake blocking clients, schedule the callback."""
+    from .callbacks import schedule_first_delivery  # callbacks imports execution's models
+
+    publish_finished(task_id)
+    schedule_first_delivery(task_id=task_id)

@@ -1,0 +1,30 @@
+from django.core.management.base import BaseCommand, CommandError
+
+from tasks.applications import rotate_webhook_secret
+from tasks.models import Application
+
+
+class Command(BaseCommand):
+    help = (
+        "Issue a new webhook secret for an application. During the grace period deliveries carry "
+        "signatures with both the old and the new secret."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("app_id")
+        parser.add_argument("--grace-hours", type=float, default=24.0)
+
+    def handle(self, *args, **options):
+        if options["grace_hours"] < 0:
+            raise CommandError("--grace-hours must not be negative")
+        try:
+            secret = rotate_webhook_secret(
+                application_id=options["app_id"], grace_hours=options["grace_hours"]
+            )
+        except (Application.DoesNotExist, ValueError) as exc:
+            raise CommandError(f"no application {options['app_id']!r}") from exc
+        self.stdout.write(secret)
+        self.stderr.write(
+            f"New webhook secret issued; the old one also signs for {options['grace_hours']:g} h. "
+            "It is shown only this once."
+        )

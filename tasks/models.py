@@ -1,0 +1,243 @@
+"""Taskhook's domain tables. Behaviour lives in services; these are data and indexes."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from .queueing import task_job_id
+
+
+def default_retry_schedule() -> list[int]:
+    return [10, 60, 300]
+
+
+class Application(models.Model):
+    """One client-facing workflow: its runner, keys, secret and per-app policies."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=200)
+    runner = models.CharField(
+        max_length=255, help_text="echo, sleep, fail, http, or a dotted path to run(inputs, ctx)"
+    )
+    runner_config = models.JSONField(default=dict, blank=True)
+
+    # Webhook signing. During a rotation's grace period the previous secret signs as well.
+    webhook_secret = models.CharField(max_length=100)
+    previous_webhook_secret = models.CharField(max_length=100, blank=True, default="")
+    previous_secret_expires_at = models.DateTimeField(null=True, blank=True)
+
+    # Callback delivery policy.
+    retry_schedule = models.JSONField(
+        default=default_retry_schedule, help_text="seconds between callback retries"
+    )
+    callback_timeout_seconds = models.FloatField(
+        default=10.0, validators=[MinValueValidator(0.5), MaxValueValidator(60)]
+    )
+
+    # Execution policy.
+    blocking_timeout_seconds = models.FloatField(
+        null=True, blank=True, validators=[MinValueValidator(0.1), MaxValueValidator(300)]
+    )
+    job_timeout_seconds = models.PositiveIntegerField(
+        default=600, validators=[MinValueValidator(1), MaxValueValidator(7 * 24 * 3600)]
+    )
+    task_retries = models.PositiveSmallIntegerField(
+        default=0, validators=[MaxValueValidator(10)]
+    )
+    max_concurrency = models.PositiveIntegerField(null=True, blank=True)
+
+    # Stuck-task thresholds for alerts.
+    queue_threshold_seconds = models.PositiveIntegerField(default=300)
+    run_threshold_seconds = models.PositiveIntegerField(default=1800)
+
+    # Per-key token bucket.
+    rate_limit_per_second = models.FloatField(
+        default=20.0, validators=[MinValueValidator(0.01)]
+    )
+    rate_limit_burst = models.PositiveIntegerField(default=40, validators=[MinValueValidator(1)])
+
+    retention_hours = models.PositiveIntegerField(
+        default=24, validators=[MinValueValidator(1), MaxValueValidator(365 * 24)]
+    )
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ApiKey(models.Model):
+    """A bearer key for one application. Only its SHA-256 is stored; the prefix is for display."""
+
+    application = models.ForeignKey(Application, on_delete=models.CASCADE, related_name="api_keys")
+    prefix = models.CharField(max_length=16)
+    key_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    # Set when rotated: the key keeps working until then (grace period), and never after.
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.prefix}…"
+
+
+class TaskStatus(models.TextChoices):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINISHED_STATUSES = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+UNFINISHED_STATUSES = (TaskStatus.PENDING, TaskStatus.RUNNING)
+
+
+class CallbackStatus(models.TextChoices):
+    NONE = "none"
+    PENDING = "pending"
+    DELIVERING = "delivering"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class Task(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    application = models.ForeignKey(Application, on_delete=models.CASCADE, related_name="tasks")
+    status = models.CharField(
+        max_length=16, choices=TaskStatus.choices, default=TaskStatus.PENDING
+    )
+    run = models.PositiveIntegerField(default=1)
+
+    inputs = models.JSONField(default=dict)
+    output = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True, default="")
+    traceback = models.TextField(blank=True, default="")
+    progress = models.PositiveSmallIntegerField(default=0)
+    user = models.CharField(max_length=255, blank=True, default="")
+    response_mode = models.CharField(max_length=16, default="async")
+
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)
+    request_hash = models.CharField(max_length=64, blank=True, default="")
+
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    worker_name = models.CharField(max_length=255, blank=True, default="")
+    cancel_requested = models.BooleanField(default=False)
+
+    # Callback state, denormalised from the attempts so that polls and lists need no join.
+    callback_url = models.CharField(max_length=2048, blank=True, default="")
+    callback_status = models.CharField(
+        max_length=16, choices=CallbackStatus.choices, default=CallbackStatus.NONE
+    )
+    callback_attempts = models.PositiveIntegerField(default=0)
+    callback_last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    callback_next_attempt_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            # Dashboard list, newest first, with and without filters (keyset on created_at, id).
+            models.Index(fields=["-created_at", "-id"], name="task_created_idx"),
+            models.Index(fields=["application", "status", "-created_at"], name="task_app_status_idx"),
+            models.Index(fields=["status", "-created_at"], name="task_status_idx"),
+            models.Index(fields=["callback_status", "-created_at"], name="task_callback_idx"),
+            models.Index(fields=["user", "-created_at"], name="task_user_idx"),
+            # Retention: finished tasks by application and finish time.
+            models.Index(fields=["application", "finished_at"], name="task_retention_idx"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["application", "idempotency_key"],
+                condition=Q(idempotency_key__isnull=False),
+                name="task_idempotency_unique",
+            ),
+            models.CheckConstraint(
+                condition=Q(progress__gte=0) & Q(progress__lte=100), name="task_progress_range"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return str(self.id)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in FINISHED_STATUSES
+
+    @property
+    def rq_job_id(self) -> str:
+        return task_job_id(self.id, self.run)
+
+
+class TaskRunHistory(models.Model):
+    """What an earlier run of a task ended with, kept when an operator starts a new run."""
+
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="past_runs")
+    run = models.PositiveIntegerField()
+    status = models.CharField(max_length=16, choices=TaskStatus.choices)
+    output = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True, default="")
+    traceback = models.TextField(blank=True, default="")
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["task", "run"]
+        constraints = [
+            models.UniqueConstraint(fields=["task", "run"], name="task_run_history_unique")
+        ]
+
+
+class TaskLog(models.Model):
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="logs")
+    run = models.PositiveIntegerField(default=1)
+    level = models.CharField(max_length=10, default="info")
+    message = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["task", "id"], name="tasklog_task_idx")]
+
+
+class AttemptTrigger(models.TextChoices):
+    AUTO = "auto"
+    MANUAL = "manual"
+
+
+class CallbackAttempt(models.Model):
+    """One HTTP POST of a task run's result to its callback URL."""
+
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="callback_attempt_rows")
+    run = models.PositiveIntegerField()
+    number = models.PositiveIntegerField()
+    trigger = models.CharField(max_length=8, choices=AttemptTrigger.choices)
+    started_at = models.DateTimeField()
+    url = models.CharField(max_length=2048)
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    response_excerpt = models.TextField(blank=True, default="")
+    error = models.TextField(blank=True, default="")
+    duration_ms = models.PositiveIntegerField(default=0)
+    delivered = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["task", "run", "number"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["task", "run", "number"], name="callback_attempt_unique"
+            )
+        ]
+        indexes = [
+            models.Index(fields=["-started_at"], name="attempt_started_idx"),
+        ]

@@ -1,0 +1,72 @@
+"""How tasks look on the wire: the poll body and the async submit answer (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from django.urls import reverse
+from django.utils import timezone
+
+from .models import Task
+
+
+def iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(timezone.UTC).isoformat().replace("+00:00", "Z")
+
+
+def poll_url(request, task: Task) -> str:
+    return request.build_absolute_uri(reverse("api:task", args=[task.id]))
+
+
+def elapsed_ms(task: Task, now: datetime | None = None) -> int:
+    """Run time so far: from start to finish (or now); 0 before the task started."""
+    if task.started_at is None:
+        return 0
+    end = task.finished_at or now or timezone.now()
+    return max(0, int((end - task.started_at).total_seconds() * 1000))
+
+
+def retry_after_seconds(task: Task, now: datetime | None = None) -> int:
+    """Seconds a poller should wait: 1 for a young task, growing to 5 as it ages."""
+    age = ((now or timezone.now()) - task.created_at).total_seconds()
+    for limit, seconds in ((2, 1), (5, 2), (15, 3), (60, 4)):
+        if age < limit:
+            return seconds
+    return 5
+
+
+def task_body(task: Task) -> dict[str, Any]:
+    now = timezone.now()
+    return {
+        "task_id": str(task.id),
+        "app_id": str(task.application_id),
+        "status": task.status,
+        "run": task.run,
+        "progress": task.progress,
+        "output": task.output,
+        "error": task.error or None,
+        "user": task.user or None,
+        "created_at": iso(task.created_at),
+        "started_at": iso(task.started_at),
+        "finished_at": iso(task.finished_at),
+        "elapsed_ms": elapsed_ms(task, now),
+        "callback": {
+            "url": task.callback_url or None,
+            "status": task.callback_status,
+            "attempts": task.callback_attempts,
+            "last_status_code": task.callback_last_status_code,
+            "next_attempt_at": iso(task.callback_next_attempt_at),
+        },
+    }
+
+
+def accepted_body(request, task: Task) -> dict[str, Any]:
+    return {
+        "task_id": str(task.id),
+        "status": task.status,
+        "poll_url": poll_url(request, task),
+        "created_at": iso(task.created_at),
+    }

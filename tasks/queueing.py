@@ -1,0 +1,110 @@
+"""Redis and RQ plumbing: connections, queues, job ids, and 'task finished' notifications.
+
+The database is the source of truth; Redis only carries work. Job ids are derived from the task
+id and run number, so anyone can tell whether a run's job still exists in Redis, and enqueueing
+the same run twice is refused by RQ (`unique=True`) instead of running it twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+
+import redis
+from django.conf import settings
+from rq import Queue
+from rq.exceptions import DuplicateJobError
+
+logger = logging.getLogger(__name__)
+
+DONE_CHANNEL_PREFIX = "taskhook:done:"
+
+
+@functools.cache
+def redis_client() -> redis.Redis:
+    """One pooled client per process (redis-py resets the pool after a fork)."""
+    return redis.Redis.from_url(
+        settings.REDIS_URL,
+        socket_connect_timeout=2,
+        socket_timeout=10,
+        health_check_interval=30,
+    )
+
+
+def queue(name: str) -> Queue:
+    return Queue(name, connection=redis_client())
+
+
+def task_job_id(task_id: uuid.UUID | str, run: int) -> str:
+    return f"task-{task_id}-{run}"
+
+
+def enqueue_task_run(
+    *, task_id: uuid.UUID | str, run: int, timeout: int, result_ttl: int, at_front: bool = False
+) -> bool:
+    """Put one run of a task on the task queue. True if enqueued (or already there).
+
+    Raises redis.RedisError when Redis is unreachable; callers decide whether that is fatal.
+    """
+    try:
+        queue(settings.TASK_QUEUE).enqueue_call(
+            "tasks.jobs.run_task",
+            args=(str(task_id), run),
+            job_id=task_job_id(task_id, run),
+            timeout=timeout,
+            result_ttl=result_ttl,
+            failure_ttl=result_ttl,
+            ttl=None,
+            at_front=at_front,
+            unique=True,
+            description=f"task {task_id} run {run}",
+        )
+    except DuplicateJobError:
+        logger.info("task %s run %s is already enqueued", task_id, run)
+    return True
+
+
+def publish_finished(task_id: uuid.UUID | str) -> None:
+    """Wake any blocking request waiting on this task. Best effort: waiters also re-read the DB."""
+    try:
+        redis_client().publish(DONE_CHANNEL_PREFIX + str(task_id), b"1")
+    except redis.RedisError:
+        logger.warning("could not publish completion of task %s", task_id, exc_info=True)
+
+
+def wait_for_finish(task_id: uuid.UUID | str, *, timeout: float, is_finished) -> bool:
+    """Block up to `timeout` seconds until `is_finished()` is true; True if it became so.
+
+    Subscribes before the first check, so a completion between check and wait is not missed.
+    Falls back to polling the database every 0.5 s if Redis is unavailable.
+    """
+    deadline = time.monotonic() + timeout
+    pubsub = None
+    try:
+        pubsub = redis_client().pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(DONE_CHANNEL_PREFIX + str(task_id))
+    except redis.RedisError:
+        pubsub = None
+    try:
+        while True:
+            if is_finished():
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if pubsub is None:
+                time.sleep(min(0.5, remaining))
+                continue
+            try:
+                # Re-check the database at least every 2 s in case a notification was lost.
+                pubsub.get_message(timeout=min(2.0, remaining))
+            except redis.RedisError:
+                pubsub = None
+    finally:
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except redis.RedisError:
+                pass

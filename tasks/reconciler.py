@@ -1,0 +1,183 @@
+"""The reconciler: makes Redis agree with the database, which is the source of truth (§6).
+
+(a) pending tasks whose job is missing from Redis are enqueued again (RQ refuses a duplicate job
+    id, so two reconcilers never enqueue a run twice);
+(b) running tasks whose worker is gone, or that outlived their job timeout, are failed ("worker
+    lost" / "timed out") or re-run when the application allows task retries;
+(c) finished tasks whose callback delivery was never scheduled, or whose scheduled retry
+    vanished, get it scheduled.
+Each pass is bounded (BATCH rows per rule) and guarded by a Redis lock so passes never overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import redis
+from django.db.models import Q
+from django.utils import timezone
+from rq.job import Job
+from rq.worker import BaseWorker
+
+from . import callbacks, state
+from .execution import on_task_finished
+from .models import CallbackAttempt, CallbackStatus, Task, TaskStatus
+from .queueing import redis_client
+from .submission import enqueue_pending_task
+
+logger = logging.getLogger(__name__)
+
+BATCH = 500
+# How long a fresh task may legitimately be pending without a job (between commit and enqueue).
+PENDING_GRACE = timedelta(seconds=10)
+# How long a running task's worker may be missing before we call it lost (covers registration).
+WORKER_GRACE = timedelta(seconds=30)
+# Extra slack past a job's timeout before the reconciler steps in (RQ's own timeout fires first).
+TIMEOUT_GRACE = timedelta(seconds=60)
+CALLBACK_GRACE = timedelta(seconds=60)
+# Longer than any attempt can take (timeout <= 60 s, job timeout = timeout + 30 s).
+STALLED_ATTEMPT = timedelta(seconds=180)
+LOCK_KEY = "taskhook:lock:reconcile"
+
+
+@dataclass
+class ReconcileReport:
+    requeued: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    rerun: list[str] = field(default_factory=list)
+    callbacks_rescheduled: list[str] = field(default_factory=list)
+    skipped: bool = False
+
+    @property
+    def corrections(self) -> int:
+        return len(self.requeued) + len(self.lost) + len(self.rerun) + len(
+            self.callbacks_rescheduled
+        )
+
+
+COUNTER_KEY = "taskhook:reconciler:corrections"
+
+
+def reconcile() -> ReconcileReport:
+    """One pass; returns what it corrected (skipped=True if another pass holds the lock)."""
+    client = redis_client()
+    lock = client.lock(LOCK_KEY, timeout=300, blocking=False)
+    if not lock.acquire(blocking=False):
+        return ReconcileReport(skipped=True)
+    try:
+        report = ReconcileReport()
+        _requeue_orphaned_pending(client, report)
+        _recover_lost_running(client, report)
+        _reschedule_callbacks(report)
+        if report.corrections:
+            for kind in ("requeued", "lost", "rerun", "callbacks_rescheduled"):
+                count = len(getattr(report, kind))
+                if count:
+                    client.hincrby(COUNTER_KEY, kind, count)
+        return report
+    finally:
+        try:
+            lock.release()
+        except redis.exceptions.LockError:
+            pass
+
+
+def _job_exists(client: redis.Redis, job_id: str) -> bool:
+    return bool(client.exists(Job.key_for(job_id)))
+
+
+def _requeue_orphaned_pending(client: redis.Redis, report: ReconcileReport) -> None:
+    cutoff = timezone.now() - PENDING_GRACE
+    pending = (
+        Task.objects.select_related("application")
+        .filter(status=TaskStatus.PENDING, created_at__lt=cutoff)
+        .order_by("created_at")[:BATCH]
+    )
+    for task in pending:
+        if _job_exists(client, task.rq_job_id):
+            continue
+        if enqueue_pending_task(task=task):
+            logger.warning("re-enqueued pending task without a job", extra=_extra(task))
+            report.requeued.append(str(task.id))
+
+
+def _live_workers(client: redis.Redis) -> set[str]:
+    return {worker.name for worker in BaseWorker.all(connection=client)}
+
+
+def _recover_lost_running(client: redis.Redis, report: ReconcileReport) -> None:
+    now = timezone.now()
+    running = list(
+        Task.objects.select_related("application")
+        .filter(status=TaskStatus.RUNNING, started_at__lt=now - WORKER_GRACE)
+        .order_by("started_at")[:BATCH]
+    )
+    if not running:
+        return
+    live = _live_workers(client)
+    for task in running:
+        timeout = timedelta(seconds=task.application.job_timeout_seconds)
+        if task.started_at + timeout + TIMEOUT_GRACE < now:
+            reason = f"timed out after {task.application.job_timeout_seconds} s (worker lost)"
+        elif task.worker_name and task.worker_name not in live:
+            reason = f"worker lost: {task.worker_name} stopped while running this task"
+        elif not task.worker_name and not _job_exists(client, task.rq_job_id):
+            reason = "worker lost: the task's job is gone from Redis"
+        else:
+            continue
+        _move_on(task, reason, report)
+
+
+def _move_on(task: Task, reason: str, report: ReconcileReport) -> None:
+    if task.run <= task.application.task_retries:
+        new_run = state.start_new_run(task_id=task.id, expected=(TaskStatus.RUNNING,))
+        if new_run is not None:
+            task.refresh_from_db()
+            enqueue_pending_task(task=task)
+            logger.warning("re-running task: %s", reason, extra=_extra(task))
+            report.rerun.append(str(task.id))
+        return
+    if state.fail(task_id=task.id, run=task.run, error=reason):
+        logger.warning("failed lost task: %s", reason, extra=_extra(task))
+        on_task_finished(task.id)
+        report.lost.append(str(task.id))
+
+
+def _reschedule_callbacks(report: ReconcileReport) -> None:
+    now = timezone.now()
+    due = (
+        Task.objects.select_related("application")
+        .filter(status__in=(TaskStatus.SUCCEEDED, TaskStatus.FAILED))
+        .filter(
+            # never scheduled (or its first job vanished)
+            Q(callback_status=CallbackStatus.PENDING, finished_at__lt=now - CALLBACK_GRACE)
+            # a scheduled retry that is long overdue: its job vanished with Redis
+            | Q(
+                callback_status=CallbackStatus.DELIVERING,
+                callback_next_attempt_at__lt=now - CALLBACK_GRACE,
+            )
+            # an attempt that never recorded its end: its worker died mid-delivery
+            | Q(
+                callback_status=CallbackStatus.DELIVERING,
+                callback_next_attempt_at__isnull=True,
+                finished_at__lt=now - STALLED_ATTEMPT,
+            )
+        )
+        .order_by("finished_at")[:BATCH]
+    )
+    for task in due:
+        if task.callback_next_attempt_at is None:
+            recent = CallbackAttempt.objects.filter(
+                task_id=task.id, run=task.run, started_at__gt=now - STALLED_ATTEMPT
+            ).exists()
+            if recent:
+                continue  # an attempt just ran; its successor may be in flight
+        if callbacks.resume_delivery(task=task):
+            logger.warning("rescheduled lost callback delivery", extra=_extra(task))
+            report.callbacks_rescheduled.append(str(task.id))
+
+
+def _extra(task: Task) -> dict[str, str]:
+    return {"task_id": str(task.id), "app_id": str(task.application_id)}

@@ -1,0 +1,171 @@
+"""Accepting a task: validation of the request, idempotency, commit, then enqueue."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import redis
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from . import ssrf
+from .models import Application, Task
+from .queueing import enqueue_task_run
+
+logger = logging.getLogger(__name__)
+
+RESPONSE_MODES = ("async", "blocking")
+
+
+class ValidationFailed(Exception):
+    def __init__(self, field: str | None, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class IdempotencyConflict(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    inputs: dict[str, Any]
+    response_mode: str
+    user: str
+    callback_url: str
+    request_hash: str
+
+
+def parse_submit_body(body: Any) -> SubmitRequest:
+    """Validate a decoded JSON body against DESIGN.md §2; raises ValidationFailed."""
+    if not isinstance(body, dict):
+        raise ValidationFailed(None, "The request body must be a JSON object.")
+    if "inputs" not in body:
+        raise ValidationFailed("inputs", "inputs is required.")
+    inputs = body["inputs"]
+    if not isinstance(inputs, dict):
+        raise ValidationFailed("inputs", "inputs must be a JSON object.")
+
+    response_mode = body.get("response_mode", "blocking")
+    if response_mode not in RESPONSE_MODES:
+        raise ValidationFailed("response_mode", 'response_mode must be "async" or "blocking".')
+
+    user = body.get("user")
+    if user is None:
+        user = ""
+    if not isinstance(user, str):
+        raise ValidationFailed("user", "user must be a string.")
+    if len(user) > 255:
+        raise ValidationFailed("user", "user must be at most 255 characters.")
+
+    callback_url = body.get("callback_url")
+    if callback_url is None or callback_url == "":
+        callback_url = ""
+    elif not isinstance(callback_url, str):
+        raise ValidationFailed("callback_url", "callback_url must be a string.")
+    else:
+        try:
+            ssrf.check_callback_url(callback_url)
+        except ssrf.UnsafeCallbackUrl as exc:
+            raise ValidationFailed("callback_url", str(exc)) from exc
+
+    canonical = json.dumps(
+        {"inputs": inputs, "response_mode": response_mode, "user": user, "callback_url": callback_url},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return SubmitRequest(
+        inputs=inputs,
+        response_mode=response_mode,
+        user=user,
+        callback_url=callback_url,
+        request_hash=hashlib.sha256(canonical.encode()).hexdigest(),
+    )
+
+
+def validate_idempotency_key(raw: str | None) -> str | None:
+    if raw is None or raw == "":
+        return None
+    if len(raw) > 255:
+        raise ValidationFailed("Idempotency-Key", "Idempotency-Key must be at most 255 characters.")
+    return raw
+
+
+def _existing_for_key(application: Application, key: str, request_hash: str) -> Task | None:
+    """The task an idempotent retry should get, or None when the key is free (or expired)."""
+    task = Task.objects.filter(application=application, idempotency_key=key).first()
+    if task is None:
+        return None
+    window = timedelta(hours=settings.IDEMPOTENCY_WINDOW_HOURS)
+    if task.created_at < timezone.now() - window:
+        # Past the window the key is free again; the old task keeps its data but not the key.
+        Task.objects.filter(pk=task.pk, idempotency_key=key).update(idempotency_key=None)
+        return None
+    if task.request_hash != request_hash:
+        raise IdempotencyConflict
+    return task
+
+
+def submit_task(
+    *,
+    application: Application,
+    request: SubmitRequest,
+    idempotency_key: str | None = None,
+) -> tuple[Task, bool]:
+    """Commit a new pending task and enqueue it. Returns (task, created).
+
+    The row is committed before the enqueue: if Redis is unreachable the task stays pending and
+    the reconciler enqueues it later, so an accepted task is never lost.
+    """
+    if idempotency_key:
+        existing = _existing_for_key(application, idempotency_key, request.request_hash)
+        if existing is not None:
+            return existing, False
+    task = Task(
+        application=application,
+        inputs=request.inputs,
+        response_mode=request.response_mode,
+        user=request.user,
+        callback_url=request.callback_url,
+        idempotency_key=idempotency_key,
+        request_hash=request.request_hash if idempotency_key else "",
+    )
+    try:
+        with transaction.atomic():
+            task.save(force_insert=True)
+            transaction.on_commit(lambda: enqueue_pending_task(task=task))
+    except IntegrityError:
+        if not idempotency_key:
+            raise
+        # A concurrent request with the same key won the insert: answer with its task.
+        existing = _existing_for_key(application, idempotency_key, request.request_hash)
+        if existing is None:
+            raise
+        return existing, False
+    return task, True
+
+
+def enqueue_pending_task(*, task: Task) -> bool:
+    """Enqueue the task's current run; on a Redis failure log it and leave it pending."""
+    application = task.application
+    try:
+        return enqueue_task_run(
+            task_id=task.id,
+            run=task.run,
+            timeout=application.job_timeout_seconds,
+            result_ttl=application.retention_hours * 3600,
+        )
+    except redis.RedisError:
+        logger.warning(
+            "enqueue failed, task stays pending for the reconciler",
+            extra={"task_id": str(task.id), "app_id": str(application.id)},
+            exc_info=True,
+        )
+        return False
