@@ -132,7 +132,9 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = VAR_DIR / "staticfiles"
+# WhiteNoise serves straight from static/ (no collectstatic step); set STATIC_ROOT to collect.
+STATIC_ROOT = env.str("STATIC_ROOT", default=None)
+WHITENOISE_USE_FINDERS = True
 
 # --- Production hardening (on whenever DEBUG is off) --------------------------------------------
 if not DEBUG:

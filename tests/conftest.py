@@ -1,0 +1,237 @@
+"""Shared fixtures: real Redis, real RQ worker processes, real HTTP receivers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection
+from rq import Queue
+from rq.registry import ScheduledJobRegistry
+
+from tasks.applications import CreatedApplication, create_application
+from tasks.models import Application, Task
+from tasks.queueing import redis_client
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+QUEUES = (settings.TASK_QUEUE, settings.CALLBACK_QUEUE, settings.MAINTENANCE_QUEUE)
+
+
+def test_database_url() -> str:
+    """A DATABASE_URL for subprocesses that points at the test database pytest-django made."""
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    user = db.get("USER") or ""
+    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    auth = f"{user}{password}@" if user else ""
+    host = db.get("HOST") or "127.0.0.1"
+    port = db.get("PORT") or 5432
+    return f"postgres://{auth}{host}:{port}/{db['NAME']}"
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "DEBUG": "true",
+            "DATABASE_URL": test_database_url(),
+            "REDIS_URL": settings.REDIS_URL,
+            "CALLBACK_ALLOW_PRIVATE_NETWORKS": "true",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+class WorkerProcess:
+    """A real `manage.py rqworker` process in its own process group."""
+
+    def __init__(self, queues: tuple[str, ...], *, name: str, env: dict[str, str] | None = None,
+                 worker_class: str = "rq.worker.SimpleWorker") -> None:  # fmt: skip
+        self.log_path = BASE_DIR / "var" / f"test-{name}-{os.getpid()}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, str(BASE_DIR / "manage.py"), "rqworker", *queues,
+             "--with-scheduler", "--worker-class", worker_class, "--name", f"{name}-{os.getpid()}"],
+            env=env or subprocess_env(),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        self.name = f"{name}-{os.getpid()}"
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 15) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, sig)
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+            except ProcessLookupError:
+                pass
+        self.log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def clean_redis() -> None:
+    client = redis_client()
+    for name in QUEUES:
+        queue = Queue(name, connection=client)
+        queue.empty()
+        registry = ScheduledJobRegistry(queue=queue)
+        for job_id in registry.get_job_ids():
+            registry.remove(job_id, delete_job=True)
+    for key in client.scan_iter("taskhook:*"):
+        client.delete(key)
+
+
+@pytest.fixture(scope="session")
+def worker(django_db_setup, django_db_blocker) -> Iterator[WorkerProcess]:
+    """One real SimpleWorker (with scheduler) on every queue, shared by the session."""
+    clean_redis()
+    process = WorkerProcess(QUEUES, name="worker")
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def live_worker(worker, transactional_db) -> WorkerProcess:
+    """The shared worker, for a test whose rows it must see (committed, not in a test txn)."""
+    assert worker.process.poll() is None, worker.output()[-3000:]
+    clean_redis()
+    return worker
+
+
+@pytest.fixture(autouse=True)
+def _private_callbacks_allowed(settings):
+    # Receivers in tests listen on 127.0.0.1; the SSRF tests switch this off explicitly.
+    settings.CALLBACK_ALLOW_PRIVATE_NETWORKS = True
+
+
+@pytest.fixture
+def make_app(db) -> Callable[..., CreatedApplication]:
+    """Create an application through the real service; extra keywords set model fields."""
+
+    def make(runner: str = "echo", *, runner_config=None, retry_schedule=None,
+             retention_hours: int = 24, **fields) -> CreatedApplication:  # fmt: skip
+        created = create_application(
+            name=f"app-{runner}",
+            runner=runner,
+            runner_config=runner_config,
+            retry_schedule=retry_schedule,
+            retention_hours=retention_hours,
+        )
+        if fields:
+            Application.objects.filter(pk=created.application.pk).update(**fields)
+            created.application.refresh_from_db()
+        return created
+
+    return make
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 20, interval: float = 0.05):
+    """Poll `predicate` until truthy; returns its value or fails the test with a message."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def wait_for_status(task_id, statuses: tuple[str, ...], timeout: float = 20) -> Task:
+    return wait_for(
+        lambda: Task.objects.filter(pk=task_id, status__in=statuses).first(), timeout=timeout
+    )
+
+
+# --- HTTP receivers ---------------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+    def json(self):
+        return json.loads(self.body)
+
+
+@dataclass
+class Receiver:
+    """A real HTTP server on 127.0.0.1. `responses` is consumed in order, then `default`."""
+
+    server: ThreadingHTTPServer
+    received: list[Received] = field(default_factory=list)
+    responses: list[tuple[int, dict[str, str], bytes, float]] = field(default_factory=list)
+    default: tuple[int, dict[str, str], bytes, float] = (200, {}, b"ok", 0.0)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}/hook"
+
+    def respond(self, status: int, headers: dict[str, str] | None = None, body: bytes = b"",
+                delay: float = 0.0) -> None:  # fmt: skip
+        self.responses.append((status, headers or {}, body, delay))
+
+    def next_response(self):
+        with self.lock:
+            return self.responses.pop(0) if self.responses else self.default
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    holder: dict[str, Receiver] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length)
+            rec = holder["receiver"]
+            rec.received.append(Received(self.path, dict(self.headers.items()), body, time.time()))
+            status, headers, payload, delay = rec.next_response()
+            if delay:
+                time.sleep(delay)
+            try:
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    holder["receiver"] = Receiver(server=server)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield holder["receiver"]
+    server.shutdown()
+    server.server_close()

@@ -1,0 +1,286 @@
+"""The client API (DESIGN.md §2): error matrix, async and blocking submits, poll, cancel."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from django.test import Client
+
+from tasks.models import Task, TaskLog
+from tests.conftest import wait_for, wait_for_status
+
+pytestmark = pytest.mark.django_db
+
+
+def submit(client: Client, app_id, key: str | None, body, *, content_type="application/json",
+           headers: dict | None = None, method: str = "post"):  # fmt: skip
+    extra = {"HTTP_AUTHORIZATION": f"Bearer {key}"} if key else {}
+    for name, value in (headers or {}).items():
+        extra["HTTP_" + name.upper().replace("-", "_")] = value
+    data = body if isinstance(body, str | bytes) else json.dumps(body)
+    return client.generic(
+        method.upper(), f"/api/applications/{app_id}/generate", data, content_type, **extra
+    )
+
+
+def assert_error(response, status: int, code: str, field: str | None = None) -> dict:
+    assert response.status_code == status, response.content
+    assert response["Content-Type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message", "field"}
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+    assert body["error"]["field"] == field
+    return body
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app("echo")
+
+
+VALID = {"inputs": {"q": "hi"}, "response_mode": "async"}
+
+
+class TestErrorMatrix:
+    """Each bad request gets its status and code, and creates no task."""
+
+    def test_missing_key(self, client, app):
+        assert_error(submit(client, app.application.id, None, VALID), 401, "unauthorized")
+
+    def test_wrong_key(self, client, app):
+        assert_error(submit(client, app.application.id, "thk_nope", VALID), 401, "unauthorized")
+
+    def test_non_bearer_scheme(self, client, app):
+        response = client.post(
+            f"/api/applications/{app.application.id}/generate",
+            data=json.dumps(VALID),
+            content_type="application/json",
+            HTTP_AUTHORIZATION=f"Basic {app.api_key}",
+        )
+        assert_error(response, 401, "unauthorized")
+
+    def test_unknown_application(self, client, app):
+        assert_error(submit(client, uuid.uuid4(), app.api_key, VALID), 404, "not_found")
+
+    def test_malformed_application_id(self, client, app):
+        assert_error(submit(client, "not-a-uuid", app.api_key, VALID), 404, "not_found")
+
+    def test_key_of_another_application(self, client, app, make_app):
+        other = make_app("echo")
+        assert_error(submit(client, other.application.id, app.api_key, VALID), 404, "not_found")
+
+    def test_invalid_json(self, client, app):
+        assert_error(submit(client, app.application.id, app.api_key, "{nope"), 400,
+                     "invalid_request")  # fmt: skip
+
+    def test_body_not_an_object(self, client, app):
+        assert_error(submit(client, app.application.id, app.api_key, [1, 2]), 400,
+                     "invalid_request")  # fmt: skip
+
+    @pytest.mark.parametrize(
+        ("body", "field"),
+        [
+            ({"response_mode": "async"}, "inputs"),
+            ({"inputs": "text", "response_mode": "async"}, "inputs"),
+            ({"inputs": [1], "response_mode": "async"}, "inputs"),
+            ({"inputs": {}, "response_mode": "streaming"}, "response_mode"),
+            ({"inputs": {}, "response_mode": 1}, "response_mode"),
+            ({"inputs": {}, "user": 7}, "user"),
+            ({"inputs": {}, "user": "u" * 256}, "user"),
+            ({"inputs": {}, "callback_url": "ftp://example.com/hook"}, "callback_url"),
+            ({"inputs": {}, "callback_url": "/relative/hook"}, "callback_url"),
+            ({"inputs": {}, "callback_url": 42}, "callback_url"),
+            ({"inputs": {}, "callback_url": "http://"}, "callback_url"),
+        ],
+    )
+    def test_validation(self, client, app, body, field):
+        assert_error(submit(client, app.application.id, app.api_key, body), 400,
+                     "invalid_request", field)  # fmt: skip
+
+    def test_oversized_body(self, client, app, settings):
+        settings.MAX_BODY_BYTES = 1000
+        settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+        body = {"inputs": {"blob": "x" * 2000}, "response_mode": "async"}
+        assert_error(submit(client, app.application.id, app.api_key, body), 413,
+                     "payload_too_large")  # fmt: skip
+
+    def test_wrong_method(self, client, app):
+        response = submit(client, app.application.id, app.api_key, VALID, method="get")
+        assert_error(response, 405, "method_not_allowed")
+        assert response["Allow"] == "POST"
+
+    def test_wrong_content_type(self, client, app):
+        response = submit(client, app.application.id, app.api_key, "inputs=1",
+                          content_type="application/x-www-form-urlencoded")  # fmt: skip
+        assert_error(response, 415, "unsupported_media_type")
+
+    def test_idempotency_key_too_long(self, client, app):
+        response = submit(client, app.application.id, app.api_key, VALID,
+                          headers={"Idempotency-Key": "k" * 256})  # fmt: skip
+        assert_error(response, 400, "invalid_request", "Idempotency-Key")
+
+    def test_unknown_api_path_is_json(self, client):
+        assert_error(client.get("/api/does/not/exist"), 404, "not_found")
+
+    @pytest.fixture(autouse=True)
+    def _no_task_created(self):
+        yield
+        assert Task.objects.count() == 0
+
+
+class TestPollAndCancelErrors:
+    def test_poll_unknown_task(self, client, app):
+        response = client.get(f"/api/tasks/{uuid.uuid4()}", HTTP_AUTHORIZATION=f"Bearer {app.api_key}")
+        assert_error(response, 404, "not_found")
+
+    def test_poll_needs_key(self, client, app):
+        assert_error(client.get(f"/api/tasks/{uuid.uuid4()}"), 401, "unauthorized")
+
+    def test_poll_with_other_apps_key(self, client, app, make_app, django_capture_on_commit_callbacks):
+        other = make_app("echo")
+        response = submit(client, app.application.id, app.api_key, VALID)
+        task_id = response.json()["task_id"]
+        response = client.get(f"/api/tasks/{task_id}", HTTP_AUTHORIZATION=f"Bearer {other.api_key}")
+        assert_error(response, 404, "not_found")
+
+    def test_cancel_wrong_method(self, client, app):
+        response = client.get(f"/api/tasks/{uuid.uuid4()}/cancel",
+                              HTTP_AUTHORIZATION=f"Bearer {app.api_key}")  # fmt: skip
+        assert_error(response, 405, "method_not_allowed")
+
+
+def test_async_submit_answers_at_once_with_the_contract_body(client, app):
+    response = submit(client, app.application.id, app.api_key,
+                      {"inputs": {"query": "如何申请退款?"}, "response_mode": "async",
+                       "user": "customer_007"})  # fmt: skip
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == {"task_id", "status", "poll_url", "created_at"}
+    assert body["status"] == "pending"
+    assert body["poll_url"] == f"http://testserver/api/tasks/{body['task_id']}"
+    assert body["created_at"].endswith("Z")
+    task = Task.objects.get(pk=body["task_id"])
+    assert task.inputs == {"query": "如何申请退款?"} and task.user == "customer_007"
+
+
+def test_poll_of_pending_task_has_retry_after(client, app):
+    body = submit(client, app.application.id, app.api_key, VALID).json()
+    response = client.get(f"/api/tasks/{body['task_id']}", HTTP_AUTHORIZATION=f"Bearer {app.api_key}")
+    assert response.status_code == 200
+    assert response["Retry-After"] == "1"
+    poll = response.json()
+    assert set(poll) == {"task_id", "app_id", "status", "run", "progress", "output", "error",
+                         "user", "created_at", "started_at", "finished_at", "elapsed_ms",
+                         "callback"}  # fmt: skip
+    assert set(poll["callback"]) == {"url", "status", "attempts", "last_status_code",
+                                     "next_attempt_at"}  # fmt: skip
+    assert poll["status"] == "pending" and poll["callback"]["status"] == "none"
+
+
+def test_cancel_pending_then_409(client, app):
+    # Inside the test transaction the enqueue (on commit) never happens: the task stays pending.
+    body = submit(client, app.application.id, app.api_key, VALID).json()
+    response = client.post(f"/api/tasks/{body['task_id']}/cancel",
+                           HTTP_AUTHORIZATION=f"Bearer {app.api_key}")  # fmt: skip
+    assert response.status_code == 200
+    assert response.json()["status"] == "cancelled"
+    again = client.post(f"/api/tasks/{body['task_id']}/cancel",
+                        HTTP_AUTHORIZATION=f"Bearer {app.api_key}")  # fmt: skip
+    assert_error(again, 409, "task_finished")
+    assert Task.objects.get(pk=body["task_id"]).status == "cancelled"
+
+
+def test_idempotency_key_returns_first_task(client, app):
+    headers = {"Idempotency-Key": "order-42"}
+    first = submit(client, app.application.id, app.api_key, VALID, headers=headers)
+    second = submit(client, app.application.id, app.api_key, VALID, headers=headers)
+    assert first.status_code == second.status_code == 200
+    assert first.json()["task_id"] == second.json()["task_id"]
+    assert Task.objects.count() == 1
+    conflict = submit(client, app.application.id, app.api_key,
+                      {"inputs": {"q": "other"}, "response_mode": "async"}, headers=headers)
+    assert_error(conflict, 409, "idempotency_conflict", "Idempotency-Key")
+    assert Task.objects.count() == 1
+
+
+def test_idempotency_key_is_per_application_and_expires(client, app, make_app):
+    other = make_app("echo")
+    headers = {"Idempotency-Key": "shared"}
+    a = submit(client, app.application.id, app.api_key, VALID, headers=headers).json()
+    b = submit(client, other.application.id, other.api_key, VALID, headers=headers).json()
+    assert a["task_id"] != b["task_id"]
+    # Past the 24 h window the key is free again.
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    Task.objects.filter(pk=a["task_id"]).update(created_at=timezone.now() - timedelta(hours=25))
+    c = submit(client, app.application.id, app.api_key, VALID, headers=headers).json()
+    assert c["task_id"] != a["task_id"]
+    assert Task.objects.get(pk=a["task_id"]).idempotency_key is None
+
+
+@pytest.mark.django_db(transaction=True)
+class TestWithWorker:
+    def test_async_runs_to_succeeded(self, client, live_worker, make_app):
+        app = make_app("sleep")
+        body = submit(client, app.application.id, app.api_key,
+                      {"inputs": {"seconds": 1.0}, "response_mode": "async"}).json()  # fmt: skip
+        task_id = body["task_id"]
+        running = wait_for_status(task_id, ("running",))
+        assert running.worker_name == live_worker.name
+        wait_for(lambda: Task.objects.get(pk=task_id).progress >= 30)
+        task = wait_for_status(task_id, ("succeeded",))
+        assert task.output == {"slept": 1.0} and task.progress == 100
+        assert TaskLog.objects.filter(task_id=task_id, message__contains="sleeping").exists()
+        poll = client.get(f"/api/tasks/{task_id}", HTTP_AUTHORIZATION=f"Bearer {app.api_key}")
+        assert "Retry-After" not in poll
+        data = poll.json()
+        assert data["status"] == "succeeded" and data["elapsed_ms"] >= 900
+        assert data["started_at"] and data["finished_at"]
+
+    def test_fail_runner_stores_real_traceback(self, client, live_worker, make_app):
+        app = make_app("fail")
+        body = submit(client, app.application.id, app.api_key,
+                      {"inputs": {"message": "model overloaded"}, "response_mode": "async"}).json()
+        task = wait_for_status(body["task_id"], ("failed",))
+        assert task.error == "model overloaded"
+        assert "Traceback (most recent call last)" in task.traceback
+        assert 'raise RunnerError(str(inputs.get("message")' in task.traceback
+        assert "tasks/runners.py" in task.traceback
+
+    def test_blocking_success_answers_like_a_poll(self, client, live_worker, app):
+        response = submit(client, app.application.id, app.api_key, {"inputs": {"a": 1}})
+        assert response.status_code == 200
+        body = response.json()
+        assert body["status"] == "succeeded" and body["output"] == {"a": 1}
+        assert "callback" in body and "Retry-After" not in response
+
+    def test_blocking_timeout_answers_202(self, client, live_worker, make_app):
+        app = make_app("sleep", blocking_timeout_seconds=0.5)
+        response = submit(client, app.application.id, app.api_key,
+                          {"inputs": {"seconds": 3}, "response_mode": "blocking"})  # fmt: skip
+        assert response.status_code == 202
+        body = response.json()
+        assert body["status"] in ("pending", "running")
+        assert body["poll_url"].endswith(f"/api/tasks/{body['task_id']}")
+        assert response["Retry-After"] == "1"
+        wait_for_status(body["task_id"], ("succeeded",))  # the task goes on
+
+    def test_cancel_running_task_stops_it(self, client, live_worker, make_app):
+        app = make_app("sleep")
+        body = submit(client, app.application.id, app.api_key,
+                      {"inputs": {"seconds": 5}, "response_mode": "async"}).json()  # fmt: skip
+        wait_for_status(body["task_id"], ("running",))
+        response = client.post(f"/api/tasks/{body['task_id']}/cancel",
+                               HTTP_AUTHORIZATION=f"Bearer {app.api_key}")  # fmt: skip
+        assert response.status_code == 200
+        assert response.json()["status"] == "cancelled"
+        # The runner notices at its next progress report and stops; the status stays cancelled.
+        wait_for(lambda: "task stopped: cancelled" in live_worker.output(), timeout=5)
+        task = Task.objects.get(pk=body["task_id"])
+        assert task.status == "cancelled" and task.output is None
