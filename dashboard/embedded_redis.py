@@ -87,7 +87,9 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"embedded redis exited early; see {self.data_dir / 'redis.log'}")
+                raise RuntimeError(
+                    f"embedded redis exited early; see {self.data_dir / 'redis.log'}"
+                )
             if is_reachable(self.url, timeout=0.2):
                 return self.url
             time.sleep(0.05)

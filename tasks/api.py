@@ -109,7 +109,9 @@ def _read_json(request: HttpRequest) -> object:
         raise _too_large()
     if request.content_type != "application/json":
         raise ApiError(
-            415, "unsupported_media_type", "Send the body as JSON with Content-Type: application/json."
+            415,
+            "unsupported_media_type",
+            "Send the body as JSON with Content-Type: application/json.",
         )
     try:
         raw = request.body
@@ -208,9 +210,7 @@ def task_cancel(request: HttpRequest, task_id: str) -> JsonResponse:
     task = _task_for_key(request, task_id)
     result = cancel_task(task_id=task.id)
     if not result.cancelled:
-        raise ApiError(
-            409, "task_finished", f"The task already finished ({result.task.status})."
-        )
+        raise ApiError(409, "task_finished", f"The task already finished ({result.task.status}).")
     return JsonResponse(task_body(result.task))
 
 

@@ -131,9 +131,11 @@ def resume_delivery(*, task: Task) -> bool:
 def redeliver(*, task_ids: list[uuid.UUID | str]) -> list[uuid.UUID]:
     """Operator's manual redelivery: one `manual` attempt now per finished task with a callback,
     whatever its automatic state. Returns the ids that were enqueued."""
-    tasks = Task.objects.select_related("application").filter(
-        pk__in=task_ids, status__in=DELIVERABLE_STATUSES
-    ).exclude(callback_url="")
+    tasks = (
+        Task.objects.select_related("application")
+        .filter(pk__in=task_ids, status__in=DELIVERABLE_STATUSES)
+        .exclude(callback_url="")
+    )
     enqueued: list[uuid.UUID] = []
     for task in tasks:
         Task.objects.filter(pk=task.pk, run=task.run).exclude(
@@ -208,7 +210,9 @@ def _send(task: Task, number: int) -> Outcome:
         ) as response:
             outcome.status_code = response.status_code
             outcome.excerpt = _read_excerpt(response)
-            outcome.retry_after = retry_policy.parse_retry_after(response.headers.get("Retry-After"))
+            outcome.retry_after = retry_policy.parse_retry_after(
+                response.headers.get("Retry-After")
+            )
             if response.is_redirect:
                 location = response.headers.get("Location", "")
                 outcome.error = f"redirect not followed (HTTP {response.status_code} to {location})"
@@ -217,7 +221,7 @@ def _send(task: Task, number: int) -> Outcome:
     except httpx.TimeoutException:
         outcome.error = f"timed out after {timeout:g} s"
     except httpx.HTTPError as exc:
-        outcome.error = f"{type(exc).__name__}: {exc}" or type(exc).__name__
+        outcome.error = f"{type(exc).__name__}: {exc}"
     outcome.duration_ms = int((time.monotonic() - started) * 1000)
     return outcome
 

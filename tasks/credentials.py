@@ -19,7 +19,7 @@ from django.utils import timezone
 from .models import ApiKey, Application
 
 API_KEY_PREFIX = "thk_"
-WEBHOOK_SECRET_PREFIX = "whsec_"
+WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
 
 
 def hash_api_key(raw_key: str) -> str:

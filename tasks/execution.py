@@ -34,7 +34,10 @@ class TaskContext:
 
     def log(self, message: str, level: str = "info") -> None:
         TaskLog.objects.create(
-            task_id=self.task_id, run=self.run, level=level[:10], message=str(message)[:MAX_LOG_MESSAGE]
+            task_id=self.task_id,
+            run=self.run,
+            level=level[:10],
+            message=str(message)[:MAX_LOG_MESSAGE],
         )
 
 

@@ -46,9 +46,7 @@ class Application(models.Model):
     job_timeout_seconds = models.PositiveIntegerField(
         default=600, validators=[MinValueValidator(1), MaxValueValidator(7 * 24 * 3600)]
     )
-    task_retries = models.PositiveSmallIntegerField(
-        default=0, validators=[MaxValueValidator(10)]
-    )
+    task_retries = models.PositiveSmallIntegerField(default=0, validators=[MaxValueValidator(10)])
     max_concurrency = models.PositiveIntegerField(null=True, blank=True)
 
     # Stuck-task thresholds for alerts.
@@ -56,9 +54,7 @@ class Application(models.Model):
     run_threshold_seconds = models.PositiveIntegerField(default=1800)
 
     # Per-key token bucket.
-    rate_limit_per_second = models.FloatField(
-        default=20.0, validators=[MinValueValidator(0.01)]
-    )
+    rate_limit_per_second = models.FloatField(default=20.0, validators=[MinValueValidator(0.01)])
     rate_limit_burst = models.PositiveIntegerField(default=40, validators=[MinValueValidator(1)])
 
     retention_hours = models.PositiveIntegerField(
@@ -114,9 +110,7 @@ class CallbackStatus(models.TextChoices):
 class Task(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     application = models.ForeignKey(Application, on_delete=models.CASCADE, related_name="tasks")
-    status = models.CharField(
-        max_length=16, choices=TaskStatus.choices, default=TaskStatus.PENDING
-    )
+    status = models.CharField(max_length=16, choices=TaskStatus.choices, default=TaskStatus.PENDING)
     run = models.PositiveIntegerField(default=1)
 
     inputs = models.JSONField(default=dict)
@@ -127,7 +121,8 @@ class Task(models.Model):
     user = models.CharField(max_length=255, blank=True, default="")
     response_mode = models.CharField(max_length=16, default="async")
 
-    idempotency_key = models.CharField(max_length=255, null=True, blank=True)
+    # NULL (not ""): the unique constraint applies only to tasks that sent a key.
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
     request_hash = models.CharField(max_length=64, blank=True, default="")
 
     created_at = models.DateTimeField(default=timezone.now)
@@ -150,7 +145,9 @@ class Task(models.Model):
         indexes = [
             # Dashboard list, newest first, with and without filters (keyset on created_at, id).
             models.Index(fields=["-created_at", "-id"], name="task_created_idx"),
-            models.Index(fields=["application", "status", "-created_at"], name="task_app_status_idx"),
+            models.Index(
+                fields=["application", "status", "-created_at"], name="task_app_status_idx"
+            ),
             models.Index(fields=["status", "-created_at"], name="task_status_idx"),
             models.Index(fields=["callback_status", "-created_at"], name="task_callback_idx"),
             models.Index(fields=["user", "-created_at"], name="task_user_idx"),
@@ -198,6 +195,9 @@ class TaskRunHistory(models.Model):
             models.UniqueConstraint(fields=["task", "run"], name="task_run_history_unique")
         ]
 
+    def __str__(self) -> str:
+        return f"{self.task_id} run {self.run}: {self.status}"
+
 
 class TaskLog(models.Model):
     task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="logs")
@@ -209,6 +209,9 @@ class TaskLog(models.Model):
     class Meta:
         ordering = ["id"]
         indexes = [models.Index(fields=["task", "id"], name="tasklog_task_idx")]
+
+    def __str__(self) -> str:
+        return f"[{self.level}] {self.message[:60]}"
 
 
 class AttemptTrigger(models.TextChoices):
@@ -241,3 +244,6 @@ class CallbackAttempt(models.Model):
         indexes = [
             models.Index(fields=["-started_at"], name="attempt_started_idx"),
         ]
+
+    def __str__(self) -> str:
+        return f"{self.task_id} run {self.run} attempt {self.number}"

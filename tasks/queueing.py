@@ -7,6 +7,7 @@ the same run twice is refused by RQ (`unique=True`) instead of running it twice.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -104,7 +105,5 @@ def wait_for_finish(task_id: uuid.UUID | str, *, timeout: float, is_finished) ->
                 pubsub = None
     finally:
         if pubsub is not None:
-            try:
+            with contextlib.suppress(redis.RedisError):
                 pubsub.close()
-            except redis.RedisError:
-                pass

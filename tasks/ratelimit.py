@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 # KEYS[1] bucket key. ARGV: rate (tokens/s), capacity, cost.
 # Returns {allowed (0/1), seconds until enough tokens (as string, float)}.
-TOKEN_BUCKET = """
+BUCKET_SCRIPT = """
 local rate = tonumber(ARGV[1])
 local capacity = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
@@ -54,7 +54,7 @@ class RateLimited(Exception):
 
 @functools.cache
 def _script():
-    return redis_client().register_script(TOKEN_BUCKET)
+    return redis_client().register_script(BUCKET_SCRIPT)
 
 
 def take(*, bucket: str, rate: float, burst: int, cost: int = 1) -> tuple[bool, float]:

@@ -11,6 +11,7 @@ Each pass is bounded (BATCH rows per rule) and guarded by a Redis lock so passes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -52,8 +53,8 @@ class ReconcileReport:
 
     @property
     def corrections(self) -> int:
-        return len(self.requeued) + len(self.lost) + len(self.rerun) + len(
-            self.callbacks_rescheduled
+        return (
+            len(self.requeued) + len(self.lost) + len(self.rerun) + len(self.callbacks_rescheduled)
         )
 
 
@@ -78,10 +79,8 @@ def reconcile() -> ReconcileReport:
                     client.hincrby(COUNTER_KEY, kind, count)
         return report
     finally:
-        try:
+        with contextlib.suppress(redis.exceptions.LockError):
             lock.release()
-        except redis.exceptions.LockError:
-            pass
 
 
 def _job_exists(client: redis.Redis, job_id: str) -> bool:

@@ -19,7 +19,7 @@ class RunnerError(Exception):
     """A runner's clear, expected failure (bad upstream answer, bad input)."""
 
 
-class TaskCancelled(Exception):  # noqa: N818 - reads as an event, like KeyboardInterrupt
+class TaskCancelled(Exception):
     """Raised inside a runner when its task was cancelled or its run is no longer current."""
 
 
@@ -73,9 +73,7 @@ def http(inputs: dict[str, Any], ctx: RunContext) -> Any:
     except httpx.HTTPError as exc:
         raise RunnerError(f"upstream request failed: {exc}") from exc
     if not response.is_success:
-        raise RunnerError(
-            f"upstream answered HTTP {response.status_code}: {response.text[:500]}"
-        )
+        raise RunnerError(f"upstream answered HTTP {response.status_code}: {response.text[:500]}")
     try:
         return response.json()
     except ValueError as exc:

@@ -6,6 +6,7 @@ and jobs stay thin.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Iterable
@@ -60,10 +61,9 @@ def _stop_job(job_id: str) -> None:
 
 
 def _drop_queued_job(job_id: str) -> None:
-    try:
+    # If this fails the worker still finds the task cancelled and skips it.
+    with contextlib.suppress(NoSuchJobError, InvalidJobOperation, redis.RedisError):
         Job.fetch(job_id, connection=redis_client()).cancel()
-    except (NoSuchJobError, InvalidJobOperation, redis.RedisError):
-        pass  # the worker will find the task cancelled and skip it
 
 
 def retry_tasks(*, task_ids: Iterable[uuid.UUID | str]) -> list[uuid.UUID]:

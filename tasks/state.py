@@ -121,9 +121,7 @@ def cancel(*, task_id: uuid.UUID | str) -> bool:
 def set_progress(*, task_id: uuid.UUID | str, run: int, progress: int) -> bool:
     """Record progress; False when the run is no longer running (cancelled, lost, re-run)."""
     progress = max(0, min(100, int(progress)))
-    return (
-        Task.objects.filter(pk=task_id, run=run, status=S.RUNNING).update(progress=progress) == 1
-    )
+    return Task.objects.filter(pk=task_id, run=run, status=S.RUNNING).update(progress=progress) == 1
 
 
 def start_new_run(

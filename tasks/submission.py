@@ -77,7 +77,12 @@ def parse_submit_body(body: Any) -> SubmitRequest:
             raise ValidationFailed("callback_url", str(exc)) from exc
 
     canonical = json.dumps(
-        {"inputs": inputs, "response_mode": response_mode, "user": user, "callback_url": callback_url},
+        {
+            "inputs": inputs,
+            "response_mode": response_mode,
+            "user": user,
+            "callback_url": callback_url,
+        },
         sort_keys=True,
         separators=(",", ":"),
     )

@@ -59,19 +59,34 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 class WorkerProcess:
     """A real `manage.py rqworker` process in its own process group."""
 
-    def __init__(self, queues: tuple[str, ...], *, name: str, env: dict[str, str] | None = None,
-                 worker_class: str = "rq.worker.SimpleWorker") -> None:  # fmt: skip
+    def __init__(
+        self,
+        queues: tuple[str, ...],
+        *,
+        name: str,
+        env: dict[str, str] | None = None,
+        worker_class: str = "rq.worker.SimpleWorker",
+    ) -> None:
         self.log_path = BASE_DIR / "var" / f"test-{name}-{os.getpid()}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, str(BASE_DIR / "manage.py"), "rqworker", *queues,
-             "--with-scheduler", "--worker-class", worker_class, "--name", f"{name}-{os.getpid()}"],
+            [
+                sys.executable,
+                str(BASE_DIR / "manage.py"),
+                "rqworker",
+                *queues,
+                "--with-scheduler",
+                "--worker-class",
+                worker_class,
+                "--name",
+                f"{name}-{os.getpid()}",
+            ],
             env=env or subprocess_env(),
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-        )  # fmt: skip
+        )
         self.name = f"{name}-{os.getpid()}"
 
     def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 15) -> None:
@@ -129,8 +144,14 @@ def _private_callbacks_allowed(settings):
 def make_app(db) -> Callable[..., CreatedApplication]:
     """Create an application through the real service; extra keywords set model fields."""
 
-    def make(runner: str = "echo", *, runner_config=None, retry_schedule=None,
-             retention_hours: int = 24, **fields) -> CreatedApplication:  # fmt: skip
+    def make(
+        runner: str = "echo",
+        *,
+        runner_config=None,
+        retry_schedule=None,
+        retention_hours: int = 24,
+        **fields,
+    ) -> CreatedApplication:
         created = create_application(
             name=f"app-{runner}",
             runner=runner,
@@ -192,8 +213,13 @@ class Receiver:
         host, port = self.server.server_address[:2]
         return f"http://{host}:{port}/hook"
 
-    def respond(self, status: int, headers: dict[str, str] | None = None, body: bytes = b"",
-                delay: float = 0.0) -> None:  # fmt: skip
+    def respond(
+        self,
+        status: int,
+        headers: dict[str, str] | None = None,
+        body: bytes = b"",
+        delay: float = 0.0,
+    ) -> None:
         self.responses.append((status, headers or {}, body, delay))
 
     def next_response(self):
@@ -206,7 +232,7 @@ def receiver() -> Iterator[Receiver]:
     holder: dict[str, Receiver] = {}
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length)
             rec = holder["receiver"]

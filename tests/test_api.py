@@ -14,8 +14,16 @@ from tests.conftest import wait_for, wait_for_status
 pytestmark = pytest.mark.django_db
 
 
-def submit(client: Client, app_id, key: str | None, body, *, content_type="application/json",
-           headers: dict | None = None, method: str = "post"):  # fmt: skip
+def submit(
+    client: Client,
+    app_id,
+    key: str | None,
+    body,
+    *,
+    content_type="application/json",
+    headers: dict | None = None,
+    method: str = "post",
+):
     extra = {"HTTP_AUTHORIZATION": f"Bearer {key}"} if key else {}
     for name, value in (headers or {}).items():
         extra["HTTP_" + name.upper().replace("-", "_")] = value
@@ -74,12 +82,14 @@ class TestErrorMatrix:
         assert_error(submit(client, other.application.id, app.api_key, VALID), 404, "not_found")
 
     def test_invalid_json(self, client, app):
-        assert_error(submit(client, app.application.id, app.api_key, "{nope"), 400,
-                     "invalid_request")  # fmt: skip
+        assert_error(
+            submit(client, app.application.id, app.api_key, "{nope"), 400, "invalid_request"
+        )
 
     def test_body_not_an_object(self, client, app):
-        assert_error(submit(client, app.application.id, app.api_key, [1, 2]), 400,
-                     "invalid_request")  # fmt: skip
+        assert_error(
+            submit(client, app.application.id, app.api_key, [1, 2]), 400, "invalid_request"
+        )
 
     @pytest.mark.parametrize(
         ("body", "field"),
@@ -98,15 +108,17 @@ class TestErrorMatrix:
         ],
     )
     def test_validation(self, client, app, body, field):
-        assert_error(submit(client, app.application.id, app.api_key, body), 400,
-                     "invalid_request", field)  # fmt: skip
+        assert_error(
+            submit(client, app.application.id, app.api_key, body), 400, "invalid_request", field
+        )
 
     def test_oversized_body(self, client, app, settings):
         settings.MAX_BODY_BYTES = 1000
         settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
         body = {"inputs": {"blob": "x" * 2000}, "response_mode": "async"}
-        assert_error(submit(client, app.application.id, app.api_key, body), 413,
-                     "payload_too_large")  # fmt: skip
+        assert_error(
+            submit(client, app.application.id, app.api_key, body), 413, "payload_too_large"
+        )
 
     def test_wrong_method(self, client, app):
         response = submit(client, app.application.id, app.api_key, VALID, method="get")
@@ -114,13 +126,19 @@ class TestErrorMatrix:
         assert response["Allow"] == "POST"
 
     def test_wrong_content_type(self, client, app):
-        response = submit(client, app.application.id, app.api_key, "inputs=1",
-                          content_type="application/x-www-form-urlencoded")  # fmt: skip
+        response = submit(
+            client,
+            app.application.id,
+            app.api_key,
+            "inputs=1",
+            content_type="application/x-www-form-urlencoded",
+        )
         assert_error(response, 415, "unsupported_media_type")
 
     def test_idempotency_key_too_long(self, client, app):
-        response = submit(client, app.application.id, app.api_key, VALID,
-                          headers={"Idempotency-Key": "k" * 256})  # fmt: skip
+        response = submit(
+            client, app.application.id, app.api_key, VALID, headers={"Idempotency-Key": "k" * 256}
+        )
         assert_error(response, 400, "invalid_request", "Idempotency-Key")
 
     def test_unknown_api_path_is_json(self, client):
@@ -134,13 +152,17 @@ class TestErrorMatrix:
 
 class TestPollAndCancelErrors:
     def test_poll_unknown_task(self, client, app):
-        response = client.get(f"/api/tasks/{uuid.uuid4()}", HTTP_AUTHORIZATION=f"Bearer {app.api_key}")
+        response = client.get(
+            f"/api/tasks/{uuid.uuid4()}", HTTP_AUTHORIZATION=f"Bearer {app.api_key}"
+        )
         assert_error(response, 404, "not_found")
 
     def test_poll_needs_key(self, client, app):
         assert_error(client.get(f"/api/tasks/{uuid.uuid4()}"), 401, "unauthorized")
 
-    def test_poll_with_other_apps_key(self, client, app, make_app, django_capture_on_commit_callbacks):
+    def test_poll_with_other_apps_key(
+        self, client, app, make_app, django_capture_on_commit_callbacks
+    ):
         other = make_app("echo")
         response = submit(client, app.application.id, app.api_key, VALID)
         task_id = response.json()["task_id"]
@@ -148,15 +170,19 @@ class TestPollAndCancelErrors:
         assert_error(response, 404, "not_found")
 
     def test_cancel_wrong_method(self, client, app):
-        response = client.get(f"/api/tasks/{uuid.uuid4()}/cancel",
-                              HTTP_AUTHORIZATION=f"Bearer {app.api_key}")  # fmt: skip
+        response = client.get(
+            f"/api/tasks/{uuid.uuid4()}/cancel", HTTP_AUTHORIZATION=f"Bearer {app.api_key}"
+        )
         assert_error(response, 405, "method_not_allowed")
 
 
 def test_async_submit_answers_at_once_with_the_contract_body(client, app):
-    response = submit(client, app.application.id, app.api_key,
-                      {"inputs": {"query": "如何申请退款?"}, "response_mode": "async",
-                       "user": "customer_007"})  # fmt: skip
+    response = submit(
+        client,
+        app.application.id,
+        app.api_key,
+        {"inputs": {"query": "如何申请退款?"}, "response_mode": "async", "user": "customer_007"},
+    )
     assert response.status_code == 200
     body = response.json()
     assert set(body) == {"task_id", "status", "poll_url", "created_at"}
@@ -169,27 +195,48 @@ def test_async_submit_answers_at_once_with_the_contract_body(client, app):
 
 def test_poll_of_pending_task_has_retry_after(client, app):
     body = submit(client, app.application.id, app.api_key, VALID).json()
-    response = client.get(f"/api/tasks/{body['task_id']}", HTTP_AUTHORIZATION=f"Bearer {app.api_key}")
+    response = client.get(
+        f"/api/tasks/{body['task_id']}", HTTP_AUTHORIZATION=f"Bearer {app.api_key}"
+    )
     assert response.status_code == 200
     assert response["Retry-After"] == "1"
     poll = response.json()
-    assert set(poll) == {"task_id", "app_id", "status", "run", "progress", "output", "error",
-                         "user", "created_at", "started_at", "finished_at", "elapsed_ms",
-                         "callback"}  # fmt: skip
-    assert set(poll["callback"]) == {"url", "status", "attempts", "last_status_code",
-                                     "next_attempt_at"}  # fmt: skip
+    assert set(poll) == {
+        "task_id",
+        "app_id",
+        "status",
+        "run",
+        "progress",
+        "output",
+        "error",
+        "user",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "elapsed_ms",
+        "callback",
+    }
+    assert set(poll["callback"]) == {
+        "url",
+        "status",
+        "attempts",
+        "last_status_code",
+        "next_attempt_at",
+    }
     assert poll["status"] == "pending" and poll["callback"]["status"] == "none"
 
 
 def test_cancel_pending_then_409(client, app):
     # Inside the test transaction the enqueue (on commit) never happens: the task stays pending.
     body = submit(client, app.application.id, app.api_key, VALID).json()
-    response = client.post(f"/api/tasks/{body['task_id']}/cancel",
-                           HTTP_AUTHORIZATION=f"Bearer {app.api_key}")  # fmt: skip
+    response = client.post(
+        f"/api/tasks/{body['task_id']}/cancel", HTTP_AUTHORIZATION=f"Bearer {app.api_key}"
+    )
     assert response.status_code == 200
     assert response.json()["status"] == "cancelled"
-    again = client.post(f"/api/tasks/{body['task_id']}/cancel",
-                        HTTP_AUTHORIZATION=f"Bearer {app.api_key}")  # fmt: skip
+    again = client.post(
+        f"/api/tasks/{body['task_id']}/cancel", HTTP_AUTHORIZATION=f"Bearer {app.api_key}"
+    )
     assert_error(again, 409, "task_finished")
     assert Task.objects.get(pk=body["task_id"]).status == "cancelled"
 
@@ -201,8 +248,13 @@ def test_idempotency_key_returns_first_task(client, app):
     assert first.status_code == second.status_code == 200
     assert first.json()["task_id"] == second.json()["task_id"]
     assert Task.objects.count() == 1
-    conflict = submit(client, app.application.id, app.api_key,
-                      {"inputs": {"q": "other"}, "response_mode": "async"}, headers=headers)
+    conflict = submit(
+        client,
+        app.application.id,
+        app.api_key,
+        {"inputs": {"q": "other"}, "response_mode": "async"},
+        headers=headers,
+    )
     assert_error(conflict, 409, "idempotency_conflict", "Idempotency-Key")
     assert Task.objects.count() == 1
 
@@ -228,8 +280,12 @@ def test_idempotency_key_is_per_application_and_expires(client, app, make_app):
 class TestWithWorker:
     def test_async_runs_to_succeeded(self, client, live_worker, make_app):
         app = make_app("sleep")
-        body = submit(client, app.application.id, app.api_key,
-                      {"inputs": {"seconds": 1.0}, "response_mode": "async"}).json()  # fmt: skip
+        body = submit(
+            client,
+            app.application.id,
+            app.api_key,
+            {"inputs": {"seconds": 1.0}, "response_mode": "async"},
+        ).json()
         task_id = body["task_id"]
         running = wait_for_status(task_id, ("running",))
         assert running.worker_name == live_worker.name
@@ -245,8 +301,12 @@ class TestWithWorker:
 
     def test_fail_runner_stores_real_traceback(self, client, live_worker, make_app):
         app = make_app("fail")
-        body = submit(client, app.application.id, app.api_key,
-                      {"inputs": {"message": "model overloaded"}, "response_mode": "async"}).json()
+        body = submit(
+            client,
+            app.application.id,
+            app.api_key,
+            {"inputs": {"message": "model overloaded"}, "response_mode": "async"},
+        ).json()
         task = wait_for_status(body["task_id"], ("failed",))
         assert task.error == "model overloaded"
         assert "Traceback (most recent call last)" in task.traceback
@@ -262,8 +322,12 @@ class TestWithWorker:
 
     def test_blocking_timeout_answers_202(self, client, live_worker, make_app):
         app = make_app("sleep", blocking_timeout_seconds=0.5)
-        response = submit(client, app.application.id, app.api_key,
-                          {"inputs": {"seconds": 3}, "response_mode": "blocking"})  # fmt: skip
+        response = submit(
+            client,
+            app.application.id,
+            app.api_key,
+            {"inputs": {"seconds": 3}, "response_mode": "blocking"},
+        )
         assert response.status_code == 202
         body = response.json()
         assert body["status"] in ("pending", "running")
@@ -273,11 +337,16 @@ class TestWithWorker:
 
     def test_cancel_running_task_stops_it(self, client, live_worker, make_app):
         app = make_app("sleep")
-        body = submit(client, app.application.id, app.api_key,
-                      {"inputs": {"seconds": 5}, "response_mode": "async"}).json()  # fmt: skip
+        body = submit(
+            client,
+            app.application.id,
+            app.api_key,
+            {"inputs": {"seconds": 5}, "response_mode": "async"},
+        ).json()
         wait_for_status(body["task_id"], ("running",))
-        response = client.post(f"/api/tasks/{body['task_id']}/cancel",
-                               HTTP_AUTHORIZATION=f"Bearer {app.api_key}")  # fmt: skip
+        response = client.post(
+            f"/api/tasks/{body['task_id']}/cancel", HTTP_AUTHORIZATION=f"Bearer {app.api_key}"
+        )
         assert response.status_code == 200
         assert response.json()["status"] == "cancelled"
         # The runner notices at its next progress report and stops; the status stays cancelled.

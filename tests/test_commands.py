@@ -24,14 +24,29 @@ from tests.conftest import BASE_DIR, subprocess_env, wait_for
 @pytest.mark.django_db
 def test_createapplication_json_prints_exactly_the_three_keys():
     out = StringIO()
-    call_command("createapplication", "support-bot", "--runner", "http",
-                 "--runner-config", '{"url": "http://127.0.0.1:9/llm"}',
-                 "--retry-schedule", "5,30", "--retention-hours", "72", "--json", stdout=out)  # fmt: skip
+    call_command(
+        "createapplication",
+        "support-bot",
+        "--runner",
+        "http",
+        "--runner-config",
+        '{"url": "http://127.0.0.1:9/llm"}',
+        "--retry-schedule",
+        "5,30",
+        "--retention-hours",
+        "72",
+        "--json",
+        stdout=out,
+    )
     values = json.loads(out.getvalue())
     assert set(values) == {"app_id", "api_key", "webhook_secret"}
     app = Application.objects.get(pk=values["app_id"])
     assert (app.runner, app.runner_config, app.retry_schedule, app.retention_hours) == (
-        "http", {"url": "http://127.0.0.1:9/llm"}, [5, 30], 72)  # fmt: skip
+        "http",
+        {"url": "http://127.0.0.1:9/llm"},
+        [5, 30],
+        72,
+    )
     assert values["webhook_secret"].startswith("whsec_")
     # Only the hash is stored, and the key authenticates.
     key = ApiKey.objects.get(application=app)
@@ -60,8 +75,12 @@ def test_production_settings_refuse_to_start_without_secret_key():
     env.update(DEBUG="false", DJANGO_SETTINGS_MODULE="dashboard.settings")
     result = subprocess.run(
         [sys.executable, "-c", "import django; django.setup()"],
-        cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     assert "SECRET_KEY is not set" in result.stderr
 
@@ -80,12 +99,19 @@ def test_make_run_stack_serves_a_task_and_stops_cleanly(make_app):
     env = subprocess_env(REDIS_URL="", PORT=str(port), TASK_WORKERS="1", CALLBACK_WORKERS="1")
     stack = subprocess.Popen(
         [sys.executable, str(BASE_DIR / "manage.py"), "runstack", "--port", str(port)],
-        cwd=BASE_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        cwd=BASE_DIR,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _get(f"{base}/healthz"), timeout=30, interval=0.2)
-        payload = {"inputs": {"query": "如何申请退款?"}, "response_mode": "async", "user": "customer_007"}
+        payload = {
+            "inputs": {"query": "如何申请退款?"},
+            "response_mode": "async",
+            "user": "customer_007",
+        }
         response = requests.post(
             f"{base}/api/applications/{app.application.id}/generate",
             headers={"Authorization": f"Bearer {app.api_key}", "Content-Type": "application/json"},
@@ -96,8 +122,11 @@ def test_make_run_stack_serves_a_task_and_stops_cleanly(make_app):
         task_id = response.json()["task_id"]
 
         def succeeded():
-            poll = requests.get(f"{base}/api/tasks/{task_id}",
-                                headers={"Authorization": f"Bearer {app.api_key}"}, timeout=5)
+            poll = requests.get(
+                f"{base}/api/tasks/{task_id}",
+                headers={"Authorization": f"Bearer {app.api_key}"},
+                timeout=5,
+            )
             return poll.json()["status"] == "succeeded" and poll.json()
 
         body = wait_for(succeeded, timeout=30, interval=0.2)

@@ -17,13 +17,13 @@ def make_task(app, **fields) -> Task:
     return Task.objects.create(application=app.application, inputs={}, **fields)
 
 
-def race(count: int, action) -> list[bool]:
-    """Run `action` in `count` threads at once, each with its own DB connection."""
-    barrier = threading.Barrier(count)
-    results: list[bool] = []
+def race_each(actions: list) -> list:
+    """Run each action in its own thread (own DB connection), released together."""
+    barrier = threading.Barrier(len(actions))
+    results: list = []
     lock = threading.Lock()
 
-    def body():
+    def body(action):
         barrier.wait()
         try:
             outcome = action()
@@ -32,12 +32,16 @@ def race(count: int, action) -> list[bool]:
         with lock:
             results.append(outcome)
 
-    threads = [threading.Thread(target=body) for _ in range(count)]
+    threads = [threading.Thread(target=body, args=(action,)) for action in actions]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     return results
+
+
+def race(count: int, action) -> list:
+    return race_each([action] * count)
 
 
 def test_concurrent_starts_have_one_winner(make_app):
@@ -57,25 +61,13 @@ def test_finish_and_cancel_race_has_one_winner(make_app):
             lambda t=task: ("cancel", state.cancel(task_id=t.id)),
             lambda t=task: ("fail", state.fail(task_id=t.id, run=1, error="boom")),
         ]
-        barrier = threading.Barrier(len(actions))
-        outcomes: list[tuple[str, bool]] = []
-
-        def run(action):
-            barrier.wait()
-            try:
-                outcomes.append(action())
-            finally:
-                connection.close()
-
-        threads = [threading.Thread(target=run, args=(a,)) for a in actions]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        outcomes = race_each(actions)
         winners = [name for name, won in outcomes if won]
         assert len(winners) == 1
         final = Task.objects.get(pk=task.id).status
-        assert final == {"succeed": "succeeded", "cancel": "cancelled", "fail": "failed"}[winners[0]]
+        assert (
+            final == {"succeed": "succeeded", "cancel": "cancelled", "fail": "failed"}[winners[0]]
+        )
 
 
 def test_illegal_transitions_are_refused(make_app):
@@ -102,7 +94,12 @@ def test_stale_run_cannot_write(make_app):
     fresh = Task.objects.get(pk=task.id)
     assert (fresh.status, fresh.run, fresh.error) == ("pending", 2, "")
     history = TaskRunHistory.objects.get(task_id=task.id)
-    assert (history.run, history.status, history.error, history.traceback) == (1, "failed", "first", "tb1")
+    assert (history.run, history.status, history.error, history.traceback) == (
+        1,
+        "failed",
+        "first",
+        "tb1",
+    )
 
 
 def test_concurrent_retries_make_one_new_run(make_app):

@@ -9,6 +9,7 @@ get SIGTERM, then SIGKILL after a grace period, so nothing is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -134,10 +135,8 @@ class Command(BaseCommand):
             _signal_group(process, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         for _, process in self.children:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
         for _, process in self.children:
             _signal_group(process, signal.SIGKILL)  # stragglers and their own children
             process.wait()
@@ -147,7 +146,5 @@ class Command(BaseCommand):
 
 
 def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

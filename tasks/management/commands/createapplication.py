@@ -10,8 +10,12 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("name")
-        parser.add_argument("--runner", required=True, help="echo, sleep, fail, http or a.dotted.path")
-        parser.add_argument("--runner-config", default=None, help="JSON object, e.g. '{\"url\": …}'")
+        parser.add_argument(
+            "--runner", required=True, help="echo, sleep, fail, http or a.dotted.path"
+        )
+        parser.add_argument(
+            "--runner-config", default=None, help="JSON object, e.g. '{\"url\": …}'"
+        )
         parser.add_argument("--retry-schedule", default=None, help="seconds, e.g. 10,60,300")
         parser.add_argument("--retention-hours", type=int, default=24)
         parser.add_argument("--json", action="store_true", help="print one JSON object only")
@@ -44,4 +48,6 @@ class Command(BaseCommand):
         self.stdout.write(f"Created application {created.application.name!r}.")
         for name, value in values.items():
             self.stdout.write(f"  {name:15} {value}")
-        self.stdout.write("The API key and webhook secret are shown only this once: store them now.")
+        self.stdout.write(
+            "The API key and webhook secret are shown only this once: store them now."
+        )

@@ -4,7 +4,10 @@ from tasks.reconciler import reconcile
 
 
 class Command(BaseCommand):
-    help = "Run the reconciler once: re-enqueue orphaned tasks, recover lost ones, reschedule callbacks."
+    help = (
+        "Run the reconciler once: re-enqueue orphaned tasks, recover lost ones, "
+        "reschedule callbacks."
+    )
 
     def handle(self, *args, **options):
         report = reconcile()
