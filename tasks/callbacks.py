@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -93,7 +94,9 @@ def _enqueue_delivery(
     callbacks = queue(settings.CALLBACK_QUEUE)
     try:
         if delay > 0:
-            callbacks.enqueue_in(timedelta(seconds=delay), "tasks.jobs.deliver_callback", **options)
+            # RQ's scheduled registry keeps whole seconds (truncated): round up, never run early.
+            due = datetime.fromtimestamp(math.ceil(time.time() + delay), tz=UTC)
+            callbacks.enqueue_at(due, "tasks.jobs.deliver_callback", **options)
         else:
             callbacks.enqueue("tasks.jobs.deliver_callback", **options)
     except DuplicateJobError:
