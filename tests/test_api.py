@@ -357,7 +357,9 @@ class TestWithWorker:
 
 def test_rate_limit_answers_429_with_retry_after(client, make_app):
     app = make_app("echo", rate_limit_per_second=0.2, rate_limit_burst=3)
-    statuses = [submit(client, app.application.id, app.api_key, VALID).status_code for _ in range(5)]
+    statuses = [
+        submit(client, app.application.id, app.api_key, VALID).status_code for _ in range(5)
+    ]
     assert statuses == [200, 200, 200, 429, 429]
     response = submit(client, app.application.id, app.api_key, VALID)
     assert_error(response, 429, "rate_limited")
