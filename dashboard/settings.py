@@ -113,6 +113,7 @@ CALLBACK_TIMEOUT = env.float("CALLBACK_TIMEOUT", default=10.0)
 CLEANUP_INTERVAL = env.int("CLEANUP_INTERVAL", default=600)
 RECONCILE_INTERVAL = env.int("RECONCILE_INTERVAL", default=30)
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+QUEUE_BACKLOG_THRESHOLD = env.int("QUEUE_BACKLOG_THRESHOLD", default=1000)
 
 # --- Auth, static, i18n -------------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [

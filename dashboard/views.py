@@ -1,19 +1,375 @@
-"""Operator dashboard views (staff only)."""
+"""Operator dashboard. Each view renders a page, or for an HTMX request the named partial of
+the same template (`template.html#partial`). Actions are CSRF-protected POSTs for operators and
+are written to the audit log; services do the work."""
 
 from __future__ import annotations
 
-from django.contrib.admin.views.decorators import staff_member_required
-from django.db.models import Count
-from django.http import HttpRequest, HttpResponse
-from django.shortcuts import render
+import uuid
 
-from tasks.models import Application, Task
+from django.contrib import messages
+from django.db import transaction
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django_htmx.http import HttpResponseClientRedirect
+
+from tasks import applications, audit, bulk, callbacks, selectors, services, stats_history
+from tasks.models import (
+    Application,
+    AuditEntry,
+    BulkOperation,
+    CallbackStatus,
+    Task,
+    TaskStatus,
+)
+
+from .access import is_operator, operator_required, staff_required
+from .charts import line_chart
+from .forms import ApplicationForm, TaskFilterForm
+
+PAGE_SIZES = (25, 50, 100)
+NAV = {
+    "dashboard/overview.html": "overview",
+    "dashboard/tasks.html": "tasks",
+    "dashboard/task_detail.html": "tasks",
+    "dashboard/failed_callbacks.html": "callbacks",
+    "dashboard/applications.html": "applications",
+    "dashboard/application_detail.html": "applications",
+    "dashboard/audit.html": "audit",
+}
 
 
-@staff_member_required
-def home(request: HttpRequest) -> HttpResponse:
-    counts = dict(
-        Task.objects.values_list("status").annotate(n=Count("id")).values_list("status", "n")
+def page_or_partial(request: HttpRequest, template: str, partial: str, context: dict):
+    """The whole page, or for an HTMX request (not a boosted navigation) just the partial."""
+    context.setdefault("is_operator", is_operator(request.user))
+    context.setdefault("nav", NAV.get(template))
+    if request.htmx and not request.htmx.boosted:
+        return render(request, f"{template}#{partial}", context)
+    return render(request, template, context)
+
+
+def back(request: HttpRequest, fallback: str) -> HttpResponse:
+    """After an action: HTMX clients follow HX-Redirect, plain forms a 303."""
+    target = request.POST.get("next") or fallback
+    if not target.startswith("/"):
+        target = fallback
+    if request.htmx:
+        return HttpResponseClientRedirect(target)
+    return redirect(target)
+
+
+# --- overview ----------------------------------------------------------------------------------
+
+
+@staff_required
+def overview(request: HttpRequest) -> HttpResponse:
+    data = selectors.overview()
+    context = {"overview": data, "alerts": selectors.alerts(data)}
+    if not data.redis_error:
+        finished = stats_history.finished_per_minute(60)
+        depth = stats_history.queue_depth_history()
+        context.update(
+            throughput=line_chart([count for _, count in finished]),
+            throughput_total=sum(count for _, count in finished),
+            depth_chart=line_chart([sample.get("tasks", 0) for sample in depth]),
+            depth_samples=len(depth),
+        )
+    return page_or_partial(request, "dashboard/overview.html", "live", context)
+
+
+@operator_required
+def alert_action(request: HttpRequest) -> HttpResponse:
+    kind = request.POST.get("kind", "")
+    app_id = request.POST.get("application", "")
+    action = request.POST.get("action", "")
+    if kind not in ("stuck_pending", "stuck_running") or action not in ("retry", "fail"):
+        return HttpResponse("Unknown alert action.", status=400)
+    try:
+        ids = selectors.stuck_task_ids(application_id=app_id, kind=kind)
+    except (Application.DoesNotExist, ValueError):
+        return HttpResponse("Unknown application.", status=400)
+    done = 0
+    for task_id in ids:
+        if action == "fail":
+            done += services.mark_failed(task_id=task_id, error="marked failed by an operator")
+        else:
+            done += services.requeue_pending(task_id=task_id)
+    audit.record(user=request.user, action=f"alert.{action}", target_type="application",
+                 target_id=app_id, detail={"kind": kind, "tasks": done})  # fmt: skip
+    messages.success(request, f"{action}: {done} task(s).")
+    return back(request, reverse("dashboard:home"))
+
+
+# --- tasks -------------------------------------------------------------------------------------
+
+
+def _page_size(request: HttpRequest) -> int:
+    try:
+        size = int(request.GET.get("size", 50))
+    except ValueError:
+        return 50
+    return size if size in PAGE_SIZES else 50
+
+
+def _task_list(request: HttpRequest, *, template: str, fixed: dict | None = None):
+    form = TaskFilterForm(request.GET or None)
+    filters = form.filters() if request.GET else selectors.TaskFilters()
+    for name, value in (fixed or {}).items():
+        setattr(filters, name, value)
+    page = selectors.task_page(
+        filters=filters, cursor=request.GET.get("cursor", ""), size=_page_size(request)
     )
-    context = {"counts": counts, "applications": Application.objects.all()[:50]}
-    return render(request, "dashboard/home.html", context)
+    params = request.GET.copy()
+    params.pop("cursor", None)
+    context = {
+        "form": form,
+        "page": page,
+        "filters": filters,
+        "query": params.urlencode(),
+        "first_page": not request.GET.get("cursor"),
+        "operations": BulkOperation.objects.all()[:3],
+    }
+    return page_or_partial(request, template, "results", context)
+
+
+@staff_required
+def task_list(request: HttpRequest) -> HttpResponse:
+    return _task_list(request, template="dashboard/tasks.html")
+
+
+@staff_required
+def failed_callbacks(request: HttpRequest) -> HttpResponse:
+    return _task_list(
+        request,
+        template="dashboard/failed_callbacks.html",
+        fixed={"callback_status": CallbackStatus.FAILED},
+    )
+
+
+def _selected_ids(request: HttpRequest) -> list[uuid.UUID]:
+    ids = []
+    for raw in request.POST.getlist("task")[:500]:
+        try:
+            ids.append(uuid.UUID(raw))
+        except ValueError:
+            continue
+    return ids
+
+
+def _filters_from_post(request: HttpRequest) -> selectors.TaskFilters:
+    form = TaskFilterForm(request.POST)
+    return form.filters()
+
+
+@operator_required
+def tasks_retry(request: HttpRequest) -> HttpResponse:
+    if request.POST.get("scope") == "matching":
+        operation = bulk.start(kind=BulkOperation.Kind.RETRY, filters=_filters_from_post(request),
+                               username=request.user.username)  # fmt: skip
+        audit.record(user=request.user, action="tasks.retry_matching", target_type="bulk",
+                     target_id=operation.pk, detail=operation.filters)  # fmt: skip
+        messages.success(request, "Retrying every matching failed task in the background.")
+    else:
+        ids = _selected_ids(request)
+        with transaction.atomic():
+            retried = services.retry_tasks(task_ids=ids)
+        audit.record(user=request.user, action="tasks.retry_selected", target_type="task",
+                     detail={"retried": [str(i) for i in retried]})  # fmt: skip
+        messages.success(request, f"Retried {len(retried)} of {len(ids)} selected task(s).")
+    return back(request, reverse("dashboard:tasks"))
+
+
+@operator_required
+def callbacks_redeliver(request: HttpRequest) -> HttpResponse:
+    if request.POST.get("scope") == "matching":
+        operation = bulk.start(kind=BulkOperation.Kind.REDELIVER,
+                               filters=_filters_from_post(request), username=request.user.username)
+        audit.record(user=request.user, action="callbacks.redeliver_matching",
+                     target_type="bulk", target_id=operation.pk, detail=operation.filters)
+        messages.success(request, "Redelivering every matching failed callback in the background.")
+    else:
+        ids = _selected_ids(request)
+        done = callbacks.redeliver(task_ids=ids)
+        audit.record(user=request.user, action="callbacks.redeliver_selected", target_type="task",
+                     detail={"redelivered": [str(i) for i in done]})  # fmt: skip
+        messages.success(request, f"Redelivering {len(done)} of {len(ids)} selected callback(s).")
+    return back(request, reverse("dashboard:failed-callbacks"))
+
+
+@staff_required
+def bulk_progress(request: HttpRequest, operation_id: int) -> HttpResponse:
+    operation = get_object_or_404(BulkOperation, pk=operation_id)
+    return render(request, "dashboard/tasks.html#bulk-operation", {"operation": operation})
+
+
+def _task_context(task_id: uuid.UUID) -> dict:
+    task = get_object_or_404(Task.objects.select_related("application"), pk=task_id)
+    return {
+        "task": task,
+        "attempts": task.callback_attempt_rows.order_by("-run", "-number")[:200],
+        "logs": task.logs.order_by("-id")[:500][::-1],
+        "past_runs": task.past_runs.order_by("-run")[:50],
+        "can_retry": task.status in (TaskStatus.FAILED, TaskStatus.CANCELLED),
+        "can_redeliver": bool(task.callback_url) and task.status in callbacks.DELIVERABLE_STATUSES,
+        "can_cancel": not task.is_finished,
+        "live": not task.is_finished
+        or task.callback_status in (CallbackStatus.PENDING, CallbackStatus.DELIVERING),
+    }
+
+
+@staff_required
+def task_detail(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
+    return page_or_partial(request, "dashboard/task_detail.html", "live", _task_context(task_id))
+
+
+def _task_action(request: HttpRequest, task_id: uuid.UUID, action: str, ok: bool, note: str):
+    audit.record(user=request.user, action=action, target_type="task", target_id=task_id,
+                 detail={"done": ok})  # fmt: skip
+    if request.htmx:
+        # Swap the live part in place: it keeps polling until the action has played out.
+        context = _task_context(task_id) | {"is_operator": True, "note": note}
+        return render(request, "dashboard/task_detail.html#live", context)
+    (messages.success if ok else messages.warning)(request, note)
+    return back(request, reverse("dashboard:task", args=[task_id]))
+
+
+@operator_required
+def task_retry(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
+    with transaction.atomic():
+        ok = bool(services.retry_tasks(task_ids=[task_id]))
+    note = "A new run was started." if ok else "Only failed or cancelled tasks can be retried."
+    return _task_action(request, task_id, "task.retry", ok, note)
+
+
+@operator_required
+def task_redeliver(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
+    ok = bool(callbacks.redeliver(task_ids=[task_id]))
+    note = "Redelivery queued." if ok else "This task has no finished result to deliver."
+    return _task_action(request, task_id, "task.redeliver", ok, note)
+
+
+@operator_required
+def task_cancel(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
+    get_object_or_404(Task, pk=task_id)
+    ok = services.cancel_task(task_id=task_id).cancelled
+    note = "Task cancelled." if ok else "The task had already finished."
+    return _task_action(request, task_id, "task.cancel", ok, note)
+
+
+# --- applications ------------------------------------------------------------------------------
+
+
+@staff_required
+def application_list(request: HttpRequest) -> HttpResponse:
+    form = ApplicationForm()
+    created = None
+    if request.method == "POST":
+        if not is_operator(request.user):
+            return HttpResponse("This action needs the operate permission.", status=403)
+        form = ApplicationForm(request.POST)
+        if form.is_valid():
+            created = _create_application(request, form)
+            form = ApplicationForm()
+    context = {"applications": Application.objects.all()[:500], "form": form, "created": created}
+    return page_or_partial(request, "dashboard/applications.html", "create-form", context)
+
+
+def _create_application(request: HttpRequest, form: ApplicationForm):
+    data = form.cleaned_data
+    with transaction.atomic():
+        created = applications.create_application(
+            name=data["name"],
+            runner=data["runner"],
+            runner_config=data["runner_config"],
+            retry_schedule=data["retry_schedule_text"],
+            retention_hours=data["retention_hours"],
+        )
+        extra = {f: data[f] for f in form.Meta.fields if f not in ("name", "runner", "runner_config")}
+        Application.objects.filter(pk=created.application.pk).update(**extra)
+        audit.record(user=request.user, action="application.create", target_type="application",
+                     target_id=created.application.pk, detail={"name": data["name"]})
+    return created
+
+
+@staff_required
+def application_detail(request: HttpRequest, app_id: uuid.UUID) -> HttpResponse:
+    app = get_object_or_404(Application, pk=app_id)
+    form = ApplicationForm(instance=app)
+    saved = False
+    if request.method == "POST":
+        if not is_operator(request.user):
+            return HttpResponse("This action needs the operate permission.", status=403)
+        form = ApplicationForm(request.POST, instance=app)
+        if form.is_valid():
+            changed = form.changed_data
+            form.save()
+            audit.record(user=request.user, action="application.update",
+                         target_type="application", target_id=app.pk,
+                         detail={"changed": changed})  # fmt: skip
+            saved = True
+    context = {
+        "app": app,
+        "form": form,
+        "saved": saved,
+        "health": selectors.app_health(app),
+        "api_keys": app.api_keys.order_by("-created_at")[:20],
+        "now": timezone.now(),
+    }
+    context.update(_cleanup_context(app))
+    return page_or_partial(request, "dashboard/application_detail.html", "settings", context)
+
+
+def _cleanup_context(app: Application) -> dict:
+    from tasks import retention
+
+    return {
+        "cleanup_preview": retention.preview(application_id=app.pk),
+        "cleanup_runs": retention.recent_runs(limit=5),
+    }
+
+
+@operator_required
+def application_rotate(request: HttpRequest, app_id: uuid.UUID, what: str) -> HttpResponse:
+    app = get_object_or_404(Application, pk=app_id)
+    if what not in ("key", "secret"):
+        raise Http404("Unknown credential.")
+    if what == "key":
+        value = applications.rotate_api_key(application_id=app.pk, grace_hours=24)
+        label = "API key"
+    else:
+        value = applications.rotate_webhook_secret(application_id=app.pk, grace_hours=24)
+        label = "webhook secret"
+    audit.record(user=request.user, action=f"application.rotate_{what}",
+                 target_type="application", target_id=app.pk)  # fmt: skip
+    return render(request, "dashboard/application_detail.html#secret-once",
+                  {"label": label, "value": value, "app": app})  # fmt: skip
+
+
+@operator_required
+def application_cleanup(request: HttpRequest, app_id: uuid.UUID) -> HttpResponse:
+    from tasks import retention
+
+    app = get_object_or_404(Application, pk=app_id)
+    run = retention.run_cleanup(trigger="manual", application_id=app.pk)
+    audit.record(user=request.user, action="retention.cleanup", target_type="application",
+                 target_id=app.pk, detail={"removed": run.removed if run else None})
+    if run is None:
+        messages.warning(request, "Another cleanup is running; try again in a moment.")
+    else:
+        messages.success(request, f"Cleanup removed {run.total_removed} task(s).")
+    return back(request, reverse("dashboard:application", args=[app.pk]))
+
+
+# --- audit -------------------------------------------------------------------------------------
+
+
+@staff_required
+def audit_log(request: HttpRequest) -> HttpResponse:
+    entries = AuditEntry.objects.all()
+    before = request.GET.get("before")
+    if before and before.isdigit():
+        entries = entries.filter(id__lt=int(before))
+    rows = list(entries.order_by("-id")[:101])
+    context = {"entries": rows[:100], "next_before": rows[99].id if len(rows) > 100 else None}
+    return page_or_partial(request, "dashboard/audit.html", "entries", context)

@@ -6,7 +6,7 @@ Intervals come from settings (CLEANUP_INTERVAL, RECONCILE_INTERVAL), which read 
 from django.conf import settings
 from rq import cron
 
-from tasks.maintenance import reconcile_job
+from tasks.maintenance import cleanup_job, reconcile_job, sample_stats_job
 
 cron.register(
     reconcile_job,
@@ -15,4 +15,22 @@ cron.register(
     job_timeout=300,
     result_ttl=3600,
     name="reconcile",
+)
+
+cron.register(
+    sample_stats_job,
+    settings.MAINTENANCE_QUEUE,
+    interval=10,
+    job_timeout=60,
+    result_ttl=60,
+    name="sample-stats",
+)
+
+cron.register(
+    cleanup_job,
+    settings.MAINTENANCE_QUEUE,
+    interval=settings.CLEANUP_INTERVAL,
+    job_timeout=3600,
+    result_ttl=3600,
+    name="cleanup",
 )

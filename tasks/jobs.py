@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rq import get_current_job
 
-from . import callbacks
+from . import bulk, callbacks
 from .execution import execute_task
 
 
@@ -16,3 +16,7 @@ def run_task(task_id: str, run: int) -> str:
 
 def deliver_callback(task_id: str, run: int, trigger: str, auto_attempt: int | None) -> str:
     return callbacks.deliver(task_id=task_id, run=run, trigger=trigger, auto_attempt=auto_attempt)
+
+
+def run_bulk_operation(operation_id: int) -> int:
+    return bulk.run(operation_id=operation_id).affected

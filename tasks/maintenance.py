@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .reconciler import reconcile
+from .stats_history import sample_queue_depth
 
 
 def reconcile_job() -> dict[str, int | bool]:
@@ -14,3 +15,15 @@ def reconcile_job() -> dict[str, int | bool]:
         "rerun": len(report.rerun),
         "callbacks_rescheduled": len(report.callbacks_rescheduled),
     }
+
+
+def sample_stats_job() -> dict[str, int]:
+    return sample_queue_depth()
+
+
+def cleanup_job() -> int | None:
+    from .models import CleanupRun
+    from .retention import run_cleanup
+
+    run = run_cleanup(trigger=CleanupRun.Trigger.SCHEDULED)
+    return run.total_removed if run else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
@@ -154,6 +155,9 @@ class Task(models.Model):
             # Retention: finished tasks by application and finish time.
             models.Index(fields=["application", "finished_at"], name="task_retention_idx"),
         ]
+        permissions = [
+            ("operate", "Can retry, cancel, redeliver and configure from the dashboard"),
+        ]
         constraints = [
             models.UniqueConstraint(
                 fields=["application", "idempotency_key"],
@@ -247,3 +251,77 @@ class CallbackAttempt(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_id} run {self.run} attempt {self.number}"
+
+
+class AuditEntry(models.Model):
+    """Who did what to which target, when: every dashboard action writes one."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    username = models.CharField(max_length=150)
+    action = models.CharField(max_length=64)
+    target_type = models.CharField(max_length=32)
+    target_id = models.CharField(max_length=64, blank=True, default="")
+    detail = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["-created_at", "-id"], name="audit_created_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.username} {self.action} {self.target_type}:{self.target_id}"
+
+
+class BulkOperation(models.Model):
+    """A background 'retry / redeliver all matching' run, with its progress."""
+
+    class Kind(models.TextChoices):
+        RETRY = "retry"
+        REDELIVER = "redeliver"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        DONE = "done"
+        FAILED = "failed"
+
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    filters = models.JSONField(default=dict)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    processed = models.PositiveIntegerField(default=0)
+    affected = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True, default="")
+    created_by = models.CharField(max_length=150)
+    created_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.status} {self.processed}"
+
+
+class CleanupRun(models.Model):
+    """One retention pass: when, why, and how many tasks it removed per application."""
+
+    class Trigger(models.TextChoices):
+        SCHEDULED = "scheduled"
+        MANUAL = "manual"
+        COMMAND = "command"
+
+    trigger = models.CharField(max_length=16, choices=Trigger.choices)
+    dry_run = models.BooleanField(default=False)
+    started_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    removed = models.JSONField(default=dict, blank=True)  # {app_id: {"name": …, "tasks": n}}
+    total_removed = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["-started_at"]
+
+    def __str__(self) -> str:
+        return f"cleanup {self.trigger} {self.started_at:%Y-%m-%d %H:%M}: {self.total_removed}"

@@ -67,10 +67,19 @@ def enqueue_task_run(
     return True
 
 
-def publish_finished(task_id: uuid.UUID | str) -> None:
-    """Wake any blocking request waiting on this task. Best effort: waiters also re-read the DB."""
+def publish_finished(task_id: uuid.UUID | str, *, count: bool = True) -> None:
+    """Wake any blocking request waiting on this task, and count it for the throughput chart.
+
+    Best effort: waiters also re-read the database, and a lost count only dents a chart.
+    """
+    from .stats_history import count_finished
+
     try:
-        redis_client().publish(DONE_CHANNEL_PREFIX + str(task_id), b"1")
+        pipeline = redis_client().pipeline(transaction=False)
+        pipeline.publish(DONE_CHANNEL_PREFIX + str(task_id), b"1")
+        if count:
+            count_finished(pipeline)
+        pipeline.execute()
     except redis.RedisError:
         logger.warning("could not publish completion of task %s", task_id, exc_info=True)
 

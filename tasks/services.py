@@ -42,7 +42,7 @@ def cancel_task(*, task_id: uuid.UUID | str) -> CancelResult:
     before = Task.objects.only("status", "run").get(pk=task_id)
     won = state.cancel(task_id=task_id)
     if won:
-        publish_finished(task_id)
+        publish_finished(task_id, count=False)
         if before.status == TaskStatus.RUNNING:
             _stop_job(before.rq_job_id)
         else:
@@ -93,3 +93,11 @@ def mark_failed(*, task_id: uuid.UUID | str, error: str) -> bool:
         on_task_finished(task_id)
         return True
     return False
+
+
+def requeue_pending(*, task_id: uuid.UUID | str) -> bool:
+    """Put a stuck pending task's current run on the queue again (a no-op if its job is there)."""
+    task = Task.objects.select_related("application").filter(
+        pk=task_id, status=TaskStatus.PENDING
+    ).first()
+    return bool(task) and enqueue_pending_task(task=task)

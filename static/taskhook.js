@@ -1,0 +1,23 @@
+// Dashboard behaviour without inline scripts (the pages run under a strict CSP).
+// Polling elements carry data-poll: they skip their requests while the tab is hidden and
+// refresh at once when it is shown again. hx-sync="this:drop" keeps polls from stacking.
+document.addEventListener("htmx:beforeRequest", (event) => {
+  if (document.hidden && event.detail.elt.hasAttribute("data-poll")) event.preventDefault();
+});
+document.addEventListener("visibilitychange", () => {
+  if (!document.hidden) document.body.dispatchEvent(new Event("visible-again"));
+});
+// "Select all" checkboxes: <input type=checkbox data-select-all="name">.
+document.addEventListener("change", (event) => {
+  const name = event.target.dataset && event.target.dataset.selectAll;
+  if (!name) return;
+  const form = event.target.form;
+  for (const box of form.querySelectorAll(`input[type=checkbox][name="${name}"]`)) {
+    box.checked = event.target.checked;
+  }
+});
+// Confirmation for destructive buttons: <button data-confirm="…">.
+document.addEventListener("click", (event) => {
+  const button = event.target.closest("[data-confirm]");
+  if (button && !window.confirm(button.dataset.confirm)) event.preventDefault();
+});
