@@ -15,7 +15,9 @@ OPERATE_PERMISSION = "tasks.operate"
 
 def is_operator(user) -> bool:
     return bool(
-        user.is_active and user.is_staff and (user.is_superuser or user.has_perm(OPERATE_PERMISSION))
+        user.is_active
+        and user.is_staff
+        and (user.is_superuser or user.has_perm(OPERATE_PERMISSION))
     )
 
 

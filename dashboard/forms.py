@@ -16,9 +16,7 @@ class TaskFilterForm(forms.Form):
     application = forms.ModelChoiceField(
         queryset=Application.objects.only("id", "name"), required=False, empty_label="All apps"
     )
-    status = forms.ChoiceField(
-        choices=[("", "Any status"), *TaskStatus.choices], required=False
-    )
+    status = forms.ChoiceField(choices=[("", "Any status"), *TaskStatus.choices], required=False)
     callback_status = forms.ChoiceField(
         choices=[("", "Any callback"), *CallbackStatus.choices], required=False
     )
@@ -108,7 +106,7 @@ class ApplicationForm(forms.ModelForm):
         if preset == "custom":
             hours = cleaned.get("retention_custom_hours")
             if not hours:
-                self.add_error("retention_custom_hours", "Give the retention in hours (1–8760).")
+                self.add_error("retention_custom_hours", "Give the retention in hours (1 to 8760).")
             else:
                 cleaned["retention_hours"] = hours
         elif preset:

@@ -23,6 +23,8 @@ urlpatterns = [
         views.application_rotate,
         name="application-rotate",
     ),
-    path("applications/<uuid:app_id>/cleanup", views.application_cleanup, name="application-cleanup"),
+    path(
+        "applications/<uuid:app_id>/cleanup", views.application_cleanup, name="application-cleanup"
+    ),
     path("audit/", views.audit_log, name="audit"),
 ]

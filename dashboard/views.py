@@ -183,10 +183,18 @@ def tasks_retry(request: HttpRequest) -> HttpResponse:
 @operator_required
 def callbacks_redeliver(request: HttpRequest) -> HttpResponse:
     if request.POST.get("scope") == "matching":
-        operation = bulk.start(kind=BulkOperation.Kind.REDELIVER,
-                               filters=_filters_from_post(request), username=request.user.username)
-        audit.record(user=request.user, action="callbacks.redeliver_matching",
-                     target_type="bulk", target_id=operation.pk, detail=operation.filters)
+        operation = bulk.start(
+            kind=BulkOperation.Kind.REDELIVER,
+            filters=_filters_from_post(request),
+            username=request.user.username,
+        )
+        audit.record(
+            user=request.user,
+            action="callbacks.redeliver_matching",
+            target_type="bulk",
+            target_id=operation.pk,
+            detail=operation.filters,
+        )
         messages.success(request, "Redelivering every matching failed callback in the background.")
     else:
         ids = _selected_ids(request)
@@ -285,10 +293,17 @@ def _create_application(request: HttpRequest, form: ApplicationForm):
             retry_schedule=data["retry_schedule_text"],
             retention_hours=data["retention_hours"],
         )
-        extra = {f: data[f] for f in form.Meta.fields if f not in ("name", "runner", "runner_config")}
+        extra = {
+            f: data[f] for f in form.Meta.fields if f not in ("name", "runner", "runner_config")
+        }
         Application.objects.filter(pk=created.application.pk).update(**extra)
-        audit.record(user=request.user, action="application.create", target_type="application",
-                     target_id=created.application.pk, detail={"name": data["name"]})
+        audit.record(
+            user=request.user,
+            action="application.create",
+            target_type="application",
+            target_id=created.application.pk,
+            detail={"name": data["name"]},
+        )
     return created
 
 
@@ -352,8 +367,13 @@ def application_cleanup(request: HttpRequest, app_id: uuid.UUID) -> HttpResponse
 
     app = get_object_or_404(Application, pk=app_id)
     run = retention.run_cleanup(trigger="manual", application_id=app.pk)
-    audit.record(user=request.user, action="retention.cleanup", target_type="application",
-                 target_id=app.pk, detail={"removed": run.removed if run else None})
+    audit.record(
+        user=request.user,
+        action="retention.cleanup",
+        target_type="application",
+        target_id=app.pk,
+        detail={"removed": run.removed if run else None},
+    )
     if run is None:
         messages.warning(request, "Another cleanup is running; try again in a moment.")
     else:

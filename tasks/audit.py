@@ -8,7 +8,12 @@ from .models import AuditEntry
 
 
 def record(
-    *, user, action: str, target_type: str, target_id: str = "", detail: dict[str, Any] | None = None
+    *,
+    user,
+    action: str,
+    target_type: str,
+    target_id: str = "",
+    detail: dict[str, Any] | None = None,
 ) -> AuditEntry:
     return AuditEntry.objects.create(
         user=user if getattr(user, "pk", None) else None,

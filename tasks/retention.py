@@ -12,6 +12,7 @@ entry, for the application's retention (see `submission.enqueue_pending_task` an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -140,10 +141,8 @@ def run_cleanup(
         run.finished_at = timezone.now()
         run.save(update_fields=["removed", "total_removed", "finished_at", "error"])
         if lock is not None:
-            try:
+            with contextlib.suppress(redis.exceptions.LockError):
                 lock.release()
-            except redis.exceptions.LockError:
-                pass
     logger.info("cleanup (%s) removed %s task(s)", trigger, run.total_removed)
     return run
 

@@ -97,7 +97,9 @@ def mark_failed(*, task_id: uuid.UUID | str, error: str) -> bool:
 
 def requeue_pending(*, task_id: uuid.UUID | str) -> bool:
     """Put a stuck pending task's current run on the queue again (a no-op if its job is there)."""
-    task = Task.objects.select_related("application").filter(
-        pk=task_id, status=TaskStatus.PENDING
-    ).first()
+    task = (
+        Task.objects.select_related("application")
+        .filter(pk=task_id, status=TaskStatus.PENDING)
+        .first()
+    )
     return bool(task) and enqueue_pending_task(task=task)

@@ -1,0 +1,146 @@
+"""The dashboard in a real browser: Debian's Chromium driven by Playwright, against a live server
+with a real RQ worker. Set TASKHOOK_SCREENSHOTS=1 to (re)write the README's screenshots."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from django.contrib.auth.models import User
+from django.test import Client
+
+from tasks.models import Application, Task
+from tests.conftest import BASE_DIR, wait_for, wait_for_status
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+SHOTS = BASE_DIR / "docs" / "screenshots"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    # Playwright's sync API runs an event loop in this thread; the ORM calls in these tests
+    # are plain synchronous test code, so Django's async-safety guard does not apply.
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # No skip: in CI a browser that cannot start is a failure (make test installs Chromium).
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )  # fmt: skip
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, live_server, live_worker):
+    User.objects.create_superuser("ops", "ops@example.com", "ops-password-123")
+    context = browser.new_context(viewport={"width": 1400, "height": 900}, base_url=live_server.url)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto("/")
+    page.fill("#id_username", "ops")
+    page.fill("#id_password", "ops-password-123")
+    page.click("button[type=submit]")
+    page.wait_for_selector("h1:has-text('Overview')")
+    yield page
+    context.close()
+    assert not errors, errors
+
+
+def screenshot(page, name: str) -> None:
+    if os.environ.get("TASKHOOK_SCREENSHOTS"):
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def submit(app, inputs: dict, callback_url: str = "") -> str:
+    body = {"inputs": inputs, "response_mode": "async"}
+    if callback_url:
+        body["callback_url"] = callback_url
+    response = Client().post(
+        f"/api/applications/{app.application.id}/generate",
+        data=json.dumps(body),
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {app.api_key}",
+    )
+    assert response.status_code == 200
+    return response.json()["task_id"]
+
+
+def test_login_and_queue_depth_moves_live(page, make_app):
+    app = make_app("sleep")
+    cell = page.locator("tr[data-queue='tasks'] [data-queued]")
+    assert cell.inner_text() == "0"
+    page.evaluate("window.__noReload = true")
+    for _ in range(6):
+        submit(app, {"seconds": 1.2})
+    # The overview refreshes itself (HTMX polling): the backlog shows up, then drains.
+    page.wait_for_function(
+        "Number(document.querySelector(\"tr[data-queue='tasks'] [data-queued]\").innerText) > 0",
+        timeout=8000,
+    )
+    screenshot(page, "overview")
+    page.wait_for_function(
+        "Number(document.querySelector(\"tr[data-queue='tasks'] [data-queued]\").innerText) == 0"
+        " && Number(document.querySelector(\"[data-status-count='succeeded']\").innerText) >= 6",
+        timeout=30000,
+    )
+    assert page.evaluate("window.__noReload") is True
+
+
+def test_failing_task_shows_its_traceback(page, make_app):
+    app = make_app("fail")
+    task_id = submit(app, {"message": "model overloaded <script>alert(1)</script>"})
+    wait_for_status(task_id, ("failed",))
+    page.goto("/tasks/")
+    page.click(f"a[href='/tasks/{task_id}/']")
+    trace = page.locator("#task-traceback")
+    assert "Traceback (most recent call last)" in trace.inner_text()
+    assert "RunnerError: model overloaded <script>alert(1)</script>" in trace.inner_text()
+    assert page.locator("#task-error script").count() == 0  # text, not markup
+    screenshot(page, "task-detail")
+    page.goto("/tasks/?status=failed")
+    screenshot(page, "tasks")
+
+
+def test_failed_callback_is_redelivered_without_reload(page, make_app, receiver):
+    app = make_app("echo", retry_schedule=[])
+    receiver.default = (500, {}, b"receiver down", 0.0)
+    task_id = submit(app, {"q": 1}, callback_url=receiver.url)
+    wait_for(lambda: Task.objects.get(pk=task_id).callback_status == "failed")
+    page.goto(f"/tasks/{task_id}/")
+    assert page.locator("#attempts tbody tr").count() == 1
+    page.evaluate("window.__noReload = true")
+    receiver.default = (200, {}, b"thanks", 0.0)
+    page.click("button:has-text('Redeliver callback')")
+    page.wait_for_selector("#attempts tbody tr:has-text('manual')", timeout=15000)
+    page.wait_for_selector("#callback-status:has-text('delivered')", timeout=15000)
+    assert page.evaluate("window.__noReload") is True
+    assert page.locator("#attempts tbody tr").count() == 2
+    assert receiver.received[-1].headers["X-Taskhook-Attempt"] == "2"
+
+
+def test_retention_is_edited_and_saved(page, make_app):
+    app = make_app("echo")
+    page.goto(f"/applications/{app.application.id}/")
+    page.select_option("#id_retention_preset", "72")
+    page.click("button:has-text('Save settings')")
+    page.wait_for_selector("#saved")
+    assert Application.objects.get(pk=app.application.id).retention_hours == 72
+    page.select_option("#id_retention_preset", "custom")
+    page.fill("#id_retention_custom_hours", "")  # custom without hours: refused by the server
+    page.click("button:has-text('Save settings')")
+    page.wait_for_selector(".field-error")
+    assert Application.objects.get(pk=app.application.id).retention_hours == 72
+    page.fill("#id_retention_custom_hours", "36")
+    page.click("button:has-text('Save settings')")
+    page.wait_for_selector("#saved")
+    assert Application.objects.get(pk=app.application.id).retention_hours == 36
+    screenshot(page, "application-settings")

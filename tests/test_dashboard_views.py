@@ -1,0 +1,308 @@
+"""Dashboard views: page vs HTMX partial, access (anonymous/viewer/operator), actions + audit."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth.models import Permission, User
+from django.test import Client
+from django.utils import timezone
+
+from tasks.models import AuditEntry, BulkOperation, CallbackAttempt, Task
+from tasks.selectors import TaskFilters, task_page, uuid_prefix_range
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def viewer() -> Client:
+    user = User.objects.create_user("viewer", password="pw-viewer-123", is_staff=True)
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def operator() -> Client:
+    user = User.objects.create_user("operator", password="pw-operator-123", is_staff=True)
+    user.user_permissions.add(Permission.objects.get(codename="operate"))
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app("echo")
+
+
+def make_task(app, **fields) -> Task:
+    return Task.objects.create(application=app.application, inputs={"a": 1}, **fields)
+
+
+def htmx(client: Client, url: str, method: str = "get", **data):
+    return getattr(client, method)(url, data, HTTP_HX_REQUEST="true")
+
+
+PAGES = [
+    ("/", "Overview", 'id="live"'),
+    ("/tasks/", "Tasks", 'id="results"'),
+    ("/callbacks/failed/", "Failed callbacks", 'id="results"'),
+    ("/applications/", "Applications", None),
+    ("/audit/", "Audit log", 'id="entries"'),
+]
+
+
+@pytest.mark.parametrize(("url", "heading", "partial_marker"), PAGES)
+def test_pages_render_full_and_partial(viewer, app, url, heading, partial_marker):
+    make_task(app, status="failed", error="boom", callback_url="http://x.example/h",
+              callback_status="failed", finished_at=timezone.now())  # fmt: skip
+    page = viewer.get(url)
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "<html" in html and heading in html and "htmx-2.0.11.min.js" in html
+    if partial_marker:
+        partial = htmx(viewer, url)
+        body = partial.content.decode()
+        assert partial.status_code == 200
+        assert "<html" not in body and partial_marker in body
+
+
+def test_anonymous_is_sent_to_login(client):
+    for url, _, _ in PAGES:
+        response = client.get(url)
+        assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
+
+
+def test_non_staff_user_is_refused(client):
+    user = User.objects.create_user("customer", password="pw-customer-123")
+    client.force_login(user)
+    assert client.get("/").status_code == 403
+
+
+def test_task_detail_full_and_partial(viewer, app):
+    task = make_task(app, status="running", started_at=timezone.now(), progress=40)
+    page = viewer.get(f"/tasks/{task.id}/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert 'hx-trigger="every 2s' in html and 'value="40"' in html
+    partial = htmx(viewer, f"/tasks/{task.id}/").content.decode()
+    assert partial.lstrip().startswith('<section id="task-live"')
+    # Finished: the live part stops polling.
+    Task.objects.filter(pk=task.id).update(status="succeeded", finished_at=timezone.now())
+    assert "hx-trigger" not in htmx(viewer, f"/tasks/{task.id}/").content.decode()
+    assert viewer.get(f"/tasks/{uuid.uuid4()}/").status_code == 404
+
+
+def test_every_hx_get_link_has_an_href(viewer, app):
+    for _ in range(3):
+        make_task(app, status="failed", finished_at=timezone.now())
+    html = viewer.get("/tasks/?size=25").content.decode()
+    import re
+
+    for anchor in re.findall(r"<a [^>]*hx-get[^>]*>", html):
+        assert "href=" in anchor, anchor
+
+
+def test_xss_output_and_error_render_as_text(viewer, app):
+    payload = "<script>alert('x')</script>"
+    task = make_task(app, status="failed", output={"html": payload}, error=payload,
+                     traceback=f"Traceback\n  {payload}", finished_at=timezone.now())  # fmt: skip
+    for url in (f"/tasks/{task.id}/", "/tasks/"):
+        html = viewer.get(url).content.decode()
+        assert payload not in html
+        assert "&lt;script&gt;alert(" in html
+
+
+# --- actions --------------------------------------------------------------------------------
+
+
+ACTIONS = [
+    ("/tasks/{task}/retry", {}),
+    ("/tasks/{task}/redeliver", {}),
+    ("/tasks/{task}/cancel", {}),
+    ("/tasks/retry", {"task": "{task}"}),
+    ("/callbacks/redeliver", {"task": "{task}"}),
+    ("/applications/{app}/rotate-key", {}),
+    ("/applications/{app}/rotate-secret", {}),
+    ("/applications/{app}/cleanup", {}),
+    ("/alerts/act", {"kind": "stuck_running", "application": "{app}", "action": "fail"}),
+]
+
+
+@pytest.mark.parametrize(("url", "data"), ACTIONS)
+def test_viewer_gets_403_on_every_action(viewer, app, url, data):
+    task = make_task(app, status="failed", finished_at=timezone.now())
+    fill = {"task": task.id, "app": app.application.id}
+    response = viewer.post(url.format(**fill), {k: v.format(**fill) for k, v in data.items()})
+    assert response.status_code == 403
+    assert AuditEntry.objects.count() == 0
+    assert Task.objects.get(pk=task.id).run == 1
+
+
+@pytest.mark.parametrize(("url", "data"), ACTIONS)
+def test_actions_refuse_get(operator, app, url, data):
+    task = make_task(app, status="failed")
+    assert operator.get(url.format(task=task.id, app=app.application.id)).status_code == 405
+
+
+def test_actions_need_csrf(app):
+    user = User.objects.create_superuser("root", "root@example.com", "pw-root-123")
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    task = make_task(app, status="failed")
+    assert client.post(f"/tasks/{task.id}/retry").status_code == 403
+    assert Task.objects.get(pk=task.id).run == 1
+
+
+def test_operator_retry_task_starts_a_new_run_and_is_audited(operator, app):
+    task = make_task(app, status="failed", error="first failure", traceback="tb",
+                     finished_at=timezone.now())  # fmt: skip
+    response = operator.post(f"/tasks/{task.id}/retry")
+    assert response.status_code == 302
+    task.refresh_from_db()
+    assert (task.status, task.run, task.error) == ("pending", 2, "")
+    assert task.past_runs.get().error == "first failure"
+    entry = AuditEntry.objects.get()
+    assert (entry.username, entry.action, entry.target_id) == (
+        "operator",
+        "task.retry",
+        str(task.id),
+    )
+
+
+def test_operator_redeliver_via_htmx_returns_the_live_partial(operator, app):
+    task = make_task(app, status="succeeded", callback_url="http://127.0.0.1:9/h",
+                     callback_status="failed", finished_at=timezone.now())  # fmt: skip
+    response = htmx(operator, f"/tasks/{task.id}/redeliver", "post")
+    body = response.content.decode()
+    assert response.status_code == 200 and '<section id="task-live"' in body
+    assert "Redelivery queued." in body and "hx-trigger" in body  # polls until delivered
+    assert Task.objects.get(pk=task.id).callback_status == "pending"
+    assert AuditEntry.objects.get().action == "task.redeliver"
+
+
+def test_retry_selected_and_all_matching(operator, app):
+    failed = [make_task(app, status="failed", finished_at=timezone.now()) for _ in range(3)]
+    ok = make_task(app, status="succeeded", finished_at=timezone.now())
+    response = operator.post("/tasks/retry", {"scope": "selected",
+                                              "task": [failed[0].id, ok.id]})  # fmt: skip
+    assert response.status_code == 302
+    assert Task.objects.get(pk=failed[0].id).run == 2
+    assert Task.objects.get(pk=ok.id).run == 1  # only failed/cancelled tasks are retried
+    operator.post("/tasks/retry", {"scope": "matching", "application": app.application.id})
+    operation = BulkOperation.objects.get()
+    assert operation.kind == "retry" and operation.filters["status"] == "failed"
+    assert AuditEntry.objects.filter(action="tasks.retry_matching").exists()
+
+
+def test_bulk_operation_runs_in_batches(app):
+    from tasks import bulk
+
+    tasks = [make_task(app, status="failed", finished_at=timezone.now()) for _ in range(450)]
+    operation = bulk.start(kind="retry", filters=TaskFilters(application=str(app.application.id)),
+                           username="op")  # fmt: skip
+    done = bulk.run(operation_id=operation.id)
+    assert (done.status, done.processed, done.affected) == ("done", 450, 450)
+    assert Task.objects.filter(pk__in=[t.id for t in tasks], run=2, status="pending").count() == 450
+
+
+def test_application_settings_validation_errors_render_inline(operator, app):
+    url = f"/applications/{app.application.id}/"
+    data = {"name": "x", "runner": "nope", "retry_schedule_text": "10,abc",
+            "retention_preset": "custom", "retention_custom_hours": "",
+            "callback_timeout_seconds": 10,
+            "job_timeout_seconds": 600, "task_retries": 0, "queue_threshold_seconds": 300,
+            "run_threshold_seconds": 1800, "rate_limit_per_second": 20, "rate_limit_burst": 40,
+            "runner_config": "{}"}  # fmt: skip
+    response = htmx(operator, url, "post", **data)
+    body = response.content.decode()
+    assert response.status_code == 200 and "<html" not in body
+    assert body.count("field-error") == 3  # runner, schedule, custom hours
+    app.application.refresh_from_db()
+    assert app.application.runner == "echo"
+    data.update(runner="sleep", retry_schedule_text="5,50", retention_preset="72")
+    body = htmx(operator, url, "post", **data).content.decode()
+    assert 'id="saved"' in body
+    app.application.refresh_from_db()
+    assert (app.application.runner, app.application.retry_schedule,
+            app.application.retention_hours) == ("sleep", [5, 50], 72)  # fmt: skip
+    assert AuditEntry.objects.get().action == "application.update"
+
+
+def test_rotation_shows_the_new_value_once(operator, app):
+    response = htmx(operator, f"/applications/{app.application.id}/rotate-secret", "post")
+    body = response.content.decode()
+    app.application.refresh_from_db()
+    assert app.application.webhook_secret in body
+    page = operator.get(f"/applications/{app.application.id}/").content.decode()
+    assert app.application.webhook_secret not in page and app.api_key not in page
+    response = htmx(operator, f"/applications/{app.application.id}/rotate-key", "post")
+    assert "thk_" in response.content.decode()
+
+
+def test_create_application_from_the_dashboard(operator):
+    data = {"name": "summariser", "runner": "echo", "retry_schedule_text": "10,60",
+            "retention_preset": "168", "callback_timeout_seconds": 5, "job_timeout_seconds": 60,
+            "task_retries": 1, "queue_threshold_seconds": 60, "run_threshold_seconds": 120,
+            "rate_limit_per_second": 5, "rate_limit_burst": 10, "runner_config": "{}"}  # fmt: skip
+    body = htmx(operator, "/applications/", "post", **data).content.decode()
+    assert 'id="created-secrets"' in body and "whsec_" in body and "thk_" in body
+    from tasks.models import Application
+
+    created = Application.objects.get(name="summariser")
+    assert (created.retention_hours, created.task_retries, created.job_timeout_seconds) == (
+        168, 1, 60)  # fmt: skip
+
+
+# --- selectors ------------------------------------------------------------------------------
+
+
+def test_keyset_pagination_walks_every_row_once(app):
+    now = timezone.now()
+    created = [make_task(app, created_at=now - timedelta(seconds=i // 3)) for i in range(70)]
+    seen, cursor = [], ""
+    while True:
+        page = task_page(filters=TaskFilters(), cursor=cursor, size=25)
+        seen += [row.id for row in page.rows]
+        if not page.next_cursor:
+            break
+        cursor = page.next_cursor
+    assert len(seen) == 70 and set(seen) == {t.id for t in created}
+
+
+def test_search_by_id_prefix_and_user(app):
+    task = make_task(app, user="customer_007")
+    make_task(app, user="someone")
+    prefix = str(task.id)[:8]
+    assert [t.id for t in task_page(filters=TaskFilters(q=prefix)).rows] == [task.id]
+    assert [t.id for t in task_page(filters=TaskFilters(q=str(task.id))).rows] == [task.id]
+    assert [t.id for t in task_page(filters=TaskFilters(q="customer_007")).rows] == [task.id]
+    assert uuid_prefix_range("zz") is None
+
+
+def test_filters_combine(app, make_app):
+    other = make_app("echo")
+    target = make_task(app, status="failed", callback_status="failed")
+    make_task(app, status="failed", callback_status="delivered")
+    make_task(other, status="failed", callback_status="failed")
+    rows = task_page(filters=TaskFilters(application=str(app.application.id), status="failed",
+                                         callback_status="failed")).rows  # fmt: skip
+    assert [r.id for r in rows] == [target.id]
+
+
+def test_overview_counts_and_alerts(viewer, app):
+    from tasks import selectors
+
+    Task.objects.create(application=app.application, inputs={}, status="pending",
+                        created_at=timezone.now() - timedelta(minutes=30))  # fmt: skip
+    found = {alert.kind for alert in selectors.alerts()}
+    assert "stuck_pending" in found  # default queue threshold is 300 s
+    task = make_task(app, status="succeeded", finished_at=timezone.now())
+    CallbackAttempt.objects.create(task=task, run=1, number=1, trigger="auto",
+                                   started_at=timezone.now(), url="http://x", status_code=200,
+                                   delivered=True)  # fmt: skip
+    data = selectors.overview()
+    assert data.status_counts["succeeded"] == 1 and data.callback_success_rate == 100.0
