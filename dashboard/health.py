@@ -1,13 +1,18 @@
-"""Liveness and readiness probes (DESIGN.md §8)."""
+"""Operations endpoints: liveness, readiness and Prometheus metrics (DESIGN.md §8)."""
 
 from __future__ import annotations
 
+import hmac
+
 import redis
+from django.conf import settings
 from django.db import DatabaseError, connection
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from tasks.metrics import TaskhookCollector
 from tasks.queueing import redis_client
 
 
@@ -35,3 +40,23 @@ def readyz(request: HttpRequest) -> JsonResponse:
     failing = [name for name, result in checks.items() if result != "ok"]
     body = {"status": "ok" if not failing else "unavailable", "checks": checks, "failing": failing}
     return JsonResponse(body, status=503 if failing else 200)
+
+
+_registry = CollectorRegistry(auto_describe=False)
+_registry.register(TaskhookCollector())
+
+
+@never_cache
+@require_GET
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus text format; behind `Authorization: Bearer $METRICS_TOKEN` when that is set."""
+    token = settings.METRICS_TOKEN
+    if token:
+        supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(supplied.encode(), token.encode()):
+            return JsonResponse(
+                {"error": {"code": "unauthorized", "message": "Bearer token required.",
+                           "field": None}},
+                status=401,
+            )  # fmt: skip
+    return HttpResponse(generate_latest(_registry), content_type=CONTENT_TYPE_LATEST)

@@ -27,6 +27,7 @@ from django.utils import timezone
 from rq.exceptions import DuplicateJobError
 
 from . import credentials, retry_policy, signing, ssrf
+from .metrics import record_callback_attempt
 from .models import AttemptTrigger, CallbackAttempt, CallbackStatus, Task, TaskStatus
 from .presenters import iso
 from .queueing import queue
@@ -273,6 +274,7 @@ def deliver(
         duration_ms=outcome.duration_ms,
         delivered=outcome.delivered,
     )
+    record_callback_attempt(application_id=task.application_id, delivered=outcome.delivered)
     log_extra = {"task_id": str(task.id), "app_id": str(task.application_id), "attempt": number}
     this_run = Task.objects.filter(pk=task.id, run=run)
     if outcome.delivered:

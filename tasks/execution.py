@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import traceback
 import uuid
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 from rq.timeouts import JobTimeoutException
 
 from . import state
+from .metrics import observe_task_duration
 from .models import Task, TaskLog
 from .queueing import publish_finished
 from .runners import RunnerError, TaskCancelled, resolve_runner
@@ -54,6 +56,7 @@ def execute_task(*, task_id: str, run: int, worker_name: str = "") -> str:
     logger.info("task started", extra=log_extra)
 
     application = task.application
+    started = time.monotonic()
     ctx = TaskContext(task_id=task.id, run=run, config=dict(application.runner_config or {}))
     try:
         runner = resolve_runner(application.runner)
@@ -63,25 +66,23 @@ def execute_task(*, task_id: str, run: int, worker_name: str = "") -> str:
         logger.info("task stopped: cancelled", extra=log_extra)
         return "cancelled"
     except JobTimeoutException:
-        seconds = application.job_timeout_seconds
-        return _finish_failed(task.id, run, f"timed out after {seconds} s", traceback.format_exc())
+        error = f"timed out after {application.job_timeout_seconds} s"
+        won = state.fail(task_id=task.id, run=run, error=error, traceback=traceback.format_exc())
+        outcome = "failed"
     except Exception as exc:
-        message = str(exc) if isinstance(exc, RunnerError) else f"{type(exc).__name__}: {exc}"
-        return _finish_failed(task.id, run, message, traceback.format_exc())
-
-    if state.succeed(task_id=task.id, run=run, output=output):
-        logger.info("task succeeded", extra=log_extra)
-        on_task_finished(task.id)
-        return "succeeded"
-    return "discarded"  # cancelled (or re-run) while the runner worked: its result is dropped
-
-
-def _finish_failed(task_id: uuid.UUID, run: int, error: str, tb: str) -> str:
-    if state.fail(task_id=task_id, run=run, error=error[:5000], traceback=tb):
-        logger.info("task failed: %s", error[:200], extra={"task_id": str(task_id), "run": run})
-        on_task_finished(task_id)
-        return "failed"
-    return "discarded"
+        error = str(exc) if isinstance(exc, RunnerError) else f"{type(exc).__name__}: {exc}"
+        won = state.fail(task_id=task.id, run=run, error=error[:5000],
+                         traceback=traceback.format_exc())  # fmt: skip
+        outcome = "failed"
+    else:
+        won = state.succeed(task_id=task.id, run=run, output=output)
+        outcome = "succeeded"
+    if not won:
+        return "discarded"  # cancelled (or re-run) while the runner worked: its end is dropped
+    logger.info("task %s", outcome, extra=log_extra)
+    observe_task_duration(application_id=application.id, seconds=time.monotonic() - started)
+    on_task_finished(task.id)
+    return outcome
 
 
 def on_task_finished(task_id: uuid.UUID | str) -> None:

@@ -24,6 +24,7 @@ from rq.worker import BaseWorker
 
 from . import callbacks, state
 from .execution import on_task_finished
+from .metrics import RECONCILER_KEY
 from .models import CallbackAttempt, CallbackStatus, Task, TaskStatus
 from .queueing import redis_client
 from .submission import enqueue_pending_task
@@ -58,9 +59,6 @@ class ReconcileReport:
         )
 
 
-COUNTER_KEY = "taskhook:reconciler:corrections"
-
-
 def reconcile() -> ReconcileReport:
     """One pass; returns what it corrected (skipped=True if another pass holds the lock)."""
     client = redis_client()
@@ -76,7 +74,7 @@ def reconcile() -> ReconcileReport:
             for kind in ("requeued", "lost", "rerun", "callbacks_rescheduled"):
                 count = len(getattr(report, kind))
                 if count:
-                    client.hincrby(COUNTER_KEY, kind, count)
+                    client.hincrby(RECONCILER_KEY, kind, count)
         return report
     finally:
         with contextlib.suppress(redis.exceptions.LockError):

@@ -23,6 +23,7 @@ from django.db import transaction
 from django.db.models import Min, QuerySet
 from django.utils import timezone
 
+from .metrics import record_cleanup
 from .models import (
     FINISHED_STATUSES,
     Application,
@@ -143,6 +144,8 @@ def run_cleanup(
         if lock is not None:
             with contextlib.suppress(redis.exceptions.LockError):
                 lock.release()
+    if not dry_run:
+        record_cleanup(run.total_removed)
     logger.info("cleanup (%s) removed %s task(s)", trigger, run.total_removed)
     return run
 

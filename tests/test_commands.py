@@ -92,11 +92,17 @@ def free_port() -> int:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_make_run_stack_serves_a_task_and_stops_cleanly(make_app):
+def test_make_run_stack_serves_a_task_and_stops_cleanly(make_app, tmp_path):
     """What `make run` starts: gunicorn, workers, scheduler, cron and an embedded Redis."""
     app = make_app("echo")
     port = free_port()
-    env = subprocess_env(REDIS_URL="", PORT=str(port), TASK_WORKERS="1", CALLBACK_WORKERS="1")
+    env = subprocess_env(
+        REDIS_URL="",  # as on a fresh clone: the stack starts its own embedded Redis
+        EMBEDDED_REDIS_SOCKET=str(tmp_path / "redis.sock"),
+        PORT=str(port),
+        TASK_WORKERS="1",
+        CALLBACK_WORKERS="1",
+    )
     stack = subprocess.Popen(
         [sys.executable, str(BASE_DIR / "manage.py"), "runstack", "--port", str(port)],
         cwd=BASE_DIR,

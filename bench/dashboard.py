@@ -1,0 +1,124 @@
+"""Dashboard latency at scale, under gunicorn (a benchmark, not a test).
+
+    DATABASE_URL=postgres://…/taskhook_bench python manage.py seed_tasks 1000000
+    DATABASE_URL=postgres://…/taskhook_bench python bench/dashboard.py
+
+Logs in as a staff user and times each page 40 times after a warm-up; prints median and p95 in
+ms per page. Run it against a database seeded with `seed_tasks`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import django
+import requests
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(BASE_DIR))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dashboard.settings")
+os.environ.setdefault("DEBUG", "true")
+django.setup()
+
+from django.contrib.auth.models import User  # noqa: E402
+
+from tasks.models import Application, Task  # noqa: E402
+
+RUNS = int(os.environ.get("BENCH_RUNS", 40))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def login(base: str) -> requests.Session:
+    if not User.objects.filter(username="bench-admin").exists():
+        User.objects.create_superuser("bench-admin", "bench@example.com", "bench-password-123")
+    session = requests.Session()
+    page = session.get(f"{base}/accounts/login/")
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
+    session.post(
+        f"{base}/accounts/login/",
+        data={"username": "bench-admin", "password": "bench-password-123",
+              "csrfmiddlewaretoken": token},
+        headers={"Referer": f"{base}/accounts/login/"},
+    )  # fmt: skip
+    return session
+
+
+def timed(session: requests.Session, url: str, headers: dict | None = None) -> list[float]:
+    for _ in range(3):
+        session.get(url, headers=headers).raise_for_status()
+    samples = []
+    for _ in range(RUNS):
+        started = time.perf_counter()
+        response = session.get(url, headers=headers)
+        samples.append((time.perf_counter() - started) * 1000)
+        response.raise_for_status()
+    return samples
+
+
+def main() -> None:
+    total = Task.objects.count()
+    app = Application.objects.order_by("name").first()
+    task = Task.objects.filter(status="failed").order_by("-created_at").first()
+    port = free_port()
+    env = dict(os.environ, GUNICORN_BIND=f"127.0.0.1:{port}", WEB_CONCURRENCY="2")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "dashboard.wsgi", "-c",
+         str(BASE_DIR / "dashboard" / "gunicorn.conf.py")],
+        cwd=BASE_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                requests.get(f"{base}/healthz", timeout=1)
+                break
+            except requests.RequestException:
+                time.sleep(0.1)
+        session = login(base)
+        pages = {
+            "Overview (page)": ("/", None),
+            "Overview (HTMX poll)": ("/", {"HX-Request": "true"}),
+            "Tasks, 100 rows": ("/tasks/?size=100", None),
+            "Tasks, 100 rows, app+status filter": (
+                f"/tasks/?size=100&application={app.pk}&status=failed", None),
+            "Tasks, 100 rows, page 2 (keyset)": (None, None),
+            "Tasks, search by id prefix": (f"/tasks/?q={str(task.id)[:8]}", None),
+            "Tasks, search by user": ("/tasks/?q=customer_00042", None),
+            "Failed callbacks, 100 rows": ("/callbacks/failed/?size=100", None),
+            "Task detail": (f"/tasks/{task.id}/", None),
+            "Application detail": (f"/applications/{app.pk}/", None),
+        }  # fmt: skip
+        first = session.get(f"{base}/tasks/?size=100&application={app.pk}&status=failed").text
+        next_cursor = re.search(r"cursor=([A-Za-z0-9_=-]+)", first)
+        if next_cursor:
+            pages["Tasks, 100 rows, page 2 (keyset)"] = (
+                f"/tasks/?size=100&application={app.pk}&status=failed&cursor={next_cursor.group(1)}",
+                None,
+            )
+        print(f"{total} tasks in the database ({os.environ.get('DATABASE_URL', 'sqlite')})")
+        print("| page | median ms | p95 ms |\n| --- | ---: | ---: |")
+        for name, (path, headers) in pages.items():
+            if not path:
+                continue
+            samples = sorted(timed(session, base + path, headers))
+            p95 = samples[int(len(samples) * 0.95) - 1]
+            print(f"| {name} | {statistics.median(samples):.1f} | {p95:.1f} |")
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+if __name__ == "__main__":
+    main()
