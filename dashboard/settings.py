@@ -114,6 +114,8 @@ CLEANUP_INTERVAL = env.int("CLEANUP_INTERVAL", default=600)
 RECONCILE_INTERVAL = env.int("RECONCILE_INTERVAL", default=30)
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 QUEUE_BACKLOG_THRESHOLD = env.int("QUEUE_BACKLOG_THRESHOLD", default=1000)
+# A Taskhook worker refreshes its liveness key every TTL/3 s; a killed one is lost after TTL s.
+WORKER_ALIVE_TTL = env.int("WORKER_ALIVE_TTL", default=30)
 
 # --- Auth, static, i18n -------------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [

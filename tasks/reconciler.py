@@ -28,14 +28,15 @@ from .metrics import RECONCILER_KEY
 from .models import CallbackAttempt, CallbackStatus, Task, TaskStatus
 from .queueing import redis_client
 from .submission import enqueue_pending_task
+from .worker import KNOWN_WORKERS_KEY, alive_key
 
 logger = logging.getLogger(__name__)
 
 BATCH = 500
 # How long a fresh task may legitimately be pending without a job (between commit and enqueue).
 PENDING_GRACE = timedelta(seconds=10)
-# How long a running task's worker may be missing before we call it lost (covers registration).
-WORKER_GRACE = timedelta(seconds=30)
+# A task must have run this long before it can be called lost (covers worker registration).
+WORKER_GRACE = timedelta(seconds=5)
 # Extra slack past a job's timeout before the reconciler steps in (RQ's own timeout fires first).
 TIMEOUT_GRACE = timedelta(seconds=60)
 CALLBACK_GRACE = timedelta(seconds=60)
@@ -100,8 +101,21 @@ def _requeue_orphaned_pending(client: redis.Redis, report: ReconcileReport) -> N
             report.requeued.append(str(task.id))
 
 
-def _live_workers(client: redis.Redis) -> set[str]:
-    return {worker.name for worker in BaseWorker.all(connection=client)}
+def _lost_reason(client: redis.Redis, task: Task, registered: set[str]) -> str | None:
+    """Why a running task's run can no longer finish, or None while it still can."""
+    name = task.worker_name
+    if client.sismember(KNOWN_WORKERS_KEY, name):
+        # A Taskhook worker: its liveness key outlives it by at most WORKER_ALIVE_TTL seconds.
+        if not client.exists(alive_key(name)):
+            return f"worker lost: {name} stopped while running this task"
+    elif name and name not in registered:
+        return f"worker lost: {name} is no longer registered"
+    status = client.hget(Job.key_for(task.rq_job_id), "status")
+    if status is None and not name:
+        return "worker lost: the task's job is gone from Redis"
+    if status in (b"failed", b"stopped", b"canceled"):
+        return f"worker lost: its job ended as {status.decode()} without a result"
+    return None
 
 
 def _recover_lost_running(client: redis.Redis, report: ReconcileReport) -> None:
@@ -113,18 +127,15 @@ def _recover_lost_running(client: redis.Redis, report: ReconcileReport) -> None:
     )
     if not running:
         return
-    live = _live_workers(client)
+    registered = {worker.name for worker in BaseWorker.all(connection=client)}
     for task in running:
         timeout = timedelta(seconds=task.application.job_timeout_seconds)
         if task.started_at + timeout + TIMEOUT_GRACE < now:
             reason = f"timed out after {task.application.job_timeout_seconds} s (worker lost)"
-        elif task.worker_name and task.worker_name not in live:
-            reason = f"worker lost: {task.worker_name} stopped while running this task"
-        elif not task.worker_name and not _job_exists(client, task.rq_job_id):
-            reason = "worker lost: the task's job is gone from Redis"
         else:
-            continue
-        _move_on(task, reason, report)
+            reason = _lost_reason(client, task, registered)
+        if reason:
+            _move_on(task, reason, report)
 
 
 def _move_on(task: Task, reason: str, report: ReconcileReport) -> None:

@@ -10,6 +10,7 @@ import base64
 import re
 import statistics
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -268,44 +269,61 @@ def overview(now: datetime | None = None) -> Overview:
 class Alert:
     kind: str  # stuck_pending | stuck_running | backlog | no_worker | redis_down
     message: str
-    count: int = 0
+    count: int = 0  # capped at ALERT_COUNT_CAP: the page says "100+"
     application: Application | None = None
     filters: dict[str, str] = field(default_factory=dict)
+
+
+ALERT_COUNT_CAP = 100
+
+
+def _at_least(count: int) -> str:
+    return f"{count}+" if count >= ALERT_COUNT_CAP else str(count)
+
+
+def _stuck_counts(apps: list[Application], *, status: str, now: datetime) -> dict[str, int]:
+    """Per application, how many tasks are stuck in `status` (capped): one indexed query for
+    all applications, each with its own threshold."""
+    if not apps:
+        return {}
+    condition = Q()
+    for app in apps:
+        if status == TaskStatus.PENDING:
+            cutoff = now - timedelta(seconds=app.queue_threshold_seconds)
+            condition |= Q(application_id=app.pk, created_at__lt=cutoff)
+        else:
+            cutoff = now - timedelta(seconds=app.run_threshold_seconds)
+            condition |= Q(application_id=app.pk, started_at__lt=cutoff)
+    rows = (
+        Task.objects.filter(condition, status=status)
+        .order_by()
+        .values_list("application_id", flat=True)[: ALERT_COUNT_CAP * len(apps)]
+    )
+    return dict(Counter(str(app_id) for app_id in rows))
 
 
 def alerts(overview_data: Overview | None = None, now: datetime | None = None) -> list[Alert]:
     now = now or timezone.now()
     found: list[Alert] = []
-    for app in Application.objects.only(
-        "id", "name", "queue_threshold_seconds", "run_threshold_seconds"
-    ):
-        pending = bounded_count(
-            Task.objects.filter(
-                application=app,
-                status=TaskStatus.PENDING,
-                created_at__lt=now - timedelta(seconds=app.queue_threshold_seconds),
-            ),
-            cap=1000,
-        )
+    apps = list(
+        Application.objects.only("id", "name", "queue_threshold_seconds", "run_threshold_seconds")
+    )
+    pending_counts = _stuck_counts(apps, status=TaskStatus.PENDING, now=now)
+    running_counts = _stuck_counts(apps, status=TaskStatus.RUNNING, now=now)
+    for app in apps:
+        pending = min(ALERT_COUNT_CAP, pending_counts.get(str(app.pk), 0))
         if pending:
             found.append(
                 Alert("stuck_pending",
-                      f"{pending} task(s) of {app.name} pending for over "
+                      f"{_at_least(pending)} task(s) of {app.name} pending for over "
                       f"{app.queue_threshold_seconds} s", pending, app,
                       {"application": str(app.id), "status": "pending"})
             )  # fmt: skip
-        running = bounded_count(
-            Task.objects.filter(
-                application=app,
-                status=TaskStatus.RUNNING,
-                started_at__lt=now - timedelta(seconds=app.run_threshold_seconds),
-            ),
-            cap=1000,
-        )
+        running = min(ALERT_COUNT_CAP, running_counts.get(str(app.pk), 0))
         if running:
             found.append(
                 Alert("stuck_running",
-                      f"{running} task(s) of {app.name} running for over "
+                      f"{_at_least(running)} task(s) of {app.name} running for over "
                       f"{app.run_threshold_seconds} s", running, app,
                       {"application": str(app.id), "status": "running"})
             )  # fmt: skip

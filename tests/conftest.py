@@ -65,7 +65,7 @@ class WorkerProcess:
         *,
         name: str,
         env: dict[str, str] | None = None,
-        worker_class: str = "rq.worker.SimpleWorker",
+        worker_class: str = "tasks.worker.TaskhookWorker",
     ) -> None:
         self.log_path = BASE_DIR / "var" / f"test-{name}-{os.getpid()}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -86,7 +86,7 @@ class Command(BaseCommand):
                  "-c", str(Path(settings.BASE_DIR) / "dashboard" / "gunicorn.conf.py")],
                 web_env,
             )  # fmt: skip
-        worker_class = env.get("RQ_WORKER_CLASS", "rq.worker.SimpleWorker")
+        worker_class = env.get("RQ_WORKER_CLASS", "tasks.worker.TaskhookWorker")
         for index in range(max(1, options["task_workers"])):
             self._spawn(
                 f"task-worker-{index + 1}",
@@ -98,7 +98,7 @@ class Command(BaseCommand):
             self._spawn(
                 f"callback-worker-{index + 1}",
                 [*manage, "rqworker", settings.CALLBACK_QUEUE, settings.MAINTENANCE_QUEUE,
-                 "--worker-class", "rq.worker.SimpleWorker", "--with-scheduler"],
+                 "--worker-class", "tasks.worker.TaskhookWorker", "--with-scheduler"],
                 env,
             )  # fmt: skip
         self._spawn("cron", [*manage, "rqcron", "tasks.cron"], env)

@@ -1,0 +1,66 @@
+"""RQ worker classes with a liveness key, so a killed worker is noticed within seconds.
+
+RQ alone notices a `kill -9`'d worker late: a SimpleWorker sends no heartbeat while a job runs
+(its key lives job timeout + 60 s), and the abandoned-job sweep runs every 10 minutes. These
+workers run a small thread that refreshes `taskhook:alive:<name>` every HEARTBEAT_SECONDS with a
+TTL of WORKER_ALIVE_TTL seconds (default 30), whatever the job is doing. The reconciler treats a
+running task whose worker is a Taskhook worker without a live key as lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+from django.conf import settings
+from rq.worker import SimpleWorker, Worker
+
+logger = logging.getLogger(__name__)
+
+ALIVE_KEY = "taskhook:alive:{name}"
+KNOWN_WORKERS_KEY = "taskhook:heartbeat-workers"
+
+
+def alive_key(name: str) -> str:
+    return ALIVE_KEY.format(name=name)
+
+
+class LivenessMixin:
+    def work(self, *args, **kwargs):
+        ttl = settings.WORKER_ALIVE_TTL
+        stop = threading.Event()
+        connection = self.connection
+
+        def beat() -> None:
+            while not stop.is_set():
+                try:
+                    connection.set(alive_key(self.name), "1", ex=ttl)
+                except redis.RedisError:
+                    logger.warning("liveness heartbeat failed; Redis unreachable")
+                stop.wait(max(1.0, ttl / 3))
+
+        try:
+            connection.sadd(KNOWN_WORKERS_KEY, self.name)
+        except redis.RedisError:
+            pass
+        thread = threading.Thread(target=beat, name="taskhook-liveness", daemon=True)
+        thread.start()
+        try:
+            return super().work(*args, **kwargs)
+        finally:
+            stop.set()
+            thread.join(timeout=2)
+            try:
+                connection.delete(alive_key(self.name))
+                connection.srem(KNOWN_WORKERS_KEY, self.name)
+            except redis.RedisError:
+                pass
+
+
+class TaskhookWorker(LivenessMixin, SimpleWorker):
+    """No fork per job (fast); the default for task and callback queues."""
+
+
+class TaskhookForkingWorker(LivenessMixin, Worker):
+    """A fork per job: a crashing or leaking runner cannot take the worker down with it."""

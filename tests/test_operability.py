@@ -1,0 +1,128 @@
+"""Operability: /metrics after real work, /healthz and /readyz against a real Redis that stops,
+and log lines that carry task context but never a secret."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+
+import pytest
+from django.test import Client
+from prometheus_client.parser import text_string_to_metric_families
+
+from dashboard.embedded_redis import EmbeddedRedis
+from dashboard.logging import JsonFormatter, TextFormatter, redact
+from tasks.queueing import redis_client
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def scrape(client: Client, **headers) -> dict[tuple[str, tuple], float]:
+    response = client.get("/metrics", **headers)
+    assert response.status_code == 200, response.content
+    assert response["Content-Type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.content.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def submit(app, body: dict) -> str:
+    response = Client().post(
+        f"/api/applications/{app.application.id}/generate",
+        data=json.dumps(body),
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {app.api_key}",
+    )
+    assert response.status_code == 200
+    return response.json()["task_id"]
+
+
+def test_metrics_after_real_work(make_app, live_worker, receiver):
+    for key in redis_client().scan_iter("taskhook:metrics:*"):
+        redis_client().delete(key)
+    app = make_app("echo")
+    failing = make_app("fail")
+    ids = [submit(app, {"inputs": {"i": i}, "response_mode": "async",
+                        "callback_url": receiver.url}) for i in range(3)]  # fmt: skip
+    submit(failing, {"inputs": {}, "response_mode": "async"})
+    from tasks.models import Task
+
+    wait_for(lambda: Task.objects.filter(pk__in=ids, callback_status="delivered").count() == 3)
+    wait_for(lambda: Task.objects.filter(application=failing.application, status="failed").exists())
+    samples = scrape(Client())
+    name = app.application.name
+    assert samples[("taskhook_tasks_total", (("app", name), ("status", "succeeded")))] == 3
+    assert samples[("taskhook_tasks_total", (("app", failing.application.name),
+                                             ("status", "failed")))] == 1  # fmt: skip
+    assert samples[("taskhook_callback_attempts_total",
+                    (("app", name), ("outcome", "delivered")))] == 3  # fmt: skip
+    assert samples[("taskhook_task_duration_seconds_count", (("app", name),))] == 3
+    assert samples[("taskhook_task_duration_seconds_bucket", (("app", name), ("le", "+Inf")))] == 3
+    assert samples[("taskhook_queue_depth", (("queue", "tasks"),))] == 0
+    assert samples[("taskhook_workers", ())] >= 1
+    assert ("taskhook_cleanup_removed_total", ()) in samples
+
+
+def test_metrics_token(settings):
+    settings.METRICS_TOKEN = "scrape-secret"
+    client = Client()
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer wrong").status_code == 401
+    assert scrape(client, HTTP_AUTHORIZATION="Bearer scrape-secret")
+
+
+def test_readyz_fails_when_redis_stops(settings, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = EmbeddedRedis(tmp_path, port=port, persist=False)
+    settings.REDIS_URL = server.start()
+    redis_client.cache_clear()
+    try:
+        client = Client()
+        assert client.get("/healthz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["failing"] == []
+        server.stop()
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        body = ready.json()
+        assert body["failing"] == ["redis"] and body["checks"]["database"] == "ok"
+        assert body["checks"]["redis"].startswith("error: ")
+        assert client.get("/healthz").status_code == 200  # alive, just not ready
+    finally:
+        server.stop()
+        redis_client.cache_clear()
+
+
+def test_log_lines_carry_context_and_no_secret(make_app, live_worker, receiver, caplog):
+    caplog.set_level(logging.INFO)
+    app = make_app("echo")
+    submit(app, {"inputs": {"q": 1}, "response_mode": "async", "callback_url": receiver.url})
+    wait_for(lambda: receiver.received)
+    worker_log = wait_for(lambda: "callback delivered" in live_worker.output() and
+                          live_worker.output())  # fmt: skip
+    everything = worker_log + "\n".join(r.getMessage() for r in caplog.records)
+    assert app.api_key not in everything
+    assert app.webhook_secret not in everything
+    assert app.webhook_secret.removeprefix("whsec_") not in everything
+    assert re.search(r"callback delivered \[task_id=[0-9a-f-]{36} app_id=[0-9a-f-]{36} attempt=1\]",
+                     worker_log)  # fmt: skip
+
+
+def test_formatters():
+    record = logging.LogRecord("tasks", logging.INFO, __file__, 1, "key thk_abcdefgh12345678xyz "
+                               "secret whsec_QUJD+/==", None, None)  # fmt: skip
+    record.task_id = "t-1"
+    record.attempt = 2
+    line = json.loads(JsonFormatter().format(record))
+    assert line["task_id"] == "t-1" and line["attempt"] == 2 and line["level"] == "INFO"
+    assert "12345678xyz" not in line["message"] and "QUJD" not in line["message"]
+    text = TextFormatter("%(message)s").format(record)
+    assert text.endswith("[task_id=t-1 attempt=2]") and "whsec_QUJD" not in text
+    assert redact("nothing secret") == "nothing secret"
