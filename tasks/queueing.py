@@ -17,6 +17,8 @@ import redis
 from django.conf import settings
 from rq import Queue
 from rq.exceptions import DuplicateJobError
+from rq.job import Job
+from rq.rate_limit import RateLimit
 
 logger = logging.getLogger(__name__)
 
@@ -43,24 +45,44 @@ def task_job_id(task_id: uuid.UUID | str, run: int) -> str:
 
 
 def enqueue_task_run(
-    *, task_id: uuid.UUID | str, run: int, timeout: int, result_ttl: int, at_front: bool = False
+    *,
+    task_id: uuid.UUID | str,
+    run: int,
+    timeout: int,
+    result_ttl: int,
+    application_id: uuid.UUID | str | None = None,
+    max_concurrency: int | None = None,
+    at_front: bool = False,
 ) -> bool:
     """Put one run of a task on the task queue. True if enqueued (or already there).
 
+    With `max_concurrency`, RQ's own concurrency limit (RateLimit, RQ >= 3) keeps at most that
+    many of the application's jobs queued-or-running; the rest wait in RQ's rate-limited set and
+    are promoted as slots free up, so one tenant cannot fill every worker.
+
     Raises redis.RedisError when Redis is unreachable; callers decide whether that is fatal.
     """
+    job_id = task_job_id(task_id, run)
+    rate_limit = None
+    if max_concurrency and application_id:
+        rate_limit = RateLimit(key=f"app-{application_id}", concurrency=max_concurrency)
+        # RQ refuses unique=True for rate-limited jobs: check first. A duplicate that slips
+        # through a race is harmless, the guarded pending -> running transition runs it once.
+        if redis_client().exists(Job.key_for(job_id)):
+            return True
     try:
         queue(settings.TASK_QUEUE).enqueue_call(
             "tasks.jobs.run_task",
             args=(str(task_id), run),
-            job_id=task_job_id(task_id, run),
+            job_id=job_id,
             timeout=timeout,
             result_ttl=result_ttl,
             failure_ttl=result_ttl,
             ttl=None,
             at_front=at_front,
-            unique=True,
+            unique=rate_limit is None,
             description=f"task {task_id} run {run}",
+            rate_limit=rate_limit,
         )
     except DuplicateJobError:
         logger.info("task %s run %s is already enqueued", task_id, run)

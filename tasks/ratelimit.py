@@ -9,7 +9,6 @@ than refusing every submit while the database could still accept it.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 
@@ -52,14 +51,10 @@ class RateLimited(Exception):
         self.retry_after = retry_after
 
 
-@functools.cache
-def _script():
-    return redis_client().register_script(BUCKET_SCRIPT)
-
-
 def take(*, bucket: str, rate: float, burst: int, cost: int = 1) -> tuple[bool, float]:
     """Take `cost` tokens from `bucket`; returns (allowed, seconds to wait if not)."""
-    allowed, wait = _script()(keys=[f"taskhook:ratelimit:{bucket}"], args=[rate, burst, cost])
+    script = redis_client().register_script(BUCKET_SCRIPT)  # cheap: a SHA1, then EVALSHA
+    allowed, wait = script(keys=[f"taskhook:ratelimit:{bucket}"], args=[rate, burst, cost])
     return bool(int(allowed)), float(wait)
 
 

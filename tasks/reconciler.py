@@ -140,7 +140,9 @@ def _recover_lost_running(client: redis.Redis, report: ReconcileReport) -> None:
 
 def _move_on(task: Task, reason: str, report: ReconcileReport) -> None:
     if task.run <= task.application.task_retries:
-        new_run = state.start_new_run(task_id=task.id, expected=(TaskStatus.RUNNING,))
+        new_run = state.start_new_run(
+            task_id=task.id, expected=(TaskStatus.RUNNING,), lost_reason=reason
+        )
         if new_run is not None:
             task.refresh_from_db()
             enqueue_pending_task(task=task)

@@ -125,11 +125,16 @@ def set_progress(*, task_id: uuid.UUID | str, run: int, progress: int) -> bool:
 
 
 def start_new_run(
-    *, task_id: uuid.UUID | str, expected: Iterable[str] = (S.FAILED, S.CANCELLED)
+    *,
+    task_id: uuid.UUID | str,
+    expected: Iterable[str] = (S.FAILED, S.CANCELLED),
+    lost_reason: str = "",
 ) -> int | None:
     """Begin run N+1 of a finished (or lost) task; keep run N's outcome in TaskRunHistory.
 
-    Returns the new run number, or None when the task was not in an expected status.
+    `lost_reason` records why a run that never finished (a lost worker) ended: its history row
+    says failed with that error. Returns the new run number, or None when the task was not in
+    an expected status.
     """
     expected = tuple(expected)
     with transaction.atomic():
@@ -145,9 +150,9 @@ def start_new_run(
         TaskRunHistory.objects.create(
             task_id=task.id,
             run=task.run,
-            status=task.status,
+            status=S.FAILED if lost_reason else task.status,
             output=task.output,
-            error=task.error,
+            error=lost_reason or task.error,
             traceback=task.traceback,
             started_at=task.started_at,
             finished_at=task.finished_at or timezone.now(),

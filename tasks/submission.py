@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import redis
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -166,8 +165,10 @@ def enqueue_pending_task(*, task: Task) -> bool:
             run=task.run,
             timeout=application.job_timeout_seconds,
             result_ttl=application.retention_hours * 3600,
+            application_id=application.id,
+            max_concurrency=application.max_concurrency,
         )
-    except redis.RedisError:
+    except Exception:  # Redis down, or anything else: the accepted task must not be lost
         logger.warning(
             "enqueue failed, task stays pending for the reconciler",
             extra={"task_id": str(task.id), "app_id": str(application.id)},

@@ -67,6 +67,7 @@ class WorkerProcess:
         env: dict[str, str] | None = None,
         worker_class: str = "tasks.worker.TaskhookWorker",
     ) -> None:
+        self.queues = queues
         self.log_path = BASE_DIR / "var" / f"test-{name}-{os.getpid()}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = self.log_path.open("wb")

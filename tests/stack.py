@@ -1,0 +1,113 @@
+"""A whole Taskhook deployment in real processes, for fault-injection tests: a Redis server the
+test controls, gunicorn, RQ workers and the cron process, all on the test database."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from dashboard.embedded_redis import EmbeddedRedis
+from tests.conftest import BASE_DIR, WorkerProcess, subprocess_env, wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Stack:
+    def __init__(self, tmp_path: Path, **env: str) -> None:
+        self.tmp_path = tmp_path
+        self.redis_port = free_port()
+        self.redis: EmbeddedRedis | None = None
+        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.env = subprocess_env(REDIS_URL=self.redis_url, CLEANUP_INTERVAL="3600", **env)
+        self.web: subprocess.Popen | None = None
+        self.web_port = free_port()
+        self.workers: list[WorkerProcess] = []
+        self.cron: subprocess.Popen | None = None
+        self._generation = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    # --- Redis -----------------------------------------------------------------------------
+
+    def start_redis(self) -> None:
+        """A fresh, empty Redis on the stack's port (as after a Redis restart without data)."""
+        self._generation += 1
+        data_dir = self.tmp_path / f"redis-{self._generation}"
+        self.redis = EmbeddedRedis(data_dir, port=self.redis_port, persist=False)
+        self.redis.start()
+
+    def kill_redis(self) -> None:
+        if self.redis and self.redis.process:
+            self.redis.process.kill()
+            self.redis.process.wait()
+            shutil.rmtree(self.redis.data_dir, ignore_errors=True)
+
+    # --- processes ---------------------------------------------------------------------------
+
+    def start_web(self) -> None:
+        log = (self.tmp_path / "web.log").open("ab")
+        self.web = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "dashboard.wsgi", "-c",
+             str(BASE_DIR / "dashboard" / "gunicorn.conf.py")],
+            cwd=BASE_DIR,
+            env=self.env | {"GUNICORN_BIND": f"127.0.0.1:{self.web_port}", "WEB_CONCURRENCY": "2"},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        wait_for(self._web_up, timeout=30, interval=0.1)
+
+    def _web_up(self) -> bool:
+        try:
+            return requests.get(f"{self.base_url}/healthz", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def kill_web(self) -> None:
+        if self.web and self.web.poll() is None:
+            os.killpg(self.web.pid, signal.SIGKILL)
+            self.web.wait()
+
+    def start_worker(self, name: str, queues: tuple[str, ...]) -> WorkerProcess:
+        worker = WorkerProcess(queues, name=f"{name}-{len(self.workers)}", env=self.env)
+        self.workers.append(worker)
+        return worker
+
+    def start_cron(self) -> None:
+        self.cron = subprocess.Popen(
+            [sys.executable, str(BASE_DIR / "manage.py"), "rqcron", "tasks.cron"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def ensure_running(self) -> None:
+        """What a process supervisor does: restart any worker or cron process that exited."""
+        for index, worker in enumerate(self.workers):
+            if worker.process.poll() is not None:
+                self.workers[index] = WorkerProcess(
+                    worker.queues, name=f"restarted-{index}-{time.time_ns()}", env=self.env
+                )
+        if self.cron and self.cron.poll() is not None:
+            self.start_cron()
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop(signal.SIGKILL)
+        if self.cron and self.cron.poll() is None:
+            os.killpg(self.cron.pid, signal.SIGKILL)
+            self.cron.wait()
+        self.kill_web()
+        if self.redis:
+            self.redis.stop()

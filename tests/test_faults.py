@@ -1,0 +1,277 @@
+"""Fault injection (DESIGN.md §6): real processes are killed, Redis is lost, the web process is
+restarted mid-load — and no accepted task is lost, none runs twice, every callback arrives."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+
+from tasks.models import CallbackAttempt, Task, TaskLog
+from tasks.queueing import redis_client
+from tests.conftest import wait_for, wait_for_status
+from tests.stack import Stack
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ALL_QUEUES = ("tasks", "callbacks", "maintenance")
+
+
+def counting_runner(inputs, ctx):
+    """Leaves one log line per execution, so a test can prove nothing ran twice."""
+    ctx.log("executed")
+    if inputs.get("seconds"):
+        time.sleep(float(inputs["seconds"]))
+    return inputs
+
+
+@pytest.fixture
+def stack(tmp_path, settings):
+    stack = Stack(tmp_path, RECONCILE_INTERVAL="2", WORKER_ALIVE_TTL="3")
+    stack.start_redis()
+    settings.REDIS_URL = stack.redis_url
+    redis_client.cache_clear()
+    yield stack
+    stack.close()
+    redis_client.cache_clear()
+
+
+def post(base_url: str, app, body: dict, key: str | None = None, timeout: float = 15):
+    headers = {"Authorization": f"Bearer {app.api_key}", "Content-Type": "application/json"}
+    if key:
+        headers["Idempotency-Key"] = key
+    return requests.post(
+        f"{base_url}/api/applications/{app.application.id}/generate",
+        data=json.dumps(body), headers=headers, timeout=timeout,
+    )  # fmt: skip
+
+
+def submit_in_process(app, body: dict) -> str:
+    from django.test import Client
+
+    response = Client().post(
+        f"/api/applications/{app.application.id}/generate", data=json.dumps(body),
+        content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {app.api_key}",
+    )  # fmt: skip
+    assert response.status_code == 200, response.content
+    return response.json()["task_id"]
+
+
+def kill_worker(worker) -> None:
+    os.killpg(worker.process.pid, signal.SIGKILL)
+    worker.process.wait()
+
+
+def test_killed_worker_task_fails_fast_and_its_callback_is_sent(stack, make_app, receiver):
+    app = make_app("sleep", retry_schedule=[1])
+    doomed = stack.start_worker("doomed", ("tasks",))
+    task_id = submit_in_process(app, {"inputs": {"seconds": 60}, "response_mode": "async",
+                                      "callback_url": receiver.url})  # fmt: skip
+    running = wait_for_status(task_id, ("running",))
+    assert running.worker_name == doomed.name
+    stack.start_worker("survivor", ("callbacks", "maintenance"))
+    stack.start_cron()
+    killed_at = time.monotonic()
+    kill_worker(doomed)
+
+    task = wait_for_status(task_id, ("failed",), timeout=60)
+    detected_after = time.monotonic() - killed_at
+    assert "worker lost" in task.error
+    assert detected_after < 120  # the promised bound; here: TTL 3 s + reconcile every 2 s
+    wait_for(lambda: Task.objects.get(pk=task_id).callback_status == "delivered", timeout=30)
+    assert receiver.received[0].json()["status"] == "failed"
+    assert int(redis_client().hget("taskhook:reconciler:corrections", "lost")) >= 1
+
+
+def test_killed_worker_task_is_rerun_when_the_app_allows(stack, make_app):
+    app = make_app("tests.test_faults.counting_runner", task_retries=1)
+    doomed = stack.start_worker("doomed", ("tasks",))
+    task_id = submit_in_process(app, {"inputs": {"seconds": 5}, "response_mode": "async"})
+    wait_for(lambda: TaskLog.objects.filter(task_id=task_id, message="executed").exists())
+    kill_worker(doomed)
+    stack.start_worker("survivor", ALL_QUEUES)
+    stack.start_cron()
+    task = wait_for(lambda: Task.objects.filter(pk=task_id, run=2, status="succeeded").first(),
+                    timeout=60)  # fmt: skip
+    assert task.past_runs.get().error.startswith("worker lost")
+    assert TaskLog.objects.filter(task_id=task_id, message="executed").count() == 2  # one per run
+
+
+def test_redis_lost_then_back_empty_nothing_lost_nothing_twice(stack, make_app, receiver):
+    app = make_app("tests.test_faults.counting_runner", retry_schedule=[1, 1, 2, 4])
+    stack.start_web()
+    stack.start_worker("w", ALL_QUEUES)
+    stack.start_cron()
+    stack.kill_redis()
+
+    ids = []
+    for i in range(10):
+        response = post(stack.base_url, app, {"inputs": {"i": i}, "response_mode": "async",
+                                              "callback_url": receiver.url})  # fmt: skip
+        assert response.status_code == 200, response.text  # accepted while Redis is down
+        ids.append(response.json()["task_id"])
+    assert Task.objects.filter(pk__in=ids, status="pending").count() == 10
+
+    stack.start_redis()  # a fresh, empty Redis: every job and schedule is gone
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        stack.ensure_running()  # a supervisor restarts whatever died with Redis
+        if Task.objects.filter(pk__in=ids, callback_status="delivered").count() == 10:
+            break
+        time.sleep(0.5)
+    assert Task.objects.filter(pk__in=ids, status="succeeded").count() == 10
+    assert Task.objects.filter(pk__in=ids, callback_status="delivered").count() == 10
+    executions = Counter(
+        str(t) for t in TaskLog.objects.filter(task_id__in=ids, message="executed")
+        .values_list("task_id", flat=True)
+    )  # fmt: skip
+    assert set(executions.values()) == {1}, executions  # nothing ran twice
+    delivered = {r.json()["task_id"] for r in receiver.received}
+    assert delivered == set(ids)
+
+
+def test_receiver_down_then_up_is_delivered_on_a_retry(make_app, live_worker):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app = make_app("echo", retry_schedule=[1, 1, 2, 2])
+    task_id = submit_in_process(
+        app,
+        {"inputs": {}, "response_mode": "async", "callback_url": f"http://127.0.0.1:{port}/hook"},
+    )
+    wait_for(lambda: CallbackAttempt.objects.filter(task_id=task_id).exists())
+    received = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        task = wait_for(
+            lambda: Task.objects.filter(pk=task_id, callback_status="delivered").first()
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    rows = list(CallbackAttempt.objects.filter(task_id=task_id).order_by("number"))
+    assert "ConnectError" in rows[0].error and rows[-1].status_code == 204
+    assert task.callback_attempts == len(rows) >= 2 and len(received) == 1
+
+
+def test_500_concurrent_submissions_with_callbacks(stack, make_app, receiver):
+    app = make_app("echo", rate_limit_per_second=100000, rate_limit_burst=100000)
+    stack.start_web()
+    for name in ("w1", "w2"):
+        stack.start_worker(name, ("tasks", "callbacks"))
+
+    def submit(i: int):
+        body = {"inputs": {"i": i}, "response_mode": "async", "callback_url": receiver.url}
+        return post(stack.base_url, app, body, key=f"order-{i % 500}", timeout=60)
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        # 500 distinct keys, and 100 of them sent twice at the same time.
+        responses = list(pool.map(submit, [*range(500), *range(100)]))
+    assert all(r.status_code == 200 for r in responses), Counter(r.status_code for r in responses)
+    by_key: dict[int, set[str]] = {}
+    for i, response in zip([*range(500), *range(100)], responses, strict=True):
+        by_key.setdefault(i, set()).add(response.json()["task_id"])
+    assert all(len(ids) == 1 for ids in by_key.values())  # same key, same task
+    assert Task.objects.filter(application=app.application).count() == 500
+    wait_for(lambda: Task.objects.filter(application=app.application,
+                                         callback_status="delivered").count() == 500,
+             timeout=120, interval=0.5)  # fmt: skip
+    assert Task.objects.filter(application=app.application, status="succeeded").count() == 500
+    assert len({r.json()["task_id"] for r in receiver.received}) == 500
+
+
+def test_web_restart_mid_load_loses_no_accepted_task(stack, make_app):
+    app = make_app("echo", rate_limit_per_second=100000, rate_limit_burst=100000)
+    stack.start_web()
+    stack.start_worker("w", ("tasks", "maintenance"))
+    # The reconciler enqueues any task whose web process died between commit and enqueue.
+    stack.start_cron()
+    accepted: dict[str, str] = {}
+    lock = threading.Lock()
+
+    def client(worker: int) -> None:
+        for n in range(20):
+            key = f"client-{worker}-{n}"
+            for _ in range(100):  # a real client retries with the same Idempotency-Key
+                try:
+                    response = post(stack.base_url, app, {"inputs": {"k": key},
+                                                          "response_mode": "async"}, key=key,
+                                    timeout=10)  # fmt: skip
+                except requests.RequestException:
+                    time.sleep(0.1)
+                    continue
+                if response.status_code == 200:
+                    with lock:
+                        accepted[key] = response.json()["task_id"]
+                    break
+                time.sleep(0.1)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: len(accepted) >= 40, timeout=30)
+    stack.kill_web()  # the web process dies mid-load ...
+    time.sleep(0.5)
+    stack.start_web()  # ... and comes back
+    for thread in threads:
+        thread.join(120)
+    assert len(accepted) == 160
+    assert Task.objects.filter(application=app.application).count() == 160
+    wait_for(lambda: Task.objects.filter(pk__in=accepted.values(), status="succeeded").count()
+             == 160, timeout=60, interval=0.5)  # fmt: skip
+
+
+def test_rate_limit_over_http(stack, make_app):
+    stack.start_web()
+    app = make_app("echo", rate_limit_per_second=5, rate_limit_burst=5)
+    body = {"inputs": {}, "response_mode": "async"}
+    burst = [post(stack.base_url, app, body) for _ in range(8)]
+    codes = [r.status_code for r in burst]
+    assert codes[:5] == [200] * 5 and 429 in codes[5:]
+    limited = next(r for r in burst if r.status_code == 429)
+    assert limited.json()["error"]["code"] == "rate_limited"
+    assert int(limited.headers["Retry-After"]) >= 1
+    time.sleep(1.2)
+    steady = []
+    for _ in range(5):  # 4 requests/s, under the 5/s refill: never limited
+        steady.append(post(stack.base_url, app, body).status_code)
+        time.sleep(0.25)
+    assert steady == [200] * 5
+
+
+def test_per_application_concurrency_cap(stack, make_app):
+    app = make_app("sleep", max_concurrency=1)
+    for name in ("w1", "w2", "w3"):
+        stack.start_worker(name, ("tasks",))
+    ids = [submit_in_process(app, {"inputs": {"seconds": 0.8}, "response_mode": "async"})
+           for _ in range(4)]  # fmt: skip
+    peak = 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        running = Task.objects.filter(pk__in=ids, status="running").count()
+        peak = max(peak, running)
+        if Task.objects.filter(pk__in=ids, status="succeeded").count() == 4:
+            break
+        time.sleep(0.05)
+    assert Task.objects.filter(pk__in=ids, status="succeeded").count() == 4
+    assert peak == 1  # three idle workers, yet never two of this app's tasks at once
