@@ -51,8 +51,11 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-bench: migrate
-	$(PY) -m dashboard.embedded_redis exec -- $(PY) bench/run.py
+# Raw RQ vs Taskhook on SQLite + embedded Redis, and on PostgreSQL + Redis when DATABASE_URL
+# and REDIS_URL point at them; writes docs/benchmarks.md.
+bench: $(STAMP)
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
+	$(PY) bench/run.py
 
 clean:
 	rm -rf $(VENV) var

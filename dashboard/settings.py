@@ -116,6 +116,8 @@ CLEANUP_INTERVAL = env.int("CLEANUP_INTERVAL", default=600)
 RECONCILE_INTERVAL = env.int("RECONCILE_INTERVAL", default=30)
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 QUEUE_BACKLOG_THRESHOLD = env.int("QUEUE_BACKLOG_THRESHOLD", default=1000)
+# Seconds a web process may reuse an API key lookup (and a worker an application's settings).
+AUTH_CACHE_SECONDS = env.float("AUTH_CACHE_SECONDS", default=5.0)
 # A Taskhook worker refreshes its liveness key every TTL/3 s; a killed one is lost after TTL s.
 WORKER_ALIVE_TTL = env.int("WORKER_ALIVE_TTL", default=30)
 

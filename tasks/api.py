@@ -189,11 +189,9 @@ def generate(request: HttpRequest, app_id: str) -> JsonResponse:
 
 def _task_for_key(request: HttpRequest, task_id: str) -> Task:
     key = authenticate(request)
-    task = (
-        Task.objects.filter(pk=_parse_uuid(task_id, "task"), application_id=key.application_id)
-        .select_related("application")
-        .first()
-    )
+    task = Task.objects.filter(
+        pk=_parse_uuid(task_id, "task"), application_id=key.application_id
+    ).first()
     if task is None:
         raise _not_found()
     return task

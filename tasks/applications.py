@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -20,6 +22,22 @@ class InvalidApplication(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+# application id -> (monotonic deadline, Application). Workers look the application up for every
+# task; a changed runner or timeout takes effect within AUTH_CACHE_SECONDS.
+_app_cache: dict[str, tuple[float, Application]] = {}
+
+
+def cached_application(application_id: uuid.UUID | str) -> Application:
+    ttl = settings.AUTH_CACHE_SECONDS
+    hit = _app_cache.get(str(application_id)) if ttl else None
+    if hit and hit[0] > time.monotonic():
+        return hit[1]
+    application = Application.objects.get(pk=application_id)
+    if ttl:
+        _app_cache[str(application_id)] = (time.monotonic() + ttl, application)
+    return application
 
 
 @dataclass(frozen=True)

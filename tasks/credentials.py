@@ -11,8 +11,10 @@ import base64
 import hashlib
 import hmac
 import secrets
+import time
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
@@ -44,12 +46,28 @@ def issue_api_key(*, application_id: str) -> IssuedKey:
     return IssuedKey(api_key=key, raw=raw)
 
 
+# digest -> (monotonic deadline, key with its application). A hit skips the database on the hot
+# submit/poll path; expiry is still checked on every use, so a rotated key stops on time, and a
+# changed application setting or a revoked key takes effect within AUTH_CACHE_SECONDS.
+_auth_cache: dict[str, tuple[float, ApiKey]] = {}
+AUTH_CACHE_MAX = 10_000
+
+
 def authenticate(raw_key: str) -> ApiKey | None:
     """The live key matching `raw_key`, with its application loaded; None if none matches."""
     if not raw_key or len(raw_key) > 200:
         return None
     digest = hash_api_key(raw_key)
     now = timezone.now()
+    ttl = settings.AUTH_CACHE_SECONDS
+    cached = _auth_cache.get(digest) if ttl else None
+    if cached and cached[0] > time.monotonic():
+        key = cached[1]
+        if key.expires_at is not None and key.expires_at <= now:
+            _auth_cache.pop(digest, None)
+            return None
+        _touch(key, now)
+        return key
     key = (
         ApiKey.objects.select_related("application")
         .filter(key_hash=digest, revoked_at__isnull=True)
@@ -58,10 +76,19 @@ def authenticate(raw_key: str) -> ApiKey | None:
     )
     if key is None or not hmac.compare_digest(key.key_hash, digest):
         return None
-    # Bounded write amplification: touch last_used_at at most once a minute per key.
-    if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:
-        ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+    if ttl:
+        if len(_auth_cache) >= AUTH_CACHE_MAX:
+            _auth_cache.clear()
+        _auth_cache[digest] = (time.monotonic() + ttl, key)
+    _touch(key, now)
     return key
+
+
+def _touch(key: ApiKey, now) -> None:
+    # Bounded write amplification: last_used_at moves at most once a minute per key.
+    if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:
+        key.last_used_at = now
+        ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
 
 
 def signing_secrets(application: Application) -> list[str]:

@@ -23,6 +23,7 @@ from rq.rate_limit import RateLimit
 logger = logging.getLogger(__name__)
 
 DONE_CHANNEL_PREFIX = "taskhook:done:"
+SUCCESSFUL_JOB_TTL = 60
 
 
 @functools.cache
@@ -49,7 +50,7 @@ def enqueue_task_run(
     task_id: uuid.UUID | str,
     run: int,
     timeout: int,
-    result_ttl: int,
+    failure_ttl: int,
     application_id: uuid.UUID | str | None = None,
     max_concurrency: int | None = None,
     at_front: bool = False,
@@ -76,8 +77,11 @@ def enqueue_task_run(
             args=(str(task_id), run),
             job_id=job_id,
             timeout=timeout,
-            result_ttl=result_ttl,
-            failure_ttl=result_ttl,
+            # The result lives in the database: RQ keeps a successful job a minute (deleting it
+            # at once costs RQ more). A failed job (a crashed worker) stays in RQ's failed
+            # registry for the application's retention.
+            result_ttl=SUCCESSFUL_JOB_TTL,
+            failure_ttl=failure_ttl,
             ttl=None,
             at_front=at_front,
             unique=rate_limit is None,
@@ -89,19 +93,18 @@ def enqueue_task_run(
     return True
 
 
-def publish_finished(task_id: uuid.UUID | str, *, count: bool = True) -> None:
-    """Wake any blocking request waiting on this task, and count it for the throughput chart.
+def publish_finished(
+    task_id: uuid.UUID | str, pipeline: redis.client.Pipeline | None = None
+) -> None:
+    """Wake any blocking request waiting on this task (added to `pipeline` when given).
 
-    Best effort: waiters also re-read the database, and a lost count only dents a chart.
+    Best effort: waiters also re-read the database every 2 s.
     """
-    from .stats_history import count_finished
-
-    try:
-        pipeline = redis_client().pipeline(transaction=False)
+    if pipeline is not None:
         pipeline.publish(DONE_CHANNEL_PREFIX + str(task_id), b"1")
-        if count:
-            count_finished(pipeline)
-        pipeline.execute()
+        return
+    try:
+        redis_client().publish(DONE_CHANNEL_PREFIX + str(task_id), b"1")
     except redis.RedisError:
         logger.warning("could not publish completion of task %s", task_id, exc_info=True)
 

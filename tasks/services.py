@@ -42,7 +42,7 @@ def cancel_task(*, task_id: uuid.UUID | str) -> CancelResult:
     before = Task.objects.only("status", "run").get(pk=task_id)
     won = state.cancel(task_id=task_id)
     if won:
-        publish_finished(task_id, count=False)
+        publish_finished(task_id)
         if before.status == TaskStatus.RUNNING:
             _stop_job(before.rq_job_id)
         else:

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
@@ -54,8 +54,11 @@ def _guarded_update(
     return rows.update(status=to, **fields) == 1
 
 
-def _callback_due() -> Case:
-    # A finished task with a callback URL has a delivery pending; without one there is none.
+def _callback_due(has_callback: bool | None = None) -> Case | str:
+    """A finished task with a callback URL has a delivery pending; without one there is none.
+    The caller may already know (the worker does); otherwise the database decides."""
+    if has_callback is not None:
+        return CallbackStatus.PENDING if has_callback else CallbackStatus.NONE
     return Case(
         When(callback_url="", then=Value(CallbackStatus.NONE)),
         default=Value(CallbackStatus.PENDING),
@@ -63,28 +66,76 @@ def _callback_due() -> Case:
 
 
 def start(*, task_id: uuid.UUID | str, run: int, worker_name: str = "") -> bool:
-    return _guarded_update(
-        task_id,
-        to=S.RUNNING,
-        expected=[S.PENDING],
-        expected_run=run,
-        started_at=timezone.now(),
-        worker_name=worker_name[:255],
-        progress=0,
-    )
+    """pending -> running for this run; False if it was not pending (or not this run)."""
+    return start_returning(task_id=task_id, run=run, worker_name=worker_name) is not None
 
 
-def succeed(*, task_id: uuid.UUID | str, run: int, output: Any) -> bool:
-    return _guarded_update(
-        task_id,
-        to=S.SUCCEEDED,
-        expected=[S.RUNNING],
-        expected_run=run,
-        output=output,
-        progress=100,
-        finished_at=timezone.now(),
-        callback_status=_callback_due(),
-    )
+START_RETURNING = (
+    "UPDATE {table} SET status = %s, started_at = %s, worker_name = %s, progress = 0 "
+    "WHERE id = %s AND status = %s AND run = %s "
+    "RETURNING inputs, callback_url, application_id"
+)
+
+
+def start_returning(
+    *, task_id: uuid.UUID | str, run: int, worker_name: str = ""
+) -> tuple[Any, str, uuid.UUID] | None:
+    """`start`, and what the worker needs to run the task, in one round trip (the worker's hot
+    path): (inputs, callback_url, application_id), or None when the transition lost.
+
+    UPDATE ... RETURNING is PostgreSQL and SQLite >= 3.35; the ORM has no spelling for it.
+    """
+    table = connection.ops.quote_name(Task._meta.db_table)
+    pk = Task._meta.pk.get_db_prep_value(uuid.UUID(str(task_id)), connection)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            START_RETURNING.format(table=table),
+            [S.RUNNING, timezone.now(), worker_name[:255], pk, S.PENDING, run],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    inputs_field = Task._meta.get_field("inputs")
+    inputs = inputs_field.from_db_value(row[0], None, connection)
+    app_id = row[2] if isinstance(row[2], uuid.UUID) else uuid.UUID(str(row[2]))
+    return inputs, row[1], app_id
+
+
+SUCCEED = (
+    "UPDATE {table} SET status = %s, output = %s, progress = 100, finished_at = %s, "
+    "callback_status = %s WHERE id = %s AND status = %s AND run = %s"
+)
+
+
+def succeed(
+    *, task_id: uuid.UUID | str, run: int, output: Any, has_callback: bool | None = None
+) -> bool:
+    if has_callback is None:
+        return _guarded_update(
+            task_id,
+            to=S.SUCCEEDED,
+            expected=[S.RUNNING],
+            expected_run=run,
+            output=output,
+            progress=100,
+            finished_at=timezone.now(),
+            callback_status=_callback_due(),
+        )
+    # The worker's hot path: the same guarded update as one prepared statement, without the
+    # ORM's per-call query compilation (about a third of a millisecond per task).
+    table = connection.ops.quote_name(Task._meta.db_table)
+    params = [
+        S.SUCCEEDED,
+        Task._meta.get_field("output").get_db_prep_save(output, connection),
+        timezone.now(),
+        _callback_due(has_callback),
+        Task._meta.pk.get_db_prep_value(uuid.UUID(str(task_id)), connection),
+        S.RUNNING,
+        run,
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(SUCCEED.format(table=table), params)
+        return cursor.rowcount == 1
 
 
 def fail(

@@ -21,13 +21,11 @@ DEPTH_KEY = "taskhook:stats:depth"
 DEPTH_SAMPLES = 360  # one hour at one sample per 10 s
 
 
-def count_finished(pipeline: redis.client.Pipeline | None = None) -> None:
+def count_finished(pipeline: redis.client.Pipeline) -> None:
+    """Count one finished task in this minute's bucket (queued on the caller's pipeline)."""
     key = FINISHED_KEY.format(minute=int(time.time() // 60))
-    target = pipeline if pipeline is not None else redis_client().pipeline(transaction=False)
-    target.incr(key)
-    target.expire(key, 7200)
-    if pipeline is None:
-        target.execute()
+    pipeline.incr(key)
+    pipeline.expire(key, 7200)
 
 
 def finished_per_minute(minutes: int = 60) -> list[tuple[int, int]]:

@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from . import ssrf
@@ -142,9 +142,13 @@ def submit_task(
         request_hash=request.request_hash if idempotency_key else "",
     )
     try:
-        with transaction.atomic():
-            task.save(force_insert=True)
-            transaction.on_commit(lambda: enqueue_pending_task(task=task))
+        if connection.in_atomic_block:
+            with transaction.atomic():  # a savepoint, so a key race leaves the caller's txn usable
+                task.save(force_insert=True)
+        else:
+            task.save(force_insert=True)  # autocommit: one round trip, committed on return
+        # Runs at once in autocommit, or after the caller's transaction commits.
+        transaction.on_commit(lambda: enqueue_pending_task(task=task))
     except IntegrityError:
         if not idempotency_key:
             raise
@@ -164,7 +168,7 @@ def enqueue_pending_task(*, task: Task) -> bool:
             task_id=task.id,
             run=task.run,
             timeout=application.job_timeout_seconds,
-            result_ttl=application.retention_hours * 3600,
+            failure_ttl=application.retention_hours * 3600,
             application_id=application.id,
             max_concurrency=application.max_concurrency,
         )

@@ -1,0 +1,465 @@
+"""`make bench`: Taskhook side by side with raw RQ, measured in the same run on the same Redis and
+database. A benchmark, never a test: it prints a table and writes docs/benchmarks.md.
+
+Backends: SQLite + the embedded Redis always; PostgreSQL + a real Redis when DATABASE_URL points
+at PostgreSQL and REDIS_URL at a Redis server (the bench uses a database of its own,
+`taskhook_bench`, on that server, and Redis db 13).
+
+Each backend runs in a child process (Django settings are per process):
+  python bench/run.py                 # orchestrate, print, write docs/benchmarks.md
+  python bench/run.py --child         # one backend, JSON on stdout (env says which)
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(BASE_DIR))
+
+RAW_JOBS = int(os.environ.get("BENCH_RAW_JOBS", 2000))
+E2E_SUBMIT_SECONDS = int(os.environ.get("BENCH_E2E_SECONDS", 4))
+LATENCY_REQUESTS = int(os.environ.get("BENCH_LATENCY_REQUESTS", 300))
+CALLBACKS = int(os.environ.get("BENCH_CALLBACKS", 500))
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def percentile(samples: list[float], pct: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))]
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError("benchmark step did not finish in time")
+
+
+class Processes:
+    def __init__(self) -> None:
+        self.items: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        process = subprocess.Popen(
+            argv, cwd=BASE_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        self.items.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.items:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.items:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.items.clear()
+
+
+# --- raw RQ -----------------------------------------------------------------------------------
+
+
+def raw_rq(redis_url: str, env: dict[str, str]) -> dict[str, float]:
+    import redis
+    from rq import Queue
+
+    connection = redis.Redis.from_url(redis_url)
+    queue = Queue("bench-raw", connection=connection)
+    queue.empty()
+    started = time.perf_counter()
+    for _ in range(RAW_JOBS):
+        queue.enqueue("bench.noop.noop", result_ttl=60)
+    enqueue_rate = RAW_JOBS / (time.perf_counter() - started)
+
+    results = {"raw_enqueue_per_s": enqueue_rate}
+    for label, worker_class, jobs in (("simple", "rq.worker.SimpleWorker", RAW_JOBS),
+                                      ("forking", "rq.worker.Worker", RAW_JOBS // 4)):  # fmt: skip
+        queue.empty()
+        for _ in range(jobs):
+            queue.enqueue("bench.noop.noop", result_ttl=60)
+        processes = Processes()
+        processes.start(
+            [sys.executable, "-m", "rq.cli", "worker", "-u", redis_url, "--burst", "-w",
+             worker_class, "bench-raw"], env | {"PYTHONPATH": str(BASE_DIR)},
+        )  # fmt: skip
+        # Throughput from the jobs' own timestamps: worker start-up is not counted.
+        worker = processes.items[0]
+        wait_until(lambda worker=worker: worker.poll() is not None, timeout=300)
+        ids = queue.finished_job_registry.get_job_ids()
+        from rq.job import Job
+
+        jobs_done = [j for j in Job.fetch_many(ids, connection=connection) if j]
+        first = min(j.started_at for j in jobs_done)
+        last = max(j.ended_at for j in jobs_done)
+        results[f"raw_{label}_jobs_per_s"] = len(jobs_done) / (last - first).total_seconds()
+        for job in jobs_done:
+            job.delete()
+    return results
+
+
+# --- Taskhook ---------------------------------------------------------------------------------
+
+
+def child() -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dashboard.settings")
+    import django
+
+    django.setup()
+    from django.conf import settings
+    from django.core.management import call_command
+
+    from tasks.applications import create_application
+    from tasks.models import Task
+
+    call_command("migrate", verbosity=0)
+    env = dict(os.environ)
+    redis_url = settings.REDIS_URL
+    results: dict[str, float] = raw_rq(redis_url, env)
+
+    app = create_application(name=f"bench-{time.time_ns()}", runner="echo")
+    app.application.rate_limit_per_second = 1_000_000
+    app.application.rate_limit_burst = 1_000_000
+    app.application.retry_schedule = []
+    app.application.save()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    processes = Processes()
+    web_env = env | {"GUNICORN_BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "2",
+                     "GUNICORN_THREADS": "8"}  # fmt: skip
+    processes.start(
+        [sys.executable, "-m", "gunicorn", "dashboard.wsgi", "-c",
+         str(BASE_DIR / "dashboard" / "gunicorn.conf.py")], web_env,
+    )  # fmt: skip
+    wait_until(lambda: _up(f"{base}/healthz"), timeout=30)
+    url = f"{base}/api/applications/{app.application.id}/generate"
+    headers = {"Authorization": f"Bearer {app.api_key}", "Content-Type": "application/json"}
+    body = json.dumps({"inputs": {"q": "bench"}, "response_mode": "async"})
+
+    try:
+        # Submit latency, 1 client on a keep-alive connection (the web path alone: no worker).
+        client = http.client.HTTPConnection("127.0.0.1", port)
+        path = f"/api/applications/{app.application.id}/generate"
+        samples = timed_requests(client, "POST", path, body, headers, LATENCY_REQUESTS)
+        results.update(submit_p50_ms=percentile(samples, 50), submit_p95_ms=percentile(samples, 95),
+                       submit_p99_ms=percentile(samples, 99))  # fmt: skip
+
+        # Submit throughput with 10 and 50 concurrent clients (wrk: a C load generator, so the
+        # 2 cores go to the server rather than to a Python client).
+        for clients in (10, 50):
+            results[f"submit_rps_{clients}"] = wrk_post(url, body, headers, clients)
+
+        # Poll latency (a new connection: the idle one was closed during the wrk runs).
+        client.close()
+        client = http.client.HTTPConnection("127.0.0.1", port)
+        client.request("POST", path, body=body, headers=headers)
+        task_id = json.loads(client.getresponse().read())["task_id"]
+        samples = timed_requests(client, "GET", f"/api/tasks/{task_id}", None, headers,
+                                 LATENCY_REQUESTS)  # fmt: skip
+        results.update(poll_p50_ms=percentile(samples, 50), poll_p99_ms=percentile(samples, 99))
+        client.close()
+
+        # Drain what the submit benchmarks queued, then end to end with one worker.
+        from tasks.queueing import queue
+
+        queue(settings.TASK_QUEUE).empty()
+        Task.objects.filter(application=app.application).delete()
+        worker_argv = [
+            sys.executable,
+            str(BASE_DIR / "manage.py"),
+            "rqworker",
+            settings.TASK_QUEUE,
+            "--worker-class",
+            "tasks.worker.TaskhookWorker",
+        ]
+        processes.start(worker_argv, env)
+        time.sleep(2)  # worker start-up (Django import) is not part of the throughput
+        started = time.perf_counter()
+        wrk_post(url, body, headers, clients=4, seconds=E2E_SUBMIT_SECONDS)
+        submitted = Task.objects.filter(application=app.application).count()
+        done = lambda: Task.objects.filter(application=app.application,  # noqa: E731
+                                           status="succeeded").count() >= submitted  # fmt: skip
+        wait_until(done, timeout=600, interval=0.1)
+        results["e2e_tasks_per_s"] = submitted / (time.perf_counter() - started)
+        results["e2e_tasks"] = submitted
+
+        # Callbacks: deliveries/s to a fast receiver, and submit -> callback received latency.
+        results.update(callbacks(app, url, headers, processes, env, settings))
+    finally:
+        processes.stop_all()
+    print(json.dumps(results))
+
+
+def callbacks(app, url, headers, processes, env, settings) -> dict[str, float]:
+    import requests
+
+    from tasks import callbacks as delivery
+    from tasks.models import Task
+
+    received: dict[str, float] = {}
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with lock:
+                received.setdefault(payload["task_id"], time.perf_counter())
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    hook = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    env = env | {"CALLBACK_ALLOW_PRIVATE_NETWORKS": "true"}
+    for _ in range(2):
+        processes.start([sys.executable, str(BASE_DIR / "manage.py"), "rqworker",
+                         settings.CALLBACK_QUEUE, "--worker-class",
+                         "tasks.worker.TaskhookWorker"], env)  # fmt: skip
+    time.sleep(2)
+    try:
+        # Deliveries/s: finished tasks with a callback due, their first attempts enqueued at once.
+        now = datetime.now(UTC)
+        tasks = Task.objects.bulk_create(
+            Task(application=app.application, inputs={}, status="succeeded", output={"ok": 1},
+                 created_at=now, started_at=now, finished_at=now, callback_url=hook,
+                 callback_status="pending") for _ in range(CALLBACKS)
+        )  # fmt: skip
+        started = time.perf_counter()
+        for task in tasks:
+            delivery.schedule_first_delivery(task_id=task.id)
+        wait_until(lambda: len(received) >= CALLBACKS, timeout=300)
+        deliveries = CALLBACKS / (time.perf_counter() - started)
+
+        # End to end: submit -> callback received, one task at a time.
+        session = requests.Session()
+        body = json.dumps({"inputs": {"q": 1}, "response_mode": "async", "callback_url": hook})
+        latencies = []
+        for _ in range(60):
+            started = time.perf_counter()
+            task_id = session.post(url, data=body, headers=headers).json()["task_id"]
+            wait_until(lambda task_id=task_id: task_id in received, timeout=30, interval=0.001)
+            latencies.append((received[task_id] - started) * 1000)
+    finally:
+        server.shutdown()
+    return {
+        "callback_deliveries_per_s": deliveries,
+        "callback_e2e_p50_ms": percentile(latencies, 50),
+        "callback_e2e_p95_ms": percentile(latencies, 95),
+    }
+
+
+def timed_requests(client, method: str, path: str, body, headers, count: int) -> list[float]:
+    for _ in range(20):  # warm-up
+        client.request(method, path, body=body, headers=headers)
+        client.getresponse().read()
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        client.request(method, path, body=body, headers=headers)
+        response = client.getresponse()
+        response.read()
+        samples.append((time.perf_counter() - started) * 1000)
+        assert response.status == 200, response.status
+    return samples
+
+
+def wrk_post(url: str, body: str, headers: dict[str, str], clients: int, seconds: int = 8) -> float:
+    """Requests/s of 2xx answers, from wrk (Debian's package: `make bench` installs it)."""
+    script = BASE_DIR / "var" / "bench-post.lua"
+    lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(body)}"]
+    lines += [f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()]
+    script.write_text("\n".join(lines) + "\n")
+    output = subprocess.run(
+        ["wrk", "-t2", f"-c{clients}", f"-d{seconds}s", "-s", str(script), url],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    total = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    requests_done = int(re.search(r"(\d+) requests in", output).group(1))
+    bad = int(errors.group(1)) if errors else 0
+    return total * (requests_done - bad) / max(1, requests_done)
+
+
+def _up(url: str) -> bool:
+    import requests
+
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+# --- orchestration ----------------------------------------------------------------------------
+
+
+def backends() -> list[tuple[str, dict[str, str]]]:
+    base = {k: v for k, v in os.environ.items()}
+    base["DEBUG"] = "false"
+    base.setdefault("SECRET_KEY", "bench-only-secret-key-not-for-production-use-0123456789")
+    base["LOG_LEVEL"] = "WARNING"
+    base["CALLBACK_ALLOW_PRIVATE_NETWORKS"] = "true"
+    found = []
+    sqlite = BASE_DIR / "var" / "bench.sqlite3"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{sqlite}{suffix}").unlink(missing_ok=True)
+    sqlite_env = base | {"DATABASE_URL": f"sqlite:///{sqlite}", "REDIS_URL": EMBEDDED_URL}
+    found.append(("SQLite + embedded Redis", sqlite_env))
+    pg = os.environ.get("BENCH_PG_URL") or os.environ.get("DATABASE_URL", "")
+    real_redis = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+    if pg.startswith("postgres") and _redis_up(real_redis) and _pg_bench_database(pg):
+        found.append(
+            (
+                "PostgreSQL + Redis",
+                base
+                | {
+                    "DATABASE_URL": pg.rsplit("/", 1)[0] + "/taskhook_bench",
+                    "REDIS_URL": real_redis,
+                },
+            )
+        )
+    return found
+
+
+def _redis_up(url: str) -> bool:
+    from dashboard.embedded_redis import is_reachable
+
+    if not is_reachable(url):
+        print(
+            f"Redis {url} not reachable; skipping the PostgreSQL + Redis backend", file=sys.stderr
+        )
+        return False
+    return True
+
+
+def _pg_bench_database(url: str) -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(url.replace("postgres://", "postgresql://"), autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = 'taskhook_bench'")
+            if not exists.fetchone():
+                conn.execute("CREATE DATABASE taskhook_bench")
+        return True
+    except Exception as exc:
+        print(f"PostgreSQL not reachable ({exc}); skipping that backend", file=sys.stderr)
+        return False
+
+
+ROWS = [
+    ("Raw RQ: enqueue rate (jobs/s)", "raw_enqueue_per_s", "{:.0f}"),
+    ("Raw RQ: no-op jobs/s, 1 SimpleWorker", "raw_simple_jobs_per_s", "{:.0f}"),
+    ("Raw RQ: no-op jobs/s, 1 forking Worker", "raw_forking_jobs_per_s", "{:.0f}"),
+    ("Taskhook: tasks/s, HTTP submit -> succeeded, 1 worker", "e2e_tasks_per_s", "{:.0f}"),
+    ("  tasks in that run", "e2e_tasks", "{:.0f}"),
+    ("  ratio to raw SimpleWorker (target >= 0.6)", "ratio_e2e", "{:.2f}"),
+    ("Submit latency p50 / p95 / p99, 1 client (ms)", "submit_latency", "{}"),
+    ("Submit throughput, 10 clients (req/s)", "submit_rps_10", "{:.0f}"),
+    ("  ratio to raw enqueue rate (target >= 0.25)", "ratio_submit", "{:.2f}"),
+    ("Submit throughput, 50 clients (req/s)", "submit_rps_50", "{:.0f}"),
+    ("Callback deliveries/s, 2 workers, fast receiver", "callback_deliveries_per_s", "{:.0f}"),
+    ("Submit -> callback received p50 / p95 (ms)", "callback_e2e", "{}"),
+    ("Poll latency p50 / p99 (ms)", "poll_latency", "{}"),
+]
+
+
+EMBEDDED_URL = ""
+
+
+def main() -> None:
+    global EMBEDDED_URL
+    from dashboard.embedded_redis import EmbeddedRedis
+
+    embedded = EmbeddedRedis(BASE_DIR / "var" / "bench-redis", port=free_port(), persist=False)
+    EMBEDDED_URL = embedded.start()
+    try:
+        columns = run_backends()
+    finally:
+        embedded.stop()
+    write_report(columns)
+
+
+def run_backends() -> list[tuple[str, dict]]:
+    columns = []
+    for name, env in backends():
+        print(f"running: {name} ...", file=sys.stderr)
+        output = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--child"],
+            cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=1800,
+        )  # fmt: skip
+        if output.returncode != 0:
+            print(output.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"benchmark failed on {name}")
+        data = json.loads(output.stdout.strip().splitlines()[-1])
+        data["ratio_e2e"] = data["e2e_tasks_per_s"] / data["raw_simple_jobs_per_s"]
+        data["ratio_submit"] = data["submit_rps_10"] / data["raw_enqueue_per_s"]
+        data["submit_latency"] = (f"{data['submit_p50_ms']:.1f} / {data['submit_p95_ms']:.1f} / "
+                                  f"{data['submit_p99_ms']:.1f}")  # fmt: skip
+        data["callback_e2e"] = (
+            f"{data['callback_e2e_p50_ms']:.0f} / {data['callback_e2e_p95_ms']:.0f}"
+        )
+        data["poll_latency"] = f"{data['poll_p50_ms']:.1f} / {data['poll_p99_ms']:.1f}"
+        columns.append((name, data))
+    return columns
+
+
+def write_report(columns: list[tuple[str, dict]]) -> None:
+    header = "| measure | " + " | ".join(name for name, _ in columns) + " |"
+    lines = [header, "| --- |" + " ---: |" * len(columns)]
+    for label, key, fmt in ROWS:
+        lines.append(f"| {label} | " + " | ".join(fmt.format(d[key]) for _, d in columns) + " |")
+    table = "\n".join(lines)
+    print(table)
+    import django
+    import rq
+
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+               f"Django {django.get_version()}, RQ {rq.__version__}")  # fmt: skip
+    doc = BASE_DIR / "docs" / "benchmarks.md"
+    doc.write_text(
+        "# Benchmarks\n\n"
+        f"Written by `make bench` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC ({machine}).\n"
+        "Every figure comes from the same run, on the same Redis and database per column. "
+        "Workers are `tasks.worker.TaskhookWorker` (RQ's SimpleWorker plus a liveness thread); "
+        "the web is gunicorn (2 processes x 8 threads). The load generator runs on the same "
+        "2 cores as the server, so absolute numbers are conservative; the ratios count.\n\n"
+        f"{table}\n"
+    )
+    print(f"\nwritten to {doc.relative_to(BASE_DIR)}")
+
+
+if __name__ == "__main__":
+    if "--child" in sys.argv:
+        child()
+    else:
+        main()
