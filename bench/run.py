@@ -326,6 +326,7 @@ def _up(url: str) -> bool:
 def backends() -> list[tuple[str, dict[str, str]]]:
     base = {k: v for k, v in os.environ.items()}
     base["DEBUG"] = "false"
+    base["SECURE_SSL_REDIRECT"] = "false"  # plain HTTP on loopback, no TLS proxy in front
     base.setdefault("SECRET_KEY", "bench-only-secret-key-not-for-production-use-0123456789")
     base["LOG_LEVEL"] = "WARNING"
     base["CALLBACK_ALLOW_PRIVATE_NETWORKS"] = "true"
