@@ -1,6 +1,7 @@
 """Django settings for Taskhook, read from the environment (django-environ; `.env` supported)."""
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
@@ -96,11 +97,28 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 EMBEDDED_REDIS_SOCKET = env.path("EMBEDDED_REDIS_SOCKET", default=VAR_DIR / "redis.sock")
 REDIS_URL = env.str("REDIS_URL", default=f"unix://{EMBEDDED_REDIS_SOCKET}")
 
+# Redis Sentinel: REDIS_SENTINELS=host1:26379,host2:26379 and REDIS_SENTINEL_MASTER=mymaster
+# (REDIS_URL then only supplies the database number and password, if any).
+REDIS_SENTINELS = [
+    (host, int(port))
+    for host, _, port in (item.rpartition(":") for item in env.list("REDIS_SENTINELS", default=[]))
+]
+REDIS_SENTINEL_MASTER = env.str("REDIS_SENTINEL_MASTER", default="mymaster")
+
 TASK_QUEUE = "tasks"
 CALLBACK_QUEUE = "callbacks"
 MAINTENANCE_QUEUE = "maintenance"
+_redis_url = urlsplit(REDIS_URL)
+REDIS_DB = int(_redis_url.path.strip("/") or 0) if _redis_url.scheme.startswith("redis") else 0
+REDIS_PASSWORD = _redis_url.password
+_rq_connection = (
+    {"SENTINELS": REDIS_SENTINELS, "MASTER_NAME": REDIS_SENTINEL_MASTER, "DB": REDIS_DB,
+     "PASSWORD": REDIS_PASSWORD}
+    if REDIS_SENTINELS
+    else {"URL": REDIS_URL}
+)  # fmt: skip
 RQ_QUEUES = {
-    name: {"URL": REDIS_URL, "DEFAULT_TIMEOUT": 600}
+    name: {**_rq_connection, "DEFAULT_TIMEOUT": 600}
     for name in (TASK_QUEUE, CALLBACK_QUEUE, MAINTENANCE_QUEUE)
 }
 RQ_SHOW_ADMIN_LINK = False

@@ -15,6 +15,7 @@ import uuid
 
 import redis
 from django.conf import settings
+from redis.sentinel import Sentinel
 from rq import Queue
 from rq.exceptions import DuplicateJobError
 from rq.job import Job
@@ -28,13 +29,18 @@ SUCCESSFUL_JOB_TTL = 60
 
 @functools.cache
 def redis_client() -> redis.Redis:
-    """One pooled client per process (redis-py resets the pool after a fork)."""
-    return redis.Redis.from_url(
-        settings.REDIS_URL,
-        socket_connect_timeout=2,
-        socket_timeout=10,
-        health_check_interval=30,
-    )
+    """One pooled client per process (redis-py resets the pool after a fork); through Redis
+    Sentinel's current master when REDIS_SENTINELS is set."""
+    options = {"socket_connect_timeout": 2, "socket_timeout": 10, "health_check_interval": 30}
+    if settings.REDIS_SENTINELS:
+        sentinel = Sentinel(settings.REDIS_SENTINELS, socket_connect_timeout=2)
+        return sentinel.master_for(
+            settings.REDIS_SENTINEL_MASTER,
+            db=settings.REDIS_DB,
+            password=settings.REDIS_PASSWORD,
+            **options,
+        )
+    return redis.Redis.from_url(settings.REDIS_URL, **options)
 
 
 def queue(name: str) -> Queue:

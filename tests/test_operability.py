@@ -7,8 +7,10 @@ import json
 import logging
 import re
 import socket
+import subprocess
 
 import pytest
+import redis
 from django.test import Client
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -126,3 +128,45 @@ def test_formatters():
     text = TextFormatter("%(message)s").format(record)
     assert text.endswith("[task_id=t-1 attempt=2]") and "whsec_QUJD" not in text
     assert redact("nothing secret") == "nothing secret"
+
+
+def test_redis_sentinel_is_followed(settings, tmp_path, make_app):
+    """A real Sentinel (the same redis-server binary in sentinel mode) in front of a real Redis."""
+    from dashboard.embedded_redis import server_binary
+    from tasks.queueing import queue
+    from tests.stack import free_port
+
+    master_port, sentinel_port = free_port(), free_port()
+    master = EmbeddedRedis(tmp_path / "master", port=master_port, persist=False)
+    master.start()
+    config = tmp_path / "sentinel.conf"
+    config.write_text(
+        f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor taskhook 127.0.0.1 {master_port} 1\n"
+    )
+    sentinel = subprocess.Popen(
+        [server_binary(), str(config), "--sentinel"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        settings.REDIS_SENTINELS = [("127.0.0.1", sentinel_port)]
+        settings.REDIS_SENTINEL_MASTER = "taskhook"
+        redis_client.cache_clear()
+        wait_for(lambda: _pings(redis_client), timeout=10)
+        queue("tasks").enqueue("bench.noop.noop", result_ttl=1)
+        direct = redis.Redis(port=master_port)
+        assert direct.llen("rq:queue:tasks") == 1  # it went to the master Sentinel named
+        assert Client().get("/readyz").json()["checks"]["redis"] == "ok"
+    finally:
+        sentinel.kill()
+        sentinel.wait()
+        master.stop()
+        redis_client.cache_clear()
+
+
+def _pings(client_factory) -> bool:
+    try:
+        return client_factory().ping()
+    except Exception:
+        return False
