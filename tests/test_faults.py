@@ -275,3 +275,14 @@ def test_per_application_concurrency_cap(stack, make_app):
         time.sleep(0.05)
     assert Task.objects.filter(pk__in=ids, status="succeeded").count() == 4
     assert peak == 1  # three idle workers, yet never two of this app's tasks at once
+
+
+def test_runaway_task_is_stopped_by_its_job_timeout(make_app, live_worker, receiver):
+    app = make_app("sleep", job_timeout_seconds=2, retry_schedule=[])
+    task_id = submit_in_process(app, {"inputs": {"seconds": 30}, "response_mode": "async",
+                                      "callback_url": receiver.url})  # fmt: skip
+    task = wait_for_status(task_id, ("failed",), timeout=20)
+    assert task.error == "timed out after 2 s"
+    assert (task.finished_at - task.started_at).total_seconds() < 5
+    wait_for(lambda: Task.objects.get(pk=task_id).callback_status == "delivered")
+    assert receiver.received[0].json()["error"] == "timed out after 2 s"
