@@ -42,7 +42,8 @@ def test_database_url() -> str:
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
+    # The browser tests relax Django's async guard in this process only; never pass it on.
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
     env.update(
         {
             "DEBUG": "true",

@@ -365,3 +365,24 @@ def test_rate_limit_answers_429_with_retry_after(client, make_app):
     assert_error(response, 429, "rate_limited")
     assert 1 <= int(response["Retry-After"]) <= 5
     assert Task.objects.count() == 3
+
+
+def test_rotated_api_key_keeps_working_for_its_grace_period(client, app):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from tasks.applications import rotate_api_key
+    from tasks.models import ApiKey
+
+    new_key = rotate_api_key(application_id=app.application.id, grace_hours=1)
+    for key in (app.api_key, new_key):  # both work during the grace period
+        assert submit(client, app.application.id, key, VALID).status_code == 200
+    ApiKey.objects.filter(expires_at__isnull=False).update(
+        expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    from tasks import credentials
+
+    credentials._auth_cache.clear()  # as after AUTH_CACHE_SECONDS; expiry itself is never cached
+    assert_error(submit(client, app.application.id, app.api_key, VALID), 401, "unauthorized")
+    assert submit(client, app.application.id, new_key, VALID).status_code == 200
