@@ -29,7 +29,7 @@ from rq.exceptions import DuplicateJobError
 from . import credentials, retry_policy, signing, ssrf
 from .metrics import record_callback_attempt
 from .models import AttemptTrigger, CallbackAttempt, CallbackStatus, Task, TaskStatus
-from .presenters import iso
+from .presenters import callback_body
 from .queueing import queue
 
 logger = logging.getLogger(__name__)
@@ -48,22 +48,6 @@ def http_client() -> httpx.Client:
         headers={"User-Agent": USER_AGENT},
         limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
     )
-
-
-def payload(task: Task) -> dict[str, Any]:
-    return {
-        "event": "task.finished",
-        "task_id": str(task.id),
-        "run": task.run,
-        "app_id": str(task.application_id),
-        "status": task.status,
-        "output": task.output,
-        "error": task.error or None,
-        "user": task.user or None,
-        "created_at": iso(task.created_at),
-        "started_at": iso(task.started_at),
-        "finished_at": iso(task.finished_at),
-    }
 
 
 # --- scheduling -------------------------------------------------------------------------------
@@ -194,7 +178,7 @@ def _send(task: Task, number: int) -> Outcome:
     except ssrf.UnsafeCallbackUrl as exc:
         return Outcome(error=f"refused by the SSRF guard: {exc}")
 
-    body = signing.encode_body(payload(task))
+    body = signing.encode_body(callback_body(task))
     headers = {
         "Content-Type": "application/json",
         "X-Taskhook-Attempt": str(number),

@@ -38,21 +38,39 @@ def retry_after_seconds(task: Task, now: datetime | None = None) -> int:
     return 5
 
 
-def task_body(task: Task) -> dict[str, Any]:
-    now = timezone.now()
+def result_fields(task: Task) -> dict[str, Any]:
+    """What a task ended with: shared by the poll body and the callback body."""
     return {
-        "task_id": str(task.id),
-        "app_id": str(task.application_id),
-        "status": task.status,
-        "run": task.run,
-        "progress": task.progress,
         "output": task.output,
         "error": task.error or None,
         "user": task.user or None,
         "created_at": iso(task.created_at),
         "started_at": iso(task.started_at),
         "finished_at": iso(task.finished_at),
-        "elapsed_ms": elapsed_ms(task, now),
+    }
+
+
+def callback_body(task: Task) -> dict[str, Any]:
+    """The webhook payload (DESIGN.md §3), in its documented key order."""
+    return {
+        "event": "task.finished",
+        "task_id": str(task.id),
+        "run": task.run,
+        "app_id": str(task.application_id),
+        "status": task.status,
+        **result_fields(task),
+    }
+
+
+def task_body(task: Task) -> dict[str, Any]:
+    return {
+        "task_id": str(task.id),
+        "app_id": str(task.application_id),
+        "status": task.status,
+        "run": task.run,
+        "progress": task.progress,
+        **result_fields(task),
+        "elapsed_ms": elapsed_ms(task),
         "callback": {
             "url": task.callback_url or None,
             "status": task.callback_status,

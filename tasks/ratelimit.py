@@ -63,7 +63,7 @@ def check_submit(*, key: ApiKey) -> None:
     application = key.application
     try:
         allowed, wait = take(
-            bucket=f"key:{key.pk}",
+            bucket=f"key:{key.key_hash[:32]}",  # never reused, unlike a row id
             rate=application.rate_limit_per_second,
             burst=application.rate_limit_burst,
         )

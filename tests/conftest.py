@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 from django.db import connection
+from django.test import Client
 from rq import Queue
 from rq.registry import ScheduledJobRegistry
 
@@ -167,6 +168,18 @@ def make_app(db) -> Callable[..., CreatedApplication]:
         return created
 
     return make
+
+
+def api_submit(app: CreatedApplication, body: dict) -> str:
+    """Submit through the real API view (in process); returns the task id."""
+    response = Client().post(
+        f"/api/applications/{app.application.id}/generate",
+        data=json.dumps(body),
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {app.api_key}",
+    )
+    assert response.status_code == 200, response.content
+    return response.json()["task_id"]
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 20, interval: float = 0.05):

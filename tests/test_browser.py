@@ -3,15 +3,13 @@ with a real RQ worker. Set TASKHOOK_SCREENSHOTS=1 to (re)write the README's scre
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 from django.contrib.auth.models import User
-from django.test import Client
 
 from tasks.models import Application, Task
-from tests.conftest import BASE_DIR, wait_for, wait_for_status
+from tests.conftest import BASE_DIR, api_submit, wait_for, wait_for_status
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -73,14 +71,7 @@ def submit(app, inputs: dict, callback_url: str = "") -> str:
     body = {"inputs": inputs, "response_mode": "async"}
     if callback_url:
         body["callback_url"] = callback_url
-    response = Client().post(
-        f"/api/applications/{app.application.id}/generate",
-        data=json.dumps(body),
-        content_type="application/json",
-        HTTP_AUTHORIZATION=f"Bearer {app.api_key}",
-    )
-    assert response.status_code == 200
-    return response.json()["task_id"]
+    return api_submit(app, body)
 
 
 def test_login_and_queue_depth_moves_live(page, make_app):

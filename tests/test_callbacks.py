@@ -19,22 +19,14 @@ from tasks import callbacks, ssrf
 from tasks.applications import rotate_webhook_secret
 from tasks.models import Application, CallbackAttempt, Task
 from tasks.queueing import redis_client
-from tests.conftest import WorkerProcess, wait_for
+from tests.conftest import WorkerProcess, api_submit, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def submit(app, callback_url: str, inputs=None) -> str:
-    response = Client().post(
-        f"/api/applications/{app.application.id}/generate",
-        data=json.dumps(
-            {"inputs": inputs or {"q": 1}, "response_mode": "async", "callback_url": callback_url}
-        ),
-        content_type="application/json",
-        HTTP_AUTHORIZATION=f"Bearer {app.api_key}",
-    )
-    assert response.status_code == 200, response.content
-    return response.json()["task_id"]
+    body = {"inputs": inputs or {"q": 1}, "response_mode": "async", "callback_url": callback_url}
+    return api_submit(app, body)
 
 
 def callback_done(task_id, statuses=("delivered", "failed"), timeout=30) -> Task:

@@ -18,7 +18,7 @@ import requests
 
 from tasks.models import CallbackAttempt, Task, TaskLog
 from tasks.queueing import redis_client
-from tests.conftest import wait_for, wait_for_status
+from tests.conftest import api_submit, wait_for, wait_for_status
 from tests.stack import Stack
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -55,15 +55,7 @@ def post(base_url: str, app, body: dict, key: str | None = None, timeout: float 
     )  # fmt: skip
 
 
-def submit_in_process(app, body: dict) -> str:
-    from django.test import Client
-
-    response = Client().post(
-        f"/api/applications/{app.application.id}/generate", data=json.dumps(body),
-        content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {app.api_key}",
-    )  # fmt: skip
-    assert response.status_code == 200, response.content
-    return response.json()["task_id"]
+submit_in_process = api_submit
 
 
 def kill_worker(worker) -> None:

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dashboard.embedded_redis import EmbeddedRedis
 from dashboard.logging import JsonFormatter, TextFormatter, redact
 from tasks.queueing import redis_client
-from tests.conftest import wait_for
+from tests.conftest import api_submit, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -33,15 +33,7 @@ def scrape(client: Client, **headers) -> dict[tuple[str, tuple], float]:
     return samples
 
 
-def submit(app, body: dict) -> str:
-    response = Client().post(
-        f"/api/applications/{app.application.id}/generate",
-        data=json.dumps(body),
-        content_type="application/json",
-        HTTP_AUTHORIZATION=f"Bearer {app.api_key}",
-    )
-    assert response.status_code == 200
-    return response.json()["task_id"]
+submit = api_submit
 
 
 def test_metrics_after_real_work(make_app, live_worker, receiver):
