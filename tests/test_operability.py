@@ -147,7 +147,7 @@ def test_redis_sentinel_is_followed(settings, tmp_path, make_app):
         redis_client.cache_clear()
         wait_for(lambda: _pings(redis_client), timeout=10)
         queue("tasks").enqueue("bench.noop.noop", result_ttl=1)
-        direct = redis.Redis(port=master_port)
+        direct = redis.Redis(port=master_port, db=settings.REDIS_DB)  # REDIS_URL picks the db
         assert direct.llen("rq:queue:tasks") == 1  # it went to the master Sentinel named
         assert Client().get("/readyz").json()["checks"]["redis"] == "ok"
     finally:
