@@ -14,7 +14,16 @@ from django.urls import reverse
 from django.utils import timezone
 from django_htmx.http import HttpResponseClientRedirect
 
-from tasks import applications, audit, bulk, callbacks, selectors, services, stats_history
+from tasks import (
+    applications,
+    audit,
+    bulk,
+    callbacks,
+    retention,
+    selectors,
+    services,
+    stats_history,
+)
 from tasks.models import (
     Application,
     AuditEntry,
@@ -336,8 +345,6 @@ def application_detail(request: HttpRequest, app_id: uuid.UUID) -> HttpResponse:
 
 
 def _cleanup_context(app: Application) -> dict:
-    from tasks import retention
-
     return {
         "cleanup_preview": retention.preview(application_id=app.pk),
         "cleanup_runs": retention.recent_runs(limit=5),
@@ -363,8 +370,6 @@ def application_rotate(request: HttpRequest, app_id: uuid.UUID, what: str) -> Ht
 
 @operator_required
 def application_cleanup(request: HttpRequest, app_id: uuid.UUID) -> HttpResponse:
-    from tasks import retention
-
     app = get_object_or_404(Application, pk=app_id)
     run = retention.run_cleanup(trigger="manual", application_id=app.pk)
     audit.record(

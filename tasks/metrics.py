@@ -16,6 +16,7 @@ processes), states are read from the database and Redis when scraped.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import uuid
 from collections import defaultdict
@@ -44,10 +45,9 @@ def _bucket_label(bound: float) -> str:
 
 def record_callback_attempt(*, application_id: uuid.UUID | str, delivered: bool) -> None:
     outcome = "delivered" if delivered else "failed"
-    try:
+    # A lost count dents a metric; it must never fail a delivery.
+    with contextlib.suppress(redis.RedisError):
         redis_client().hincrby(CALLBACK_KEY, f"{application_id}|{outcome}", 1)
-    except redis.RedisError:
-        pass  # a lost count dents a metric; it must never fail a delivery
 
 
 def observe_task_duration(
@@ -61,10 +61,8 @@ def observe_task_duration(
 
 def record_cleanup(removed: int) -> None:
     if removed:
-        try:
+        with contextlib.suppress(redis.RedisError):
             redis_client().incrby(CLEANUP_KEY, removed)
-        except redis.RedisError:
-            pass
 
 
 def _decode(raw: dict) -> dict[str, str]:

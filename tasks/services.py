@@ -19,6 +19,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 
 from . import state
+from .execution import on_task_finished
 from .models import Task, TaskStatus
 from .queueing import publish_finished, redis_client
 from .submission import enqueue_pending_task
@@ -81,8 +82,6 @@ def retry_tasks(*, task_ids: Iterable[uuid.UUID | str]) -> list[uuid.UUID]:
 
 def mark_failed(*, task_id: uuid.UUID | str, error: str) -> bool:
     """Operator's 'mark failed' for a stuck pending/running task; sends its callback."""
-    from .execution import on_task_finished
-
     task = Task.objects.only("run").get(pk=task_id)
     if state.fail(
         task_id=task_id,

@@ -161,3 +161,19 @@ def _get(url: str):
         return requests.get(url, timeout=1).status_code == 200
     except requests.RequestException:
         return False
+
+
+@pytest.mark.django_db
+def test_rotatesecret_prints_the_new_secret_once(make_app):
+    app = make_app("echo")
+    out, err = StringIO(), StringIO()
+    call_command("rotatesecret", str(app.application.id), "--grace-hours", "2",
+                 stdout=out, stderr=err)  # fmt: skip
+    new_secret = out.getvalue().strip()
+    app.application.refresh_from_db()
+    assert new_secret.startswith("whsec_") and app.application.webhook_secret == new_secret
+    assert app.application.previous_webhook_secret == app.webhook_secret
+    assert "2 h" in err.getvalue()
+    for bad in ("not-a-uuid", "7f2c6a8e-0000-4000-8000-000000000000"):
+        with pytest.raises(CommandError):
+            call_command("rotatesecret", bad, stdout=StringIO(), stderr=StringIO())

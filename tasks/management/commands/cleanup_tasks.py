@@ -1,3 +1,5 @@
+import uuid
+
 from django.core.management.base import BaseCommand, CommandError
 
 from tasks.models import Application, CleanupRun
@@ -26,9 +28,7 @@ class Command(BaseCommand):
         self.stdout.write(f"total: {verb} {run.total_removed} task(s)")
 
 
-def _uuid_or_fail(value: str):
-    import uuid
-
+def _uuid_or_fail(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except ValueError as exc:

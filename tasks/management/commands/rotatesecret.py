@@ -1,3 +1,4 @@
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from tasks.applications import rotate_webhook_secret
@@ -21,7 +22,7 @@ class Command(BaseCommand):
             secret = rotate_webhook_secret(
                 application_id=options["app_id"], grace_hours=options["grace_hours"]
             )
-        except (Application.DoesNotExist, ValueError) as exc:
+        except (Application.DoesNotExist, ValueError, ValidationError) as exc:
             raise CommandError(f"no application {options['app_id']!r}") from exc
         self.stdout.write(secret)
         self.stderr.write(
