@@ -17,6 +17,7 @@ from . import credentials, ratelimit
 from .models import ApiKey, Task
 from .presenters import accepted_body, poll_url, retry_after_seconds, task_body
 from .queueing import wait_for_finish
+from .selectors import task_for_client
 from .services import cancel_task
 from .submission import (
     IdempotencyConflict,
@@ -189,9 +190,7 @@ def generate(request: HttpRequest, app_id: str) -> JsonResponse:
 
 def _task_for_key(request: HttpRequest, task_id: str) -> Task:
     key = authenticate(request)
-    task = Task.objects.filter(
-        pk=_parse_uuid(task_id, "task"), application_id=key.application_id
-    ).first()
+    task = task_for_client(task_id=_parse_uuid(task_id, "task"), application_id=key.application_id)
     if task is None:
         raise _not_found()
     return task
