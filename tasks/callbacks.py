@@ -17,12 +17,11 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import httpx
 import redis
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 from rq.exceptions import DuplicateJobError
 
@@ -150,25 +149,25 @@ class Outcome:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
+CLAIM_SQL = (
+    "UPDATE {table} SET callback_attempts = callback_attempts + 1, callback_status = %s{extra} "
+    "WHERE id = %s AND run = %s RETURNING callback_attempts"
+)
+
+
 def _claim_attempt_number(task: Task, trigger: str) -> int | None:
-    """Reserve the next attempt number for this run, marking the callback as delivering."""
-    with transaction.atomic():
-        current = (
-            Task.objects.select_for_update()
-            .filter(pk=task.id, run=task.run)
-            .values_list("callback_attempts", flat=True)
-            .first()
+    """Reserve the next attempt number for this run and mark the callback as delivering: one
+    atomic UPDATE ... RETURNING, so two deliveries of the same run never share a number."""
+    extra = ", callback_next_attempt_at = NULL" if trigger == AttemptTrigger.AUTO else ""
+    table = connection.ops.quote_name(Task._meta.db_table)
+    pk = Task._meta.pk.get_db_prep_value(task.id, connection)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            CLAIM_SQL.format(table=table, extra=extra),
+            [CallbackStatus.DELIVERING, pk, task.run],
         )
-        if current is None:
-            return None
-        fields: dict[str, Any] = {
-            "callback_attempts": current + 1,
-            "callback_status": CallbackStatus.DELIVERING,
-        }
-        if trigger == AttemptTrigger.AUTO:
-            fields["callback_next_attempt_at"] = None
-        Task.objects.filter(pk=task.id, run=task.run).update(**fields)
-        return current + 1
+        row = cursor.fetchone()
+    return row[0] if row else None
 
 
 def _send(task: Task, number: int) -> Outcome:
@@ -245,57 +244,53 @@ def deliver(
 
     started_at = timezone.now()
     outcome = _send(task, number)
-    CallbackAttempt.objects.create(
-        task_id=task.id,
-        run=run,
-        number=number,
-        trigger=trigger,
-        started_at=started_at,
-        url=task.callback_url,
-        status_code=outcome.status_code,
-        response_excerpt=outcome.excerpt,
-        error=outcome.error[:2000],
-        duration_ms=outcome.duration_ms,
-        delivered=outcome.delivered,
-    )
+    auto_attempt = auto_attempt or 1
+    delay = None
+    if outcome.delivered:
+        result, fields = "delivered", {"callback_status": CallbackStatus.DELIVERED}
+    elif not auto:
+        # A manual attempt schedules nothing; an automatic retry already scheduled still runs.
+        result, fields = "failed", {}
+    else:
+        delay = retry_policy.next_delay(
+            schedule=list(task.application.retry_schedule),
+            auto_attempt=auto_attempt,
+            status_code=outcome.status_code,
+            retry_after=outcome.retry_after,
+        )
+        if delay is None:
+            result, fields = "failed", {"callback_status": CallbackStatus.FAILED}
+        else:
+            next_at = timezone.now() + timedelta(seconds=delay)
+            result, fields = "retrying", {"callback_next_attempt_at": next_at}
+    this_run = Task.objects.filter(pk=task.id, run=run)
+    with transaction.atomic():  # the attempt and the task's callback state: one commit
+        CallbackAttempt.objects.create(
+            task_id=task.id,
+            run=run,
+            number=number,
+            trigger=trigger,
+            started_at=started_at,
+            url=task.callback_url,
+            status_code=outcome.status_code,
+            response_excerpt=outcome.excerpt,
+            error=outcome.error[:2000],
+            duration_ms=outcome.duration_ms,
+            delivered=outcome.delivered,
+        )
+        this_run.update(callback_last_status_code=outcome.status_code, **fields)
+        if not auto and not outcome.delivered:
+            this_run.filter(callback_next_attempt_at__isnull=True).update(
+                callback_status=CallbackStatus.FAILED
+            )
     record_callback_attempt(application_id=task.application_id, delivered=outcome.delivered)
     log_extra = {"task_id": str(task.id), "app_id": str(task.application_id), "attempt": number}
-    this_run = Task.objects.filter(pk=task.id, run=run)
     if outcome.delivered:
-        this_run.update(
-            callback_status=CallbackStatus.DELIVERED,
-            callback_last_status_code=outcome.status_code,
-        )
         logger.info("callback delivered", extra=log_extra)
-        return "delivered"
-
-    logger.info("callback attempt failed: %s", outcome.error, extra=log_extra)
-    if not auto:
-        # A manual attempt schedules nothing; an automatic retry already scheduled still runs.
-        this_run.filter(callback_next_attempt_at__isnull=True).update(
-            callback_status=CallbackStatus.FAILED,
-            callback_last_status_code=outcome.status_code,
+    else:
+        logger.info("callback attempt failed: %s", outcome.error, extra=log_extra)
+    if delay is not None:
+        _enqueue_delivery(
+            task=task, trigger=AttemptTrigger.AUTO, auto_attempt=auto_attempt + 1, delay=delay
         )
-        this_run.update(callback_last_status_code=outcome.status_code)
-        return "failed"
-
-    delay = retry_policy.next_delay(
-        schedule=list(task.application.retry_schedule),
-        auto_attempt=auto_attempt or 1,
-        status_code=outcome.status_code,
-        retry_after=outcome.retry_after,
-    )
-    if delay is None:
-        this_run.update(
-            callback_status=CallbackStatus.FAILED,
-            callback_last_status_code=outcome.status_code,
-        )
-        return "failed"
-    this_run.update(
-        callback_last_status_code=outcome.status_code,
-        callback_next_attempt_at=timezone.now() + timedelta(seconds=delay),
-    )
-    _enqueue_delivery(
-        task=task, trigger=AttemptTrigger.AUTO, auto_attempt=(auto_attempt or 1) + 1, delay=delay
-    )
-    return "retrying"
+    return result
