@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -31,15 +29,10 @@ django.setup()
 from django.contrib.auth.models import User  # noqa: E402
 from django.db import connection  # noqa: E402
 
+from bench.common import free_port, start_gunicorn  # noqa: E402
 from tasks.models import Application, Task  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", 40))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def login(base: str) -> requests.Session:
@@ -74,20 +67,9 @@ def main() -> None:
     app = Application.objects.order_by("name").first()
     task = Task.objects.filter(status="failed").order_by("-created_at").first()
     port = free_port()
-    env = dict(os.environ, GUNICORN_BIND=f"127.0.0.1:{port}", WEB_CONCURRENCY="2")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "dashboard.wsgi", "-c",
-         str(BASE_DIR / "dashboard" / "gunicorn.conf.py")],
-        cwd=BASE_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    server = start_gunicorn(port, dict(os.environ))
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(100):
-            try:
-                requests.get(f"{base}/healthz", timeout=1)
-                break
-            except requests.RequestException:
-                time.sleep(0.1)
         session = login(base)
         pages = {
             "Overview (page)": ("/", None),

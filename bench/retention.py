@@ -15,8 +15,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -32,15 +30,10 @@ import django  # noqa: E402
 
 django.setup()
 
+from bench.common import free_port, start_gunicorn  # noqa: E402
 from tasks.applications import create_application  # noqa: E402
 from tasks.models import Task  # noqa: E402
 from tasks.retention import run_cleanup  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:
@@ -50,13 +43,7 @@ def main() -> None:
     app.application.rate_limit_burst = 10**6
     app.application.save()
     port = free_port()
-    env = dict(os.environ, GUNICORN_BIND=f"127.0.0.1:{port}", WEB_CONCURRENCY="2")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "dashboard.wsgi", "-c",
-         str(BASE_DIR / "dashboard" / "gunicorn.conf.py")],
-        cwd=BASE_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    time.sleep(3)
+    server = start_gunicorn(port, dict(os.environ))
     latencies: list[float] = []
     stop = threading.Event()
 

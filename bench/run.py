@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,8 @@ from pathlib import Path
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
+from bench.common import free_port, start_gunicorn  # noqa: E402
+
 RAW_JOBS = int(os.environ.get("BENCH_RAW_JOBS", 2000))
 E2E_SUBMIT_SECONDS = int(os.environ.get("BENCH_E2E_SECONDS", 4))
 LATENCY_REQUESTS = int(os.environ.get("BENCH_LATENCY_REQUESTS", 300))
@@ -36,12 +37,6 @@ CALLBACKS = int(os.environ.get("BENCH_CALLBACKS", 500))
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def percentile(samples: list[float], pct: float) -> float:
@@ -150,13 +145,7 @@ def child() -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     processes = Processes()
-    web_env = env | {"GUNICORN_BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "2",
-                     "GUNICORN_THREADS": "8"}  # fmt: skip
-    processes.start(
-        [sys.executable, "-m", "gunicorn", "dashboard.wsgi", "-c",
-         str(BASE_DIR / "dashboard" / "gunicorn.conf.py")], web_env,
-    )  # fmt: skip
-    wait_until(lambda: _up(f"{base}/healthz"), timeout=30)
+    processes.items.append(start_gunicorn(port, env | {"GUNICORN_THREADS": "8"}))
     url = f"{base}/api/applications/{app.application.id}/generate"
     headers = {"Authorization": f"Bearer {app.api_key}", "Content-Type": "application/json"}
     body = json.dumps({"inputs": {"q": "bench"}, "response_mode": "async"})
@@ -309,15 +298,6 @@ def wrk_post(url: str, body: str, headers: dict[str, str], clients: int, seconds
     requests_done = int(re.search(r"(\d+) requests in", output).group(1))
     bad = int(errors.group(1)) if errors else 0
     return total * (requests_done - bad) / max(1, requests_done)
-
-
-def _up(url: str) -> bool:
-    import requests
-
-    try:
-        return requests.get(url, timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 # --- orchestration ----------------------------------------------------------------------------

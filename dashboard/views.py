@@ -171,47 +171,35 @@ def _filters_from_post(request: HttpRequest) -> selectors.TaskFilters:
     return form.filters()
 
 
-@operator_required
-def tasks_retry(request: HttpRequest) -> HttpResponse:
+def _bulk_action(request: HttpRequest, *, kind: str, act, noun: str, back_to: str):
+    """Selected rows now, or every row matching the filter in the background (audited)."""
     if request.POST.get("scope") == "matching":
-        operation = bulk.start(kind=BulkOperation.Kind.RETRY, filters=_filters_from_post(request),
-                               username=request.user.username)  # fmt: skip
-        audit.record(user=request.user, action="tasks.retry_matching", target_type="bulk",
+        operation = bulk.start(
+            kind=kind, filters=_filters_from_post(request), username=request.user.username
+        )
+        audit.record(user=request.user, action=f"{kind}.matching", target_type="bulk",
                      target_id=operation.pk, detail=operation.filters)  # fmt: skip
-        messages.success(request, "Retrying every matching failed task in the background.")
+        messages.success(request, f"{kind.title()}: every matching {noun} in the background.")
     else:
         ids = _selected_ids(request)
         with transaction.atomic():
-            retried = services.retry_tasks(task_ids=ids)
-        audit.record(user=request.user, action="tasks.retry_selected", target_type="task",
-                     detail={"retried": [str(i) for i in retried]})  # fmt: skip
-        messages.success(request, f"Retried {len(retried)} of {len(ids)} selected task(s).")
-    return back(request, reverse("dashboard:tasks"))
+            done = act(task_ids=ids)
+        audit.record(user=request.user, action=f"{kind}.selected", target_type="task",
+                     detail={"done": [str(i) for i in done]})  # fmt: skip
+        messages.success(request, f"{kind.title()}: {len(done)} of {len(ids)} selected {noun}(s).")
+    return back(request, reverse(back_to))
+
+
+@operator_required
+def tasks_retry(request: HttpRequest) -> HttpResponse:
+    return _bulk_action(request, kind=BulkOperation.Kind.RETRY, act=services.retry_tasks,
+                        noun="failed task", back_to="dashboard:tasks")  # fmt: skip
 
 
 @operator_required
 def callbacks_redeliver(request: HttpRequest) -> HttpResponse:
-    if request.POST.get("scope") == "matching":
-        operation = bulk.start(
-            kind=BulkOperation.Kind.REDELIVER,
-            filters=_filters_from_post(request),
-            username=request.user.username,
-        )
-        audit.record(
-            user=request.user,
-            action="callbacks.redeliver_matching",
-            target_type="bulk",
-            target_id=operation.pk,
-            detail=operation.filters,
-        )
-        messages.success(request, "Redelivering every matching failed callback in the background.")
-    else:
-        ids = _selected_ids(request)
-        done = callbacks.redeliver(task_ids=ids)
-        audit.record(user=request.user, action="callbacks.redeliver_selected", target_type="task",
-                     detail={"redelivered": [str(i) for i in done]})  # fmt: skip
-        messages.success(request, f"Redelivering {len(done)} of {len(ids)} selected callback(s).")
-    return back(request, reverse("dashboard:failed-callbacks"))
+    return _bulk_action(request, kind=BulkOperation.Kind.REDELIVER, act=callbacks.redeliver,
+                        noun="failed callback", back_to="dashboard:failed-callbacks")  # fmt: skip
 
 
 @staff_required

@@ -195,7 +195,7 @@ def test_retry_selected_and_all_matching(operator, app):
     operator.post("/tasks/retry", {"scope": "matching", "application": app.application.id})
     operation = BulkOperation.objects.get()
     assert operation.kind == "retry" and operation.filters["status"] == "failed"
-    assert AuditEntry.objects.filter(action="tasks.retry_matching").exists()
+    assert AuditEntry.objects.filter(action="retry.matching").exists()
 
 
 def test_bulk_operation_runs_in_batches(app):
