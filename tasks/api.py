@@ -14,7 +14,7 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from . import credentials, ratelimit
-from .models import ApiKey, Task
+from .models import FINISHED_STATUSES, ApiKey, Task
 from .presenters import accepted_body, poll_url, retry_after_seconds, task_body
 from .queueing import wait_for_finish
 from .selectors import task_for_client
@@ -175,11 +175,10 @@ def generate(request: HttpRequest, app_id: str) -> JsonResponse:
         return JsonResponse(accepted_body(request, task))
 
     timeout = application.blocking_timeout_seconds or settings.BLOCKING_TIMEOUT
-    finished_statuses = ("succeeded", "failed", "cancelled")
     wait_for_finish(
         task.id,
         timeout=timeout,
-        is_finished=lambda: Task.objects.filter(pk=task.id, status__in=finished_statuses).exists(),
+        is_finished=lambda: Task.objects.filter(pk=task.id, status__in=FINISHED_STATUSES).exists(),
     )
     task.refresh_from_db()
     if task.is_finished:
