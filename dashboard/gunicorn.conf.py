@@ -15,6 +15,9 @@ timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
 graceful_timeout = 10
 keepalive = 5
 max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "10000"))
+# Django is imported once in the master and workers are forked from it: a worker recycled by
+# max_requests is serving again in milliseconds instead of re-importing everything (~1 s of CPU).
+preload_app = True
 max_requests_jitter = 500
 accesslog = os.environ.get("GUNICORN_ACCESSLOG", None)
 errorlog = "-"

@@ -89,6 +89,10 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
 else:
     _db.setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=60))
     _db.setdefault("CONN_HEALTH_CHECKS", True)
+    if _db["ENGINE"] == "django.db.backends.postgresql":
+        # The same backend, with health checks only for connections idle a while (see there).
+        _db["ENGINE"] = "dashboard.postgresql"
+HEALTH_CHECK_IDLE_SECONDS = env.float("HEALTH_CHECK_IDLE_SECONDS", default=1.0)
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -194,6 +198,10 @@ SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
 
+# RQ logs a line per job at INFO; WARNING keeps worker logs to what needs attention (our own
+# "task succeeded/failed" lines come from the tasks.* loggers at LOG_LEVEL).
+RQ_LOG_LEVEL = env.str("RQ_LOG_LEVEL", default="WARNING").upper()
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -213,6 +221,6 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {
         "django.db.backends": {"level": "WARNING"},
-        "rq.worker": {"level": env.str("RQ_LOG_LEVEL", default="WARNING")},
+        "rq.worker": {"level": RQ_LOG_LEVEL},
     },
 }

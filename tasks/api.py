@@ -10,6 +10,7 @@ from functools import wraps
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
+from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -73,6 +74,16 @@ def api_view(*methods: str) -> Callable:
                 return view(request, *args, **kwargs)
             except ApiError as exc:
                 return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
+            except (OperationalError, InterfaceError):
+                # The database went away (restart, failover): nothing was accepted, say when to
+                # try again. Django drops the broken connection at the end of this request.
+                logger.warning("database unavailable in %s", request.path, exc_info=True)
+                return error_response(
+                    503,
+                    "unavailable",
+                    "The database is unavailable; retry shortly.",
+                    headers={"Retry-After": "1"},
+                )
             except Exception:
                 logger.exception("unhandled error in %s", request.path)
                 return error_response(500, "internal_error", "An internal error occurred.")

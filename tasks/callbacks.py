@@ -27,7 +27,14 @@ from rq.exceptions import DuplicateJobError
 
 from . import credentials, retry_policy, signing, ssrf
 from .metrics import record_callback_attempt
-from .models import AttemptTrigger, CallbackAttempt, CallbackStatus, Task, TaskStatus
+from .models import (
+    Application,
+    AttemptTrigger,
+    CallbackAttempt,
+    CallbackStatus,
+    Task,
+    TaskStatus,
+)
 from .presenters import callback_body
 from .queueing import queue
 
@@ -95,13 +102,26 @@ def _enqueue_delivery(
     return True
 
 
-def schedule_first_delivery(*, task_id: uuid.UUID | str) -> bool:
-    """After a task finished: enqueue attempt 1 if it has a callback due."""
-    task = (
-        Task.objects.select_related("application")
-        .filter(pk=task_id, callback_status=CallbackStatus.PENDING, status__in=DELIVERABLE_STATUSES)
-        .first()
-    )
+def schedule_first_delivery(
+    *,
+    task_id: uuid.UUID | str,
+    run: int | None = None,
+    application: Application | None = None,
+) -> bool:
+    """After a task finished: enqueue attempt 1 if it has a callback due.
+
+    The worker that just finished the run passes `run` and `application` (it set the callback
+    due in the same transition), which saves reading the task back.
+    """
+    if run is not None and application is not None:
+        task = Task(id=uuid.UUID(str(task_id)), run=run, application=application)
+    else:
+        task = (
+            Task.objects.select_related("application")
+            .filter(pk=task_id, callback_status=CallbackStatus.PENDING,
+                    status__in=DELIVERABLE_STATUSES)
+            .first()
+        )  # fmt: skip
     if task is None:
         return False
     return _enqueue_delivery(task=task, trigger=AttemptTrigger.AUTO, auto_attempt=1)

@@ -1,8 +1,9 @@
 """Prometheus metrics, derived at scrape time from the database and Redis.
 
-Nothing lives in one process's memory, so the numbers are right with any number of web processes
-and with workers on other machines: events are counted in Redis hashes (HINCRBY, atomic across
-processes), states are read from the database and Redis when scraped.
+Nothing lives in one process's memory for long, so the numbers are right with any number of web
+processes and with workers on other machines: events are counted in Redis hashes (HINCRBY, atomic
+across processes; a worker batches its increments for up to a second, see tasks.counters), states
+are read from the database and Redis when scraped.
 
 - taskhook_tasks_total{app,status}        tasks stored now, by application and status (gauge;
                                            finished tasks leave it when retention removes them)
@@ -16,12 +17,10 @@ processes), states are read from the database and Redis when scraped.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import uuid
 from collections import defaultdict
 
-import redis
 from django.conf import settings
 from django.db.models import Count
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -29,6 +28,7 @@ from prometheus_client.registry import Collector
 from rq import Queue
 from rq.worker import BaseWorker
 
+from . import counters
 from .models import Application, Task
 from .queueing import redis_client
 
@@ -45,24 +45,25 @@ def _bucket_label(bound: float) -> str:
 
 def record_callback_attempt(*, application_id: uuid.UUID | str, delivered: bool) -> None:
     outcome = "delivered" if delivered else "failed"
-    # A lost count dents a metric; it must never fail a delivery.
-    with contextlib.suppress(redis.RedisError):
-        redis_client().hincrby(CALLBACK_KEY, f"{application_id}|{outcome}", 1)
+    counters.add(CALLBACK_KEY, field=f"{application_id}|{outcome}")
 
 
-def observe_task_duration(
-    pipeline: redis.client.Pipeline, *, application_id: uuid.UUID | str, seconds: float
-) -> None:
-    """Add one run time to the histogram (queued on the caller's pipeline: no extra trip)."""
+def observe_task_duration(*, application_id: uuid.UUID | str, seconds: float) -> None:
+    """Add one run time to the histogram."""
     bound = next(b for b in BUCKETS if seconds <= b)
-    pipeline.hincrby(DURATION_KEY, f"{application_id}|{_bucket_label(bound)}", 1)
-    pipeline.hincrbyfloat(DURATION_KEY, f"{application_id}|sum", seconds)
+    counters.add(DURATION_KEY, field=f"{application_id}|{_bucket_label(bound)}")
+    counters.add(DURATION_KEY, float(seconds), field=f"{application_id}|sum")
 
 
 def record_cleanup(removed: int) -> None:
     if removed:
-        with contextlib.suppress(redis.RedisError):
-            redis_client().incrby(CLEANUP_KEY, removed)
+        counters.add(CLEANUP_KEY, removed)
+
+
+def record_reconciler_corrections(counts: dict[str, int]) -> None:
+    for kind, count in counts.items():
+        if count:
+            counters.add(RECONCILER_KEY, count, field=kind)
 
 
 def _decode(raw: dict) -> dict[str, str]:

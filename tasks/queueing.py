@@ -60,12 +60,17 @@ def enqueue_task_run(
     application_id: uuid.UUID | str | None = None,
     max_concurrency: int | None = None,
     at_front: bool = False,
+    fresh: bool = False,
 ) -> bool:
     """Put one run of a task on the task queue. True if enqueued (or already there).
 
     With `max_concurrency`, RQ's own concurrency limit (RateLimit, RQ >= 3) keeps at most that
     many of the application's jobs queued-or-running; the rest wait in RQ's rate-limited set and
     are promoted as slots free up, so one tenant cannot fill every worker.
+
+    `fresh`: the task was created a moment ago, so no job can exist for it yet; RQ's
+    duplicate check (a Lua round trip of its own) is skipped and the job goes in one pipeline.
+    Every other caller (retries, the reconciler, an operator's requeue) keeps the check.
 
     Raises redis.RedisError when Redis is unreachable; callers decide whether that is fatal.
     """
@@ -75,8 +80,10 @@ def enqueue_task_run(
         rate_limit = RateLimit(key=f"app-{application_id}", concurrency=max_concurrency)
         # RQ refuses unique=True for rate-limited jobs: check first. A duplicate that slips
         # through a race is harmless, the guarded pending -> running transition runs it once.
-        if redis_client().exists(Job.key_for(job_id)):
+        if not fresh and redis_client().exists(Job.key_for(job_id)):
             return True
+    one_trip = fresh and rate_limit is None
+    pipeline = redis_client().pipeline() if one_trip else None
     try:
         queue(settings.TASK_QUEUE).enqueue_call(
             "tasks.jobs.run_task",
@@ -90,10 +97,13 @@ def enqueue_task_run(
             failure_ttl=failure_ttl,
             ttl=None,
             at_front=at_front,
-            unique=rate_limit is None,
+            unique=not fresh and rate_limit is None,
             description=f"task {task_id} run {run}",
             rate_limit=rate_limit,
+            pipeline=pipeline,
         )
+        if pipeline is not None:
+            pipeline.execute()
     except DuplicateJobError:
         logger.info("task %s run %s is already enqueued", task_id, run)
     return True

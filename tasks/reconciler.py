@@ -24,7 +24,7 @@ from rq.worker import BaseWorker
 
 from . import callbacks, state
 from .execution import on_task_finished
-from .metrics import RECONCILER_KEY
+from .metrics import record_reconciler_corrections
 from .models import CallbackAttempt, CallbackStatus, Task, TaskStatus
 from .queueing import redis_client
 from .submission import enqueue_pending_task
@@ -71,11 +71,8 @@ def reconcile() -> ReconcileReport:
         _requeue_orphaned_pending(client, report)
         _recover_lost_running(client, report)
         _reschedule_callbacks(report)
-        if report.corrections:
-            for kind in ("requeued", "lost", "rerun", "callbacks_rescheduled"):
-                count = len(getattr(report, kind))
-                if count:
-                    client.hincrby(RECONCILER_KEY, kind, count)
+        record_reconciler_corrections({kind: len(getattr(report, kind))
+            for kind in ("requeued", "lost", "rerun", "callbacks_rescheduled")})  # fmt: skip
         return report
     finally:
         with contextlib.suppress(redis.exceptions.LockError):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.db import connection, transaction
 from django.db.models import Case, F, Value, When
@@ -73,15 +73,22 @@ def start(*, task_id: uuid.UUID | str, run: int, worker_name: str = "") -> bool:
 START_RETURNING = (
     "UPDATE {table} SET status = %s, started_at = %s, worker_name = %s, progress = 0 "
     "WHERE id = %s AND status = %s AND run = %s "
-    "RETURNING inputs, callback_url, application_id"
+    "RETURNING inputs, callback_url, application_id, response_mode"
 )
+
+
+class StartedRun(NamedTuple):
+    inputs: Any
+    callback_url: str
+    application_id: uuid.UUID
+    response_mode: str
 
 
 def start_returning(
     *, task_id: uuid.UUID | str, run: int, worker_name: str = ""
-) -> tuple[Any, str, uuid.UUID] | None:
+) -> StartedRun | None:
     """`start`, and what the worker needs to run the task, in one round trip (the worker's hot
-    path): (inputs, callback_url, application_id), or None when the transition lost.
+    path); None when the transition lost.
 
     UPDATE ... RETURNING is PostgreSQL and SQLite >= 3.35; the ORM has no spelling for it.
     """
@@ -95,10 +102,9 @@ def start_returning(
         row = cursor.fetchone()
     if row is None:
         return None
-    inputs_field = Task._meta.get_field("inputs")
-    inputs = inputs_field.from_db_value(row[0], None, connection)
+    inputs = Task._meta.get_field("inputs").from_db_value(row[0], None, connection)
     app_id = row[2] if isinstance(row[2], uuid.UUID) else uuid.UUID(str(row[2]))
-    return inputs, row[1], app_id
+    return StartedRun(inputs, row[1], app_id, row[3])
 
 
 SUCCEED = (

@@ -1,7 +1,7 @@
 """Short history for the dashboard's charts, kept in Redis and bounded.
 
-- finished tasks per minute: an INCR per finished task on a per-minute key that expires after 2 h;
-  correct with any number of workers on any number of machines;
+- finished tasks per minute: an INCR per finished task (batched per worker, tasks.counters) on a
+  per-minute key that expires after 2 h; correct with any number of workers on any machines;
 - queue depth: sampled every 10 s by a cron job into a list trimmed to the last hour.
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import time
 
-import redis
 from django.conf import settings
 from rq import Queue
 
+from . import counters
 from .queueing import redis_client
 
 FINISHED_KEY = "taskhook:stats:finished:{minute}"
@@ -21,11 +21,9 @@ DEPTH_KEY = "taskhook:stats:depth"
 DEPTH_SAMPLES = 360  # one hour at one sample per 10 s
 
 
-def count_finished(pipeline: redis.client.Pipeline) -> None:
-    """Count one finished task in this minute's bucket (queued on the caller's pipeline)."""
-    key = FINISHED_KEY.format(minute=int(time.time() // 60))
-    pipeline.incr(key)
-    pipeline.expire(key, 7200)
+def count_finished() -> None:
+    """Count one finished task in this minute's bucket (batched in workers: tasks.counters)."""
+    counters.add(FINISHED_KEY.format(minute=int(time.time() // 60)), expire=7200)
 
 
 def finished_per_minute(minutes: int = 60) -> list[tuple[int, int]]:

@@ -4,17 +4,21 @@ RQ alone notices a `kill -9`'d worker late: a SimpleWorker sends no heartbeat wh
 (its key lives job timeout + 60 s), and the abandoned-job sweep runs every 10 minutes. These
 workers run a small thread that refreshes `taskhook:alive:<name>` every HEARTBEAT_SECONDS with a
 TTL of WORKER_ALIVE_TTL seconds (default 30), whatever the job is doing. The reconciler treats a
-running task whose worker is a Taskhook worker without a live key as lost.
+running task whose worker is a Taskhook worker without a live key as lost. The same thread writes
+the worker's batched counters (tasks.counters) once a second.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import redis
 from django.conf import settings
 from rq.worker import SimpleWorker, Worker
+
+from . import counters
 
 logger = logging.getLogger(__name__)
 
@@ -28,17 +32,25 @@ def alive_key(name: str) -> str:
 
 class LivenessMixin:
     def work(self, *args, **kwargs):
+        # django-rq's rqworker sets RQ's logger to INFO (a line per job) whatever LOGGING says;
+        # RQ_LOG_LEVEL decides.
+        kwargs["logging_level"] = settings.RQ_LOG_LEVEL
         ttl = settings.WORKER_ALIVE_TTL
         stop = threading.Event()
         connection = self.connection
+        counters.start_batching()
 
         def beat() -> None:
+            next_alive = 0.0
             while not stop.is_set():
-                try:
-                    connection.set(alive_key(self.name), "1", ex=ttl)
-                except redis.RedisError:
-                    logger.warning("liveness heartbeat failed; Redis unreachable")
-                stop.wait(max(1.0, ttl / 3))
+                if time.monotonic() >= next_alive:
+                    try:
+                        connection.set(alive_key(self.name), "1", ex=ttl)
+                    except redis.RedisError:
+                        logger.warning("liveness heartbeat failed; Redis unreachable")
+                    next_alive = time.monotonic() + max(1.0, ttl / 3)
+                counters.flush()
+                stop.wait(counters.FLUSH_SECONDS)
 
         try:
             connection.sadd(KNOWN_WORKERS_KEY, self.name)
@@ -51,6 +63,7 @@ class LivenessMixin:
         finally:
             stop.set()
             thread.join(timeout=2)
+            counters.flush()
             try:
                 connection.delete(alive_key(self.name))
                 connection.srem(KNOWN_WORKERS_KEY, self.name)

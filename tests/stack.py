@@ -58,13 +58,15 @@ class Stack:
 
     # --- processes ---------------------------------------------------------------------------
 
-    def start_web(self) -> None:
+    def start_web(self, workers: int = 2, **env: str) -> None:
         log = (self.tmp_path / "web.log").open("ab")
         self.web = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "dashboard.wsgi", "-c",
              str(BASE_DIR / "dashboard" / "gunicorn.conf.py")],
             cwd=BASE_DIR,
-            env=self.env | {"GUNICORN_BIND": f"127.0.0.1:{self.web_port}", "WEB_CONCURRENCY": "2"},
+            env=self.env
+            | {"GUNICORN_BIND": f"127.0.0.1:{self.web_port}", "WEB_CONCURRENCY": str(workers)}
+            | env,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         wait_for(self._web_up, timeout=30, interval=0.1)

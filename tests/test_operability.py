@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dashboard.embedded_redis import EmbeddedRedis
 from dashboard.logging import JsonFormatter, TextFormatter, redact
+from tasks import counters
 from tasks.queueing import redis_client
 from tests.conftest import api_submit, wait_for
 
@@ -48,18 +49,50 @@ def test_metrics_after_real_work(make_app, live_worker, receiver):
 
     wait_for(lambda: Task.objects.filter(pk__in=ids, callback_status="delivered").count() == 3)
     wait_for(lambda: Task.objects.filter(application=failing.application, status="failed").exists())
-    samples = scrape(Client())
     name = app.application.name
+    delivered = ("taskhook_callback_attempts_total", (("app", name), ("outcome", "delivered")))
+    # Workers write their counters about once a second (tasks.counters).
+    samples = wait_for(lambda: (s := scrape(Client())).get(delivered) == 3 and s, timeout=5)
     assert samples[("taskhook_tasks_total", (("app", name), ("status", "succeeded")))] == 3
     assert samples[("taskhook_tasks_total", (("app", failing.application.name),
                                              ("status", "failed")))] == 1  # fmt: skip
-    assert samples[("taskhook_callback_attempts_total",
-                    (("app", name), ("outcome", "delivered")))] == 3  # fmt: skip
     assert samples[("taskhook_task_duration_seconds_count", (("app", name),))] == 3
     assert samples[("taskhook_task_duration_seconds_bucket", (("app", name), ("le", "+Inf")))] == 3
     assert samples[("taskhook_queue_depth", (("queue", "tasks"),))] == 0
     assert samples[("taskhook_workers", ())] >= 1
     assert ("taskhook_cleanup_removed_total", ()) in samples
+
+
+def test_counters_are_written_at_once_outside_a_worker():
+    redis_client().delete("taskhook:test:counter")
+    counters.add("taskhook:test:counter", field="a")
+    counters.add("taskhook:test:counter", 0.5, field="sum")
+    assert redis_client().hgetall("taskhook:test:counter") == {b"a": b"1", b"sum": b"0.5"}
+
+
+def test_counters_in_a_worker_wait_for_the_flush_and_survive_redis_errors(settings, monkeypatch):
+    monkeypatch.setattr(counters, "_batching", True)
+    client = redis_client()
+    client.delete("taskhook:test:batched")
+    for _ in range(3):
+        counters.add("taskhook:test:batched", expire=60)
+    assert client.get("taskhook:test:batched") is None  # nothing written yet
+
+    with socket.socket() as sock:  # a port where no Redis listens
+        sock.bind(("127.0.0.1", 0))
+        dead_port = sock.getsockname()[1]
+    real_url = settings.REDIS_URL
+    settings.REDIS_URL = f"redis://127.0.0.1:{dead_port}/0"
+    redis_client.cache_clear()
+    try:
+        assert counters.flush() is False  # kept for the next flush
+    finally:
+        settings.REDIS_URL = real_url
+        redis_client.cache_clear()
+    counters.add("taskhook:test:batched")
+    assert counters.flush() is True
+    assert redis_client().get("taskhook:test:batched") == b"4"
+    assert 0 < redis_client().ttl("taskhook:test:batched") <= 60
 
 
 def test_metrics_token(settings):
