@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -37,6 +37,17 @@ def cached_application(application_id: uuid.UUID | str) -> Application:
     application = Application.objects.get(pk=application_id)
     if ttl:
         _app_cache[str(application_id)] = (time.monotonic() + ttl, application)
+    return application
+
+
+def current_application(application_id: uuid.UUID | str, *, updated_at: datetime) -> Application:
+    """The application as of `updated_at` (which the caller read from the database in the same
+    statement as its task): served from the cache unless it changed since, with no TTL."""
+    hit = _app_cache.get(str(application_id))
+    if hit and hit[1].updated_at == updated_at:
+        return hit[1]
+    application = Application.objects.get(pk=application_id)
+    _app_cache[str(application_id)] = (time.monotonic() + settings.AUTH_CACHE_SECONDS, application)
     return application
 
 

@@ -25,7 +25,8 @@ from django.db import connection, transaction
 from django.utils import timezone
 from rq.exceptions import DuplicateJobError
 
-from . import credentials, retry_policy, signing, ssrf
+from . import credentials, rawsql, retry_policy, signing, ssrf
+from .applications import current_application
 from .metrics import record_callback_attempt
 from .models import (
     Application,
@@ -36,7 +37,7 @@ from .models import (
     TaskStatus,
 )
 from .presenters import callback_body
-from .queueing import queue
+from .queueing import SUCCESSFUL_JOB_TTL, queue
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ def _enqueue_delivery(
         "args": (str(task.id), task.run, trigger, auto_attempt),
         "job_id": f"cb-{task.id}-{task.run}-{suffix}",
         "job_timeout": int(application.callback_timeout_seconds) + 30,
-        "result_ttl": 0,
+        # Kept a minute like task jobs: deleting a job at once costs RQ more round trips.
+        "result_ttl": SUCCESSFUL_JOB_TTL,
         "failure_ttl": application.retention_hours * 3600,
         "unique": True,
         "description": f"callback {task.id} run {task.run} ({trigger})",
@@ -169,25 +171,52 @@ class Outcome:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
+# The fields a delivery needs (the payload, the URL), returned by the claim itself.
+CLAIMED_FIELDS = (
+    "id", "run", "application_id", "status", "output", "error", "user",
+    "created_at", "started_at", "finished_at", "callback_url", "callback_attempts",
+)  # fmt: skip
 CLAIM_SQL = (
-    "UPDATE {table} SET callback_attempts = callback_attempts + 1, callback_status = %s{extra} "
-    "WHERE id = %s AND run = %s RETURNING callback_attempts"
+    "UPDATE {task} SET callback_attempts = callback_attempts + 1, callback_status = %s{extra} "
+    "WHERE id = %s AND run = %s AND status IN (%s, %s) AND callback_url <> ''{only_due} "
+    "RETURNING {columns}, "
+    "(SELECT updated_at FROM {application} WHERE {application}.id = {task}.application_id)"
 )
 
 
-def _claim_attempt_number(task: Task, trigger: str) -> int | None:
-    """Reserve the next attempt number for this run and mark the callback as delivering: one
-    atomic UPDATE ... RETURNING, so two deliveries of the same run never share a number."""
-    extra = ", callback_next_attempt_at = NULL" if trigger == AttemptTrigger.AUTO else ""
-    table = connection.ops.quote_name(Task._meta.db_table)
-    pk = Task._meta.pk.get_db_prep_value(task.id, connection)
+def _claim_attempt(task_id: uuid.UUID | str, run: int, trigger: str) -> Task | None:
+    """Reserve the next attempt number for this run, mark the callback as delivering and read
+    what the delivery needs: one atomic UPDATE ... RETURNING, so two deliveries of the same run
+    never share a number. None when there is nothing to deliver (task gone or re-run, no
+    callback, or, for an automatic attempt, the callback already settled).
+
+    The application comes from a per-process cache checked against its `updated_at`, returned
+    by the same statement: a rotated secret signs the very next delivery.
+    """
+    auto = trigger == AttemptTrigger.AUTO
+    params = [CallbackStatus.DELIVERING,
+              Task._meta.pk.get_db_prep_value(uuid.UUID(str(task_id)), connection), run,
+              *DELIVERABLE_STATUSES]  # fmt: skip
+    if auto:
+        params += [CallbackStatus.PENDING, CallbackStatus.DELIVERING]
+    fields = [Task._meta.get_field(name) for name in CLAIMED_FIELDS]
+    sql = CLAIM_SQL.format(
+        task=rawsql.quote(Task._meta.db_table),
+        application=rawsql.quote(Application._meta.db_table),
+        extra=", callback_next_attempt_at = NULL" if auto else "",
+        only_due=" AND callback_status IN (%s, %s)" if auto else "",
+        columns=", ".join(rawsql.quote(field.column) for field in fields),
+    )
     with connection.cursor() as cursor:
-        cursor.execute(
-            CLAIM_SQL.format(table=table, extra=extra),
-            [CallbackStatus.DELIVERING, pk, task.run],
-        )
+        cursor.execute(sql, params)
         row = cursor.fetchone()
-    return row[0] if row else None
+    if row is None:
+        return None
+    task = Task(**{field.attname: rawsql.from_db(field, value)
+                   for field, value in zip(fields, row, strict=False)})  # fmt: skip
+    updated_at = rawsql.from_db(Application._meta.get_field("updated_at"), row[-1])
+    task.application = current_application(task.application_id, updated_at=updated_at)
+    return task
 
 
 def _send(task: Task, number: int) -> Outcome:
@@ -247,21 +276,11 @@ def deliver(
     *, task_id: uuid.UUID | str, run: int, trigger: str, auto_attempt: int | None = None
 ) -> str:
     """Make one delivery attempt, record it, and schedule the next one if the policy says so."""
-    task = (
-        Task.objects.select_related("application")
-        .filter(pk=task_id, run=run, status__in=DELIVERABLE_STATUSES)
-        .exclude(callback_url="")
-        .first()
-    )
+    task = _claim_attempt(task_id, run, trigger)
     if task is None:
-        return "skipped: task gone, re-run or without callback"
+        return "skipped: task gone or re-run, no callback, or callback already settled"
     auto = trigger == AttemptTrigger.AUTO
-    if auto and task.callback_status not in (CallbackStatus.PENDING, CallbackStatus.DELIVERING):
-        return f"skipped: callback already {task.callback_status}"
-    number = _claim_attempt_number(task, trigger)
-    if number is None:
-        return "skipped: task gone"
-
+    number = task.callback_attempts
     started_at = timezone.now()
     outcome = _send(task, number)
     auto_attempt = auto_attempt or 1
@@ -283,9 +302,8 @@ def deliver(
         else:
             next_at = timezone.now() + timedelta(seconds=delay)
             result, fields = "retrying", {"callback_next_attempt_at": next_at}
-    this_run = Task.objects.filter(pk=task.id, run=run)
     with transaction.atomic():  # the attempt and the task's callback state: one commit
-        CallbackAttempt.objects.create(
+        rawsql.insert(CallbackAttempt(
             task_id=task.id,
             run=run,
             number=number,
@@ -297,10 +315,11 @@ def deliver(
             error=outcome.error[:2000],
             duration_ms=outcome.duration_ms,
             delivered=outcome.delivered,
-        )
-        this_run.update(callback_last_status_code=outcome.status_code, **fields)
+        ))  # fmt: skip
+        fields["callback_last_status_code"] = outcome.status_code
+        rawsql.update(Task, where={"id": task.id, "run": run}, values=fields)
         if not auto and not outcome.delivered:
-            this_run.filter(callback_next_attempt_at__isnull=True).update(
+            Task.objects.filter(pk=task.id, run=run, callback_next_attempt_at__isnull=True).update(
                 callback_status=CallbackStatus.FAILED
             )
     record_callback_attempt(application_id=task.application_id, delivered=outcome.delivered)

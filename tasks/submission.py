@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -12,10 +11,9 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Field
 from django.utils import timezone
 
-from . import ssrf
+from . import rawsql, ssrf
 from .models import Application, Task
 from .queueing import enqueue_task_run
 
@@ -146,9 +144,9 @@ def submit_task(
     try:
         if connection.in_atomic_block:
             with transaction.atomic():  # a savepoint, so a key race leaves the caller's txn usable
-                insert_task(task)
+                rawsql.insert(task)  # the ORM's save() without its per-call compilation
         else:
-            insert_task(task)  # autocommit: one round trip, committed on return
+            rawsql.insert(task)  # autocommit: one round trip, committed on return
         # Runs at once in autocommit, or after the caller's transaction commits.
         transaction.on_commit(lambda: enqueue_pending_task(task=task, fresh=True))
     except IntegrityError:
@@ -160,30 +158,6 @@ def submit_task(
             raise
         return existing, False
     return task, True
-
-
-@functools.cache
-def _insert_statement() -> tuple[str, tuple[Field, ...]]:
-    fields = tuple(Task._meta.concrete_fields)
-    quote = connection.ops.quote_name
-    columns = ", ".join(quote(field.column) for field in fields)
-    placeholders = ", ".join(["%s"] * len(fields))
-    table = quote(Task._meta.db_table)
-    # Identifiers come from the model; every value is a parameter.
-    return f"INSERT INTO {table} ({columns}) VALUES ({placeholders})", fields  # noqa: S608
-
-
-def insert_task(task: Task) -> None:
-    """`task.save(force_insert=True)` for the submit hot path, without the ORM's per-call SQL
-    compilation (a fifth of a submit's CPU). The statement is built once from the model's
-    fields; values go through each field's own pre_save and get_db_prep_save, as in save().
-    No model signals are sent (the project has no receivers for Task)."""
-    sql, fields = _insert_statement()
-    params = [field.get_db_prep_save(field.pre_save(task, True), connection) for field in fields]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-    task._state.adding = False
-    task._state.db = connection.alias
 
 
 def enqueue_pending_task(*, task: Task, fresh: bool = False) -> bool:

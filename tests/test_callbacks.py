@@ -197,6 +197,21 @@ def test_slow_receiver_does_not_hold_up_others(make_app, live_worker, receiver):
         extra.stop()
 
 
+def test_rotation_without_grace_signs_the_very_next_delivery(make_app, live_worker, receiver):
+    """Workers cache the application, but check it against its updated_at on every claim: a
+    secret rotated because it leaked is never used again, not even within a cache period."""
+    app = make_app("echo")
+    callback_done(submit(app, receiver.url), ("delivered",))  # the worker caches the app
+    Webhook(app.webhook_secret).verify(receiver.received[0].body, receiver.received[0].headers)
+    new_secret = rotate_webhook_secret(application_id=app.application.id, grace_hours=0)
+    callback_done(submit(app, receiver.url), ("delivered",))
+    request = receiver.received[-1]
+    assert len(request.headers["webhook-signature"].split(" ")) == 1
+    Webhook(new_secret).verify(request.body, request.headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(app.webhook_secret).verify(request.body, request.headers)
+
+
 def test_rotation_signs_with_both_secrets_during_grace(make_app, live_worker, receiver):
     app = make_app("echo")
     old_secret = app.webhook_secret
@@ -211,9 +226,10 @@ def test_rotation_signs_with_both_secrets_during_grace(make_app, live_worker, re
     expected = hmac.new(new_secret.encode(), request.body, hashlib.sha256).hexdigest()
     assert request.headers["X-Dify-Signature-V1"] == expected
 
-    # After the grace period only the new secret signs.
+    # After the grace period only the new secret signs. (The period is moved into the past;
+    # updated_at moves as with any save, which is what tells workers' caches it changed.)
     Application.objects.filter(pk=app.application.id).update(
-        previous_secret_expires_at=timezone.now() - timedelta(seconds=1)
+        previous_secret_expires_at=timezone.now() - timedelta(seconds=1), updated_at=timezone.now()
     )
     task_id = submit(app, receiver.url)
     callback_done(task_id, ("delivered",))
