@@ -101,9 +101,11 @@ def raw_rq(redis_url: str, env: dict[str, str]) -> dict[str, float]:
         processes = Processes()
         processes.start(
             [sys.executable, "-m", "rq.cli", "worker", "-u", redis_url, "--burst", "-w",
-             worker_class, "bench-raw"], env | {"PYTHONPATH": str(BASE_DIR)},
+             worker_class, "--logging_level", "WARNING", "bench-raw"],
+            env | {"PYTHONPATH": str(BASE_DIR)},
         )  # fmt: skip
-        # Throughput from the jobs' own timestamps: worker start-up is not counted.
+        # Throughput from the jobs' own timestamps: worker start-up is not counted. Logging at
+        # WARNING, as Taskhook's workers do by default (RQ_LOG_LEVEL).
         worker = processes.items[0]
         wait_until(lambda worker=worker: worker.poll() is not None, timeout=300)
         ids = queue.finished_job_registry.get_job_ids()
@@ -205,8 +207,6 @@ def child() -> None:
 
 
 def callbacks(app, url, headers, processes, env, settings) -> dict[str, float]:
-    import requests
-
     from tasks import callbacks as delivery
     from tasks.models import Task
 
@@ -231,28 +231,43 @@ def callbacks(app, url, headers, processes, env, settings) -> dict[str, float]:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     hook = f"http://127.0.0.1:{server.server_address[1]}/hook"
     env = env | {"CALLBACK_ALLOW_PRIVATE_NETWORKS": "true"}
-    for _ in range(2):
-        processes.start([sys.executable, str(BASE_DIR / "manage.py"), "rqworker",
-                         settings.CALLBACK_QUEUE, "--worker-class",
-                         "tasks.worker.TaskhookWorker"], env)  # fmt: skip
-    time.sleep(2)
     try:
-        # Deliveries/s: finished tasks with a callback due, their first attempts enqueued at once.
+        # Capacity of one callback worker: deliveries already queued (finished tasks with a
+        # callback due), timed from the first to the last arrival, as the raw RQ baseline is.
         now = datetime.now(UTC)
         tasks = Task.objects.bulk_create(
             Task(application=app.application, inputs={}, status="succeeded", output={"ok": 1},
                  created_at=now, started_at=now, finished_at=now, callback_url=hook,
                  callback_status="pending") for _ in range(CALLBACKS)
         )  # fmt: skip
-        started = time.perf_counter()
         for task in tasks:
             delivery.schedule_first_delivery(task_id=task.id)
+        processes.start([sys.executable, str(BASE_DIR / "manage.py"), "rqworker",
+                         settings.CALLBACK_QUEUE, "--worker-class",
+                         "tasks.worker.TaskhookWorker"], env)  # fmt: skip
         wait_until(lambda: len(received) >= CALLBACKS, timeout=300)
-        deliveries = CALLBACKS / (time.perf_counter() - started)
+        arrivals = sorted(received.values())
+        capacity = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+
+        # Keeping up: tasks with a callback submitted over HTTP for a few seconds, one task
+        # worker (running since the end-to-end run) and one callback worker, in the same run.
+        received.clear()
+        body = json.dumps({"inputs": {"q": 1}, "response_mode": "async", "callback_url": hook})
+        Task.objects.filter(application=app.application).delete()
+        started = time.perf_counter()
+        wrk_post(url, body, headers, clients=4, seconds=E2E_SUBMIT_SECONDS)
+        submitted = Task.objects.filter(application=app.application).count()
+        done = lambda: Task.objects.filter(application=app.application,  # noqa: E731
+                                           status="succeeded").count() >= submitted  # fmt: skip
+        wait_until(done, timeout=600, interval=0.05)
+        tasks_per_s = submitted / (time.perf_counter() - started)
+        wait_until(lambda: len(received) >= submitted, timeout=600, interval=0.05)
+        deliveries_per_s = submitted / (time.perf_counter() - started)
 
         # End to end: submit -> callback received, one task at a time.
+        import requests
+
         session = requests.Session()
-        body = json.dumps({"inputs": {"q": 1}, "response_mode": "async", "callback_url": hook})
         latencies = []
         for _ in range(60):
             started = time.perf_counter()
@@ -262,7 +277,10 @@ def callbacks(app, url, headers, processes, env, settings) -> dict[str, float]:
     finally:
         server.shutdown()
     return {
-        "callback_deliveries_per_s": deliveries,
+        "callback_capacity_per_s": capacity,
+        "callback_mixed_tasks_per_s": tasks_per_s,
+        "callback_mixed_deliveries_per_s": deliveries_per_s,
+        "callback_mixed_tasks": submitted,
         "callback_e2e_p50_ms": percentile(latencies, 50),
         "callback_e2e_p95_ms": percentile(latencies, 95),
     }
@@ -368,7 +386,23 @@ ROWS = [
     ("Submit throughput, 10 clients (req/s)", "submit_rps_10", "{:.0f}"),
     ("  ratio to raw enqueue rate (target >= 0.25)", "ratio_submit", "{:.2f}"),
     ("Submit throughput, 50 clients (req/s)", "submit_rps_50", "{:.0f}"),
-    ("Callback deliveries/s, 2 workers, fast receiver", "callback_deliveries_per_s", "{:.0f}"),
+    (
+        "Callback deliveries/s, 1 callback worker, queued, fast receiver",
+        "callback_capacity_per_s",
+        "{:.0f}",
+    ),
+    ("  ratio to Taskhook tasks/s above (target >= 1)", "ratio_capacity", "{:.2f}"),
+    (
+        "With callbacks, 1 task + 1 callback worker: tasks/s succeeded",
+        "callback_mixed_tasks_per_s",
+        "{:.0f}",
+    ),
+    (
+        "  same run: callbacks received/s (target >= tasks/s)",
+        "callback_mixed_deliveries_per_s",
+        "{:.0f}",
+    ),
+    ("  tasks in that run", "callback_mixed_tasks", "{:.0f}"),
     ("Submit -> callback received p50 / p95 (ms)", "callback_e2e", "{}"),
     ("Poll latency p50 / p99 (ms)", "poll_latency", "{}"),
 ]
@@ -404,6 +438,7 @@ def run_backends() -> list[tuple[str, dict]]:
         data = json.loads(output.stdout.strip().splitlines()[-1])
         data["ratio_e2e"] = data["e2e_tasks_per_s"] / data["raw_simple_jobs_per_s"]
         data["ratio_submit"] = data["submit_rps_10"] / data["raw_enqueue_per_s"]
+        data["ratio_capacity"] = data["callback_capacity_per_s"] / data["e2e_tasks_per_s"]
         data["submit_latency"] = (f"{data['submit_p50_ms']:.1f} / {data['submit_p95_ms']:.1f} / "
                                   f"{data['submit_p99_ms']:.1f}")  # fmt: skip
         data["callback_e2e"] = (
@@ -427,6 +462,9 @@ def write_report(columns: list[tuple[str, dict]]) -> None:
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
                f"Django {django.get_version()}, RQ {rq.__version__}")  # fmt: skip
     doc = BASE_DIR / "docs" / "benchmarks.md"
+    # Sections written by the other benchmarks (bench/retention.py, bench/dashboard.py) stay.
+    previous = doc.read_text() if doc.exists() else ""
+    others = previous[previous.index("\n## ") :] if "\n## " in previous else ""
     doc.write_text(
         "# Benchmarks\n\n"
         f"Written by `make bench` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC ({machine}).\n"
@@ -434,7 +472,7 @@ def write_report(columns: list[tuple[str, dict]]) -> None:
         "Workers are `tasks.worker.TaskhookWorker` (RQ's SimpleWorker plus a liveness thread); "
         "the web is gunicorn (2 processes x 8 threads). The load generator runs on the same "
         "2 cores as the server, so absolute numbers are conservative; the ratios count.\n\n"
-        f"{table}\n"
+        f"{table}\n{others}"
     )
     print(f"\nwritten to {doc.relative_to(BASE_DIR)}")
 

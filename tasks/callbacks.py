@@ -302,23 +302,28 @@ def deliver(
         else:
             next_at = timezone.now() + timedelta(seconds=delay)
             result, fields = "retrying", {"callback_next_attempt_at": next_at}
-    with transaction.atomic():  # the attempt and the task's callback state: one commit
-        rawsql.insert(CallbackAttempt(
-            task_id=task.id,
-            run=run,
-            number=number,
-            trigger=trigger,
-            started_at=started_at,
-            url=task.callback_url,
-            status_code=outcome.status_code,
-            response_excerpt=outcome.excerpt,
-            error=outcome.error[:2000],
-            duration_ms=outcome.duration_ms,
-            delivered=outcome.delivered,
-        ))  # fmt: skip
-        fields["callback_last_status_code"] = outcome.status_code
-        rawsql.update(Task, where={"id": task.id, "run": run}, values=fields)
-        if not auto and not outcome.delivered:
+    attempt = rawsql.insert_statement(CallbackAttempt(
+        task_id=task.id,
+        run=run,
+        number=number,
+        trigger=trigger,
+        started_at=started_at,
+        url=task.callback_url,
+        status_code=outcome.status_code,
+        response_excerpt=outcome.excerpt,
+        error=outcome.error[:2000],
+        duration_ms=outcome.duration_ms,
+        delivered=outcome.delivered,
+    ))  # fmt: skip
+    fields["callback_last_status_code"] = outcome.status_code
+    callback_state = rawsql.update_statement(Task, where={"id": task.id, "run": run}, values=fields)
+    if auto or outcome.delivered:
+        rawsql.execute_together(attempt, callback_state)  # the attempt and the state: one commit
+    else:
+        with transaction.atomic():
+            rawsql.execute(attempt)
+            rawsql.execute(callback_state)
+            # A failed manual attempt settles the callback unless an automatic retry is due.
             Task.objects.filter(pk=task.id, run=run, callback_next_attempt_at__isnull=True).update(
                 callback_status=CallbackStatus.FAILED
             )

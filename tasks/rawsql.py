@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import Field, Model
 
 
@@ -36,8 +36,13 @@ def from_db(field: Field, value: Any) -> Any:
     return value
 
 
+class Statement(NamedTuple):
+    sql: str
+    params: list[Any]
+
+
 @functools.cache
-def _insert_statement(model: type[Model]) -> tuple[str, tuple[Field, ...]]:
+def _insert_sql(model: type[Model]) -> tuple[str, tuple[Field, ...]]:
     fields = tuple(field for field in model._meta.concrete_fields
                    if not getattr(field, "db_returning", False))  # fmt: skip
     columns = ", ".join(quote(field.column) for field in fields)
@@ -46,25 +51,20 @@ def _insert_statement(model: type[Model]) -> tuple[str, tuple[Field, ...]]:
     return f"INSERT INTO {quote(model._meta.db_table)} ({columns}) VALUES ({placeholders})", fields  # noqa: S608
 
 
-def insert(instance: Model) -> None:
-    """`instance.save(force_insert=True)` without the ORM's per-call SQL compilation.
-
-    The statement is built once per model; values go through each field's own pre_save and
-    get_db_prep_save, as in save(). No model signals are sent (the project has no receivers),
-    and a database-generated primary key (AutoField) is not read back.
-    """
-    sql, fields = _insert_statement(type(instance))
+def insert_statement(instance: Model) -> Statement:
+    """The INSERT that `instance.save(force_insert=True)` would run, built once per model; values
+    go through each field's own pre_save and get_db_prep_save, as in save(). A database-generated
+    primary key (AutoField) is left to the database and not read back."""
+    sql, fields = _insert_sql(type(instance))
     params = [field.get_db_prep_save(field.pre_save(instance, True), connection)
               for field in fields]  # fmt: skip
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-    instance._state.adding = False
-    instance._state.db = connection.alias
+    return Statement(sql, params)
 
 
-def update(model: type[Model], *, where: dict[str, Any], values: dict[str, Any]) -> int:
-    """`model.objects.filter(**where).update(**values)` for equality filters, without the ORM's
-    per-call SQL compilation; returns the number of rows changed."""
+def update_statement(
+    model: type[Model], *, where: dict[str, Any], values: dict[str, Any]
+) -> Statement:
+    """`model.objects.filter(**where).update(**values)` for equality filters."""
     meta = model._meta
     assignments, params = [], []
     for name, value in values.items():
@@ -78,6 +78,31 @@ def update(model: type[Model], *, where: dict[str, Any], values: dict[str, Any])
         params.append(field.get_db_prep_value(value, connection))
     sql = (f"UPDATE {quote(meta.db_table)} SET {', '.join(assignments)} "  # noqa: S608
            f"WHERE {' AND '.join(conditions)}")  # fmt: skip
+    return Statement(sql, params)
+
+
+def execute(statement: Statement) -> int:
+    """Run one statement; returns the number of rows it changed."""
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(statement.sql, statement.params)
         return cursor.rowcount
+
+
+def execute_together(first: Statement, then: Statement) -> int:
+    """Two writes in one commit; returns the rows `then` changed. On PostgreSQL one round trip:
+    `first` runs as a data-modifying CTE of `then`, so the two must not touch the same rows.
+    Elsewhere (SQLite, where a transaction costs no round trips) in a transaction."""
+    if connection.vendor == "postgresql":
+        return execute(Statement(f"WITH first AS ({first.sql}) {then.sql}",
+                                 [*first.params, *then.params]))  # fmt: skip
+    with transaction.atomic():
+        execute(first)
+        return execute(then)
+
+
+def insert(instance: Model) -> None:
+    """`instance.save(force_insert=True)` without the ORM's per-call SQL compilation. No model
+    signals are sent (the project has no receivers)."""
+    execute(insert_statement(instance))
+    instance._state.adding = False
+    instance._state.db = connection.alias
