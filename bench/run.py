@@ -497,8 +497,9 @@ def write_report(columns: list[tuple[str, dict]]) -> None:
         f"Written by `make bench` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC ({machine}).\n"
         "Every figure comes from the same run, on the same Redis and database per column. "
         "Workers are `tasks.worker.TaskhookWorker` (RQ's SimpleWorker plus a liveness thread); "
-        "the web is gunicorn (2 processes x 8 threads). The load generator runs on the same "
-        "2 cores as the server, so absolute numbers are conservative; the ratios count.\n\n"
+        "the web is gunicorn (2 processes x 8 threads); raw RQ and Taskhook workers both log at "
+        "WARNING. The load generator (wrk) runs on the same 2 cores as the server, so absolute "
+        "numbers are conservative; the ratios count.\n\n"
         f"{table}\n{others}"
     )
     print(f"\nwritten to {doc.relative_to(BASE_DIR)}")
