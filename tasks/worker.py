@@ -49,7 +49,10 @@ class LivenessMixin:
                     except redis.RedisError:
                         logger.warning("liveness heartbeat failed; Redis unreachable")
                     next_alive = time.monotonic() + max(1.0, ttl / 3)
-                counters.flush()
+                try:
+                    counters.flush()  # Redis errors are handled there; nothing may stop liveness
+                except Exception:
+                    logger.exception("could not write counters")
                 stop.wait(counters.FLUSH_SECONDS)
 
         try:
