@@ -93,6 +93,10 @@ else:
         # The same backend, with health checks only for connections idle a while (see there).
         _db["ENGINE"] = "dashboard.postgresql"
 HEALTH_CHECK_IDLE_SECONDS = env.float("HEALTH_CHECK_IDLE_SECONDS", default=1.0)
+# PostgreSQL: the hot statements (submit, start, finish, delivery) are prepared once per
+# connection. Turn off behind a pooler in transaction mode without prepared-statement support
+# (PgBouncer < 1.21, or max_prepared_statements = 0).
+DATABASE_PREPARED_STATEMENTS = env.bool("DATABASE_PREPARED_STATEMENTS", default=True)
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -207,9 +207,7 @@ def _claim_attempt(task_id: uuid.UUID | str, run: int, trigger: str) -> Task | N
         only_due=" AND callback_status IN (%s, %s)" if auto else "",
         columns=", ".join(rawsql.quote(field.column) for field in fields),
     )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        row = cursor.fetchone()
+    row = rawsql.fetchone(rawsql.Statement(sql, params))
     if row is None:
         return None
     task = Task(**{field.attname: rawsql.from_db(field, value)

@@ -13,6 +13,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Field, Model
 
@@ -65,27 +66,47 @@ def update_statement(
     model: type[Model], *, where: dict[str, Any], values: dict[str, Any]
 ) -> Statement:
     """`model.objects.filter(**where).update(**values)` for equality filters."""
-    meta = model._meta
-    assignments, params = [], []
-    for name, value in values.items():
-        field = meta.get_field(name)
-        assignments.append(f"{quote(field.column)} = %s")
-        params.append(field.get_db_prep_save(value, connection))
-    conditions = []
-    for name, value in where.items():
-        field = meta.get_field(name)
-        conditions.append(f"{quote(field.column)} = %s")
-        params.append(field.get_db_prep_value(value, connection))
-    sql = (f"UPDATE {quote(meta.db_table)} SET {', '.join(assignments)} "  # noqa: S608
-           f"WHERE {' AND '.join(conditions)}")  # fmt: skip
+    sql, fields = _update_sql(model, tuple(values), tuple(where))
+    assigned, matched = fields[: len(values)], fields[len(values) :]
+    params = [field.get_db_prep_save(value, connection)
+              for field, value in zip(assigned, values.values(), strict=True)]  # fmt: skip
+    params += [field.get_db_prep_value(value, connection)
+               for field, value in zip(matched, where.values(), strict=True)]  # fmt: skip
     return Statement(sql, params)
+
+
+@functools.cache
+def _update_sql(
+    model: type[Model], assigned: tuple[str, ...], matched: tuple[str, ...]
+) -> tuple[str, tuple[Field, ...]]:
+    meta = model._meta
+    fields = tuple(meta.get_field(name) for name in (*assigned, *matched))
+    assignments = ", ".join(f"{quote(field.column)} = %s" for field in fields[: len(assigned)])
+    conditions = " AND ".join(f"{quote(field.column)} = %s" for field in fields[len(assigned) :])
+    return f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {conditions}", fields  # noqa: S608
+
+
+def cursor():
+    """Where the hot statements run: on PostgreSQL a cursor that prepares them once per
+    connection (unless DATABASE_PREPARED_STATEMENTS is off, e.g. behind a transaction-mode
+    pooler that cannot keep them), elsewhere Django's own."""
+    if settings.DATABASE_PREPARED_STATEMENTS and hasattr(connection, "prepared_cursor"):
+        return connection.prepared_cursor()
+    return connection.cursor()
 
 
 def execute(statement: Statement) -> int:
     """Run one statement; returns the number of rows it changed."""
-    with connection.cursor() as cursor:
-        cursor.execute(statement.sql, statement.params)
-        return cursor.rowcount
+    with cursor() as db:
+        db.execute(statement.sql, statement.params)
+        return db.rowcount
+
+
+def fetchone(statement: Statement) -> tuple | None:
+    """Run one statement (a SELECT or a write with RETURNING); its first row or None."""
+    with cursor() as db:
+        db.execute(statement.sql, statement.params)
+        return db.fetchone()
 
 
 def execute_together(first: Statement, then: Statement) -> int:

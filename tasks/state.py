@@ -95,12 +95,10 @@ def start_returning(
     """
     table = rawsql.quote(Task._meta.db_table)
     pk = Task._meta.pk.get_db_prep_value(uuid.UUID(str(task_id)), connection)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            START_RETURNING.format(table=table),
-            [S.RUNNING, timezone.now(), worker_name[:255], pk, S.PENDING, run],
-        )
-        row = cursor.fetchone()
+    row = rawsql.fetchone(rawsql.Statement(
+        START_RETURNING.format(table=table),
+        [S.RUNNING, timezone.now(), worker_name[:255], pk, S.PENDING, run],
+    ))  # fmt: skip
     if row is None:
         return None
     fields = (Task._meta.get_field(name)

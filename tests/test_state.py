@@ -119,3 +119,21 @@ def test_finished_task_with_callback_url_gets_pending_callback(make_app):
         state.succeed(task_id=task.id, run=1, output={})
     assert Task.objects.get(pk=with_url.id).callback_status == "pending"
     assert Task.objects.get(pk=without.id).callback_status == "none"
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="prepared statements: PostgreSQL")
+@pytest.mark.parametrize("prepared", [True, False])
+def test_worker_statements_are_prepared_once_per_connection(make_app, settings, prepared):
+    settings.DATABASE_PREPARED_STATEMENTS = prepared
+    app = make_app()
+    for _ in range(3):
+        task = make_task(app)
+        assert state.start_returning(task_id=task.id, run=1, worker_name="w") is not None
+        assert state.succeed(task_id=task.id, run=1, output={"n": 1}, has_callback=False)
+    assert Task.objects.filter(status="succeeded").count() == 3
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        statements = [row[0] for row in cursor.fetchall()]
+    starts = [sql for sql in statements if sql.startswith("UPDATE") and "RETURNING inputs" in sql]
+    finishes = [sql for sql in statements if 'SET "status" = $1, "output"' in sql]
+    assert (len(starts), len(finishes)) == ((1, 1) if prepared else (0, 0))

@@ -1,0 +1,157 @@
+"""One worker draining queued work, beside raw RQ on the same Redis and database: the worker's
+per-job cost without the web or a load generator competing for the 2 cores. For profiling:
+
+    python bench/drain.py tasks 3000        # Taskhook task worker vs raw SimpleWorker
+    python bench/drain.py callbacks 1000    # one callback worker, fast receiver on 127.0.0.1
+    BENCH_PROFILE=1 python bench/drain.py tasks 3000   # also py-spy the Taskhook worker
+
+DATABASE_URL / REDIS_URL choose the backends, as for the app.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(BASE_DIR))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dashboard.settings")
+os.environ.setdefault("DEBUG", "true")
+os.environ.setdefault("LOG_LEVEL", "WARNING")
+os.environ.setdefault("CALLBACK_ALLOW_PRIVATE_NETWORKS", "true")
+
+
+def run_worker(queue_name: str, worker_class: str, profile: str | None = None) -> None:
+    argv = [sys.executable, str(BASE_DIR / "manage.py"), "rqworker", queue_name, "--burst",
+            "--worker-class", worker_class]  # fmt: skip
+    if profile:
+        argv = [
+            "py-spy",
+            "record",
+            "--idle",
+            "-r",
+            "200",
+            "-o",
+            profile,
+            "-f",
+            "speedscope",
+            "--",
+            *argv,
+        ]
+    subprocess.run(argv, cwd=BASE_DIR, env=os.environ, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def raw(count: int) -> float:
+    from rq import Queue
+    from rq.job import Job
+
+    from tasks.queueing import redis_client
+
+    queue = Queue("bench-raw", connection=redis_client())
+    queue.empty()
+    for _ in range(count):
+        queue.enqueue("bench.noop.noop", result_ttl=60)
+    subprocess.run(
+        [sys.executable, "-m", "rq.cli", "worker", "-u", os.environ["REDIS_URL"], "--burst", "-w",
+         "rq.worker.SimpleWorker", "--logging_level", "WARNING", "bench-raw"],
+        cwd=BASE_DIR, env=os.environ | {"PYTHONPATH": str(BASE_DIR)}, check=True,
+    )  # fmt: skip
+    jobs = [j for j in Job.fetch_many(queue.finished_job_registry.get_job_ids(),
+                                      connection=redis_client()) if j]  # fmt: skip
+    first, last = min(j.started_at for j in jobs), max(j.ended_at for j in jobs)
+    for job in jobs:
+        job.delete()
+    return len(jobs) / (last - first).total_seconds()
+
+
+def tasks(count: int, application) -> float:
+    from django.conf import settings
+    from django.db.models import Max, Min
+
+    from tasks.models import Task
+    from tasks.submission import SubmitRequest, submit_task
+
+    request = SubmitRequest(inputs={"q": "bench"}, response_mode="async", user="",
+                            callback_url="", request_hash="")  # fmt: skip
+    for _ in range(count):
+        submit_task(application=application, request=request)
+    run_worker(settings.TASK_QUEUE, "tasks.worker.TaskhookWorker", os.environ.get("PROFILE_OUT"))
+    rows = Task.objects.filter(application=application, status="succeeded")
+    window = rows.aggregate(first=Min("started_at"), last=Max("finished_at"))
+    assert rows.count() == count, rows.count()
+    return count / (window["last"] - window["first"]).total_seconds()
+
+
+def callbacks(count: int, application) -> float:
+    from django.conf import settings
+
+    from tasks import callbacks as delivery
+    from tasks.models import Task
+
+    arrivals: list[float] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            arrivals.append(time.perf_counter())
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    hook = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    now = datetime.now(UTC)
+    created = Task.objects.bulk_create(
+        Task(application=application, inputs={}, status="succeeded", output={"ok": 1},
+             created_at=now, started_at=now, finished_at=now, callback_url=hook,
+             callback_status="pending") for _ in range(count)
+    )  # fmt: skip
+    for task in created:
+        delivery.schedule_first_delivery(task_id=task.id)
+    run_worker(settings.CALLBACK_QUEUE, "tasks.worker.TaskhookWorker",
+               os.environ.get("PROFILE_OUT"))  # fmt: skip
+    server.shutdown()
+    assert len(arrivals) == count, len(arrivals)
+    return (count - 1) / (arrivals[-1] - arrivals[0])
+
+
+def main() -> None:
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    from tasks.applications import create_application
+
+    what, count = sys.argv[1], int(sys.argv[2])
+    call_command("migrate", verbosity=0)
+    application = create_application(name=f"drain-{time.time_ns()}", runner="echo").application
+    application.rate_limit_per_second = application.rate_limit_burst = 1_000_000
+    application.retry_schedule = []
+    application.save()
+    if os.environ.get("BENCH_PROFILE"):
+        os.environ["PROFILE_OUT"] = str(BASE_DIR / "var" / f"drain-{what}.speedscope.json")
+    result = {"raw_simple_jobs_per_s": round(raw(count))}
+    result[f"{what}_per_s"] = round(
+        {"tasks": tasks, "callbacks": callbacks}[what](count, application)
+    )
+    result["ratio"] = round(result[f"{what}_per_s"] / result["raw_simple_jobs_per_s"], 2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
