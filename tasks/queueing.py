@@ -16,7 +16,7 @@ import uuid
 import redis
 from django.conf import settings
 from redis.sentinel import Sentinel
-from rq import Queue
+from rq import Queue, Retry
 from rq.exceptions import DuplicateJobError
 from rq.job import Job
 from rq.rate_limit import RateLimit
@@ -25,6 +25,10 @@ logger = logging.getLogger(__name__)
 
 DONE_CHANNEL_PREFIX = "taskhook:done:"
 SUCCESSFUL_JOB_TTL = 60
+# A task job fails only when the worker could not reach the database (a runner's own errors fail
+# the task, not the job): run it again at once (the worker has replaced a dropped connection by
+# then), then after 10 s. Past that the reconciler re-enqueues the still-pending task.
+INFRASTRUCTURE_RETRY = Retry(max=2, interval=[0, 10])
 
 
 @functools.cache
@@ -100,6 +104,7 @@ def enqueue_task_run(
             unique=not fresh and rate_limit is None,
             description=f"task {task_id} run {run}",
             rate_limit=rate_limit,
+            retry=INFRASTRUCTURE_RETRY,
             pipeline=pipeline,
         )
         if pipeline is not None:

@@ -1,6 +1,7 @@
 """The reconciler: makes Redis agree with the database, which is the source of truth (§6).
 
-(a) pending tasks whose job is missing from Redis are enqueued again (RQ refuses a duplicate job
+(a) pending tasks whose job is missing from Redis, or failed before it could start the task
+    (database unreachable), are enqueued again (RQ refuses a duplicate job
     id, so two reconcilers never enqueue a run twice);
 (b) running tasks whose worker is gone, or that outlived their job timeout, are failed ("worker
     lost" / "timed out") or re-run when the application allows task retries;
@@ -19,6 +20,7 @@ from datetime import timedelta
 import redis
 from django.db.models import Q
 from django.utils import timezone
+from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.worker import BaseWorker
 
@@ -79,10 +81,6 @@ def reconcile() -> ReconcileReport:
             lock.release()
 
 
-def _job_exists(client: redis.Redis, job_id: str) -> bool:
-    return bool(client.exists(Job.key_for(job_id)))
-
-
 def _requeue_orphaned_pending(client: redis.Redis, report: ReconcileReport) -> None:
     cutoff = timezone.now() - PENDING_GRACE
     pending = (
@@ -91,10 +89,16 @@ def _requeue_orphaned_pending(client: redis.Redis, report: ReconcileReport) -> N
         .order_by("created_at")[:BATCH]
     )
     for task in pending:
-        if _job_exists(client, task.rq_job_id):
-            continue
+        job_status = client.hget(Job.key_for(task.rq_job_id), "status")
+        if job_status == b"failed":
+            # The job failed before the task started: the worker could not reach the database
+            # (its retries spent). The task is still pending, so run it again.
+            with contextlib.suppress(NoSuchJobError):
+                Job.fetch(task.rq_job_id, connection=client).delete()
+        elif job_status is not None:
+            continue  # queued, scheduled, running or just finished: it will start the task
         if enqueue_pending_task(task=task):
-            logger.warning("re-enqueued pending task without a job", extra=_extra(task))
+            logger.warning("re-enqueued pending task without a live job", extra=_extra(task))
             report.requeued.append(str(task.id))
 
 

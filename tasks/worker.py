@@ -16,6 +16,7 @@ import time
 
 import redis
 from django.conf import settings
+from django.db import close_old_connections
 from rq.worker import SimpleWorker, Worker
 
 from . import counters
@@ -72,6 +73,13 @@ class LivenessMixin:
                 connection.srem(KNOWN_WORKERS_KEY, self.name)
             except redis.RedisError:
                 pass
+
+    def execute_job(self, job, queue):
+        # What Django does at each request boundary: drop a connection that failed (a database
+        # restart, a proxy's idle timeout) or outlived CONN_MAX_AGE, so one dead connection
+        # costs at most the job that found it (retried, see queueing.INFRASTRUCTURE_RETRY).
+        close_old_connections()
+        return super().execute_job(job, queue)
 
 
 class TaskhookWorker(LivenessMixin, SimpleWorker):

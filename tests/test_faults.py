@@ -279,6 +279,54 @@ def test_dropped_database_connection_costs_one_503_at_most(stack, make_app, idle
     assert Task.objects.filter(application=app.application).count() == expected
 
 
+@pytest.mark.skipif(os.environ.get("DATABASE_URL", "")[:8] != "postgres",
+                    reason="drops PostgreSQL server connections")  # fmt: skip
+def test_worker_reconnects_after_its_database_connection_dropped(stack, make_app):
+    """A database restart (or a proxy's idle timeout) under a running worker costs no task: the
+    worker notices the dead connection before its next job and opens a new one."""
+    app = make_app("echo")
+    worker = stack.start_worker("w", ("tasks",))
+    first = submit_in_process(app, {"inputs": {"n": 1}, "response_mode": "async"})
+    wait_for_status(first, ("succeeded",), timeout=20)
+    assert _drop_database_connections_of(worker.process.pid) >= 1
+    later = [submit_in_process(app, {"inputs": {"n": n}, "response_mode": "async"})
+             for n in range(2, 5)]  # fmt: skip
+    for task_id in later:
+        assert wait_for_status(task_id, ("succeeded", "failed"), timeout=20).status == "succeeded"
+
+
+def test_reconciler_reruns_a_pending_task_whose_job_failed(stack, make_app):
+    """A job that failed before its task started (the worker could not reach the database, every
+    retry spent) leaves the task pending with a failed job in Redis: the reconciler runs it
+    again."""
+    from datetime import timedelta
+
+    from rq.job import Job, JobStatus
+
+    from tasks.queueing import queue
+    from tasks.reconciler import reconcile
+
+    app = make_app("echo")
+    task_id = submit_in_process(app, {"inputs": {"n": 1}, "response_mode": "async"})
+    task = Task.objects.get(pk=task_id)
+    job = Job.fetch(task.rq_job_id, connection=redis_client())
+    # What a worker's failure handling leaves behind, through RQ's own API.
+    with redis_client().pipeline() as pipeline:
+        queue("tasks").remove(job, pipeline=pipeline)
+        job.set_status(JobStatus.FAILED, pipeline=pipeline)
+        queue("tasks").failed_job_registry.add(job, ttl=3600, exc_string="OperationalError",
+                                               pipeline=pipeline)  # fmt: skip
+        pipeline.execute()
+    Task.objects.filter(pk=task_id).update(created_at=task.created_at - timedelta(minutes=1))
+
+    report = reconcile()
+    assert report.requeued == [task_id]
+    assert Job.fetch(task.rq_job_id, connection=redis_client()).get_status() == JobStatus.QUEUED
+    stack.start_worker("w", ("tasks",))
+    assert wait_for_status(task_id, ("succeeded", "failed"), timeout=20).status == "succeeded"
+    assert reconcile().requeued == []  # nothing left to correct
+
+
 def test_rate_limit_over_http(stack, make_app):
     stack.start_web()
     app = make_app("echo", rate_limit_per_second=5, rate_limit_burst=5)
