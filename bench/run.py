@@ -34,6 +34,7 @@ RAW_JOBS = int(os.environ.get("BENCH_RAW_JOBS", 2000))
 E2E_SUBMIT_SECONDS = int(os.environ.get("BENCH_E2E_SECONDS", 4))
 LATENCY_REQUESTS = int(os.environ.get("BENCH_LATENCY_REQUESTS", 300))
 CALLBACKS = int(os.environ.get("BENCH_CALLBACKS", 500))
+SLOW_RECEIVER_SECONDS = 0.05
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -214,12 +215,15 @@ def callbacks(app, url, headers, processes, env, settings) -> dict[str, float]:
 
     received: dict[str, float] = {}
     lock = threading.Lock()
+    answer_after = {"seconds": 0.0}  # the receiver's own time per request
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def do_POST(self):
             payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if answer_after["seconds"]:
+                time.sleep(answer_after["seconds"])
             with lock:
                 received.setdefault(payload["task_id"], time.perf_counter())
             self.send_response(204)
@@ -230,37 +234,55 @@ def callbacks(app, url, headers, processes, env, settings) -> dict[str, float]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     hook = f"http://127.0.0.1:{server.server_address[1]}/hook"
     env = env | {"CALLBACK_ALLOW_PRIVATE_NETWORKS": "true"}
     try:
-        # Capacity of one, then two callback workers: deliveries already queued (finished tasks
-        # with a callback due), timed from the first to the last arrival, as raw RQ is timed.
-        def capacity() -> float:
+        # Capacity: deliveries already queued (finished tasks with a callback due), timed from
+        # the first to the last arrival, as raw RQ is timed.
+        def capacity(count: int = CALLBACKS) -> float:
             received.clear()
             now = datetime.now(UTC)
             tasks = Task.objects.bulk_create(
                 Task(application=app.application, inputs={}, status="succeeded",
                      output={"ok": 1}, created_at=now, started_at=now, finished_at=now,
-                     callback_url=hook, callback_status="pending") for _ in range(CALLBACKS)
+                     callback_url=hook, callback_status="pending") for _ in range(count)
             )  # fmt: skip
             for task in tasks:
                 delivery.schedule_first_delivery(task_id=task.id)
-            wait_until(lambda: len(received) >= CALLBACKS, timeout=300)
+            wait_until(lambda: len(received) >= count, timeout=300)
             arrivals = sorted(received.values())
             return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
 
-        callback_worker = [sys.executable, str(BASE_DIR / "manage.py"), "rqworker",
-                           settings.CALLBACK_QUEUE, "--worker-class",
-                           "tasks.worker.TaskhookWorker"]  # fmt: skip
-        processes.start(callback_worker, env)
+        def callback_worker(worker_class: str) -> list[str]:
+            return [sys.executable, str(BASE_DIR / "manage.py"), "rqworker",
+                    settings.CALLBACK_QUEUE, "--worker-class", worker_class]  # fmt: skip
+
+        # A receiver that takes 50 ms to answer: one delivery at a time (RQ's SimpleWorker
+        # model) against the delivery worker's threads (CALLBACK_CONCURRENCY, default 8).
+        answer_after["seconds"] = SLOW_RECEIVER_SECONDS
+        slow = {}
+        models = {"serial": "tasks.worker.TaskhookWorker",
+                  "threads": "tasks.worker.TaskhookDeliveryWorker"}  # fmt: skip
+        for label, worker_class in models.items():
+            worker = processes.start(callback_worker(worker_class), env)
+            time.sleep(2)
+            slow[label] = capacity(count=200)
+            worker.terminate()
+            worker.wait(30)
+        answer_after["seconds"] = 0.0
+
+        # A fast receiver: one, then two delivery workers.
+        delivery_worker = callback_worker("tasks.worker.TaskhookDeliveryWorker")
+        processes.start(delivery_worker, env)
         time.sleep(2)  # worker start-up is not part of the throughput
         capacity_1 = capacity()
-        second = processes.start(callback_worker, env)
+        second = processes.start(delivery_worker, env)
         time.sleep(2)
         capacity_2 = capacity()
         second.terminate()
-        second.wait(10)
+        second.wait(30)
 
         # Keeping up: tasks with a callback submitted over HTTP for a few seconds, with one task
         # worker (running since the end-to-end run) and one callback worker. Each rate is over
@@ -296,6 +318,8 @@ def callbacks(app, url, headers, processes, env, settings) -> dict[str, float]:
     finally:
         server.shutdown()
     return {
+        "callback_slow_serial_per_s": slow["serial"],
+        "callback_slow_threads_per_s": slow["threads"],
         "callback_capacity_per_s": capacity_1,
         "callback_capacity_2_per_s": capacity_2,
         "callback_mixed_tasks_per_s": tasks_per_s,
@@ -407,7 +431,13 @@ ROWS = [
     ("Submit throughput, 10 clients (req/s)", "submit_rps_10", "{:.0f}"),
     ("  ratio to raw enqueue rate (target >= 0.25)", "ratio_submit", "{:.2f}"),
     ("Submit throughput, 50 clients (req/s)", "submit_rps_50", "{:.0f}"),
-    ("Callback deliveries/s, queued, fast receiver: 1 / 2 callback workers", "capacity", "{}"),
+    (
+        "Callback deliveries/s, receiver answering in 50 ms: 1 worker one at a time / "
+        "1 delivery worker (8 threads)",
+        "slow_receiver",
+        "{}",
+    ),
+    ("Callback deliveries/s, queued, fast receiver: 1 / 2 delivery workers", "capacity", "{}"),
     ("  ratio to Taskhook tasks/s above, 1 / 2 workers", "ratio_capacity", "{}"),
     (
         "With callbacks, 1 task + 1 callback worker: tasks/s succeeded",
@@ -466,6 +496,8 @@ def run_backends() -> list[tuple[str, dict]]:
             f"{data['callback_capacity_per_s'] / data['e2e_tasks_per_s']:.2f} / "
             f"{data['callback_capacity_2_per_s'] / data['e2e_tasks_per_s']:.2f}"
         )
+        data["slow_receiver"] = (f"{data['callback_slow_serial_per_s']:.0f} / "
+                                 f"{data['callback_slow_threads_per_s']:.0f}")  # fmt: skip
         data["submit_latency"] = (f"{data['submit_p50_ms']:.1f} / {data['submit_p95_ms']:.1f} / "
                                   f"{data['submit_p99_ms']:.1f}")  # fmt: skip
         data["callback_e2e"] = (
@@ -496,7 +528,9 @@ def write_report(columns: list[tuple[str, dict]]) -> None:
         "# Benchmarks\n\n"
         f"Written by `make bench` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC ({machine}).\n"
         "Every figure comes from the same run, on the same Redis and database per column. "
-        "Workers are `tasks.worker.TaskhookWorker` (RQ's SimpleWorker plus a liveness thread); "
+        "Task workers are `tasks.worker.TaskhookWorker` (RQ's SimpleWorker plus a liveness "
+        "thread), callback workers `tasks.worker.TaskhookDeliveryWorker` (the same, running up "
+        "to CALLBACK_CONCURRENCY = 8 deliveries at once in threads); "
         "the web is gunicorn (2 processes x 8 threads); raw RQ and Taskhook workers both log at "
         "WARNING. The load generator (wrk) runs on the same 2 cores as the server, so absolute "
         "numbers are conservative; the ratios count.\n\n"

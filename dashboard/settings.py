@@ -138,6 +138,9 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_BODY_BYTES
 IDEMPOTENCY_WINDOW_HOURS = 24
 CALLBACK_ALLOW_PRIVATE_NETWORKS = env.bool("CALLBACK_ALLOW_PRIVATE_NETWORKS", default=False)
 CALLBACK_TIMEOUT = env.float("CALLBACK_TIMEOUT", default=10.0)
+# Deliveries one callback worker (tasks.worker.TaskhookDeliveryWorker) makes at once, one thread
+# and one database connection each.
+CALLBACK_CONCURRENCY = env.int("CALLBACK_CONCURRENCY", default=8)
 CLEANUP_INTERVAL = env.int("CLEANUP_INTERVAL", default=600)
 RECONCILE_INTERVAL = env.int("RECONCILE_INTERVAL", default=30)
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")

@@ -13,11 +13,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import redis
 from django.conf import settings
 from django.db import close_old_connections
-from rq.worker import SimpleWorker, Worker
+from rq.exceptions import StopRequested
+from rq.job import Job
+from rq.queue import Queue
+from rq.timeouts import TimerDeathPenalty
+from rq.worker import SimpleWorker, Worker, WorkerStatus
 
 from . import counters
 
@@ -88,3 +93,69 @@ class TaskhookWorker(LivenessMixin, SimpleWorker):
 
 class TaskhookForkingWorker(LivenessMixin, Worker):
     """A fork per job: a crashing or leaking runner cannot take the worker down with it."""
+
+
+class TaskhookDeliveryWorker(TaskhookWorker):
+    """Several jobs at once in one process, one thread each (CALLBACK_CONCURRENCY): for the
+    callbacks queue.
+
+    A delivery spends most of its time waiting on the receiver, the database and Redis; a worker
+    that runs one at a time delivers at most 1 / (receiver's answer time) per second, so a slow
+    receiver would need a process per concurrent request. Threads overlap the waits. RQ 3 keeps
+    several executions per worker; job timeouts use a timer (a signal reaches only the main
+    thread); each thread has its own database connection.
+    """
+
+    death_penalty_class = TimerDeathPenalty
+
+    def work(self, *args, **kwargs):
+        size = max(1, settings.CALLBACK_CONCURRENCY)
+        self._slots = threading.BoundedSemaphore(size)
+        self._pool = ThreadPoolExecutor(size, thread_name_prefix="delivery")
+        self._waiting = False
+        return super().work(*args, **kwargs)
+
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        # A job leaves the queue only when a thread is free to run it, so a busy worker never
+        # holds jobs another worker could take.
+        self._waiting = True
+        try:
+            while not self._slots.acquire(timeout=10):
+                self.heartbeat()
+            try:
+                result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            except BaseException:
+                self._slots.release()
+                raise
+        finally:
+            self._waiting = False
+        if result is None:
+            self._slots.release()
+        return result
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        execution = self.prepare_execution(job)
+        self._pool.submit(self._perform_in_thread, job, queue, execution)
+
+    def _perform_in_thread(self, job: Job, queue: Queue, execution) -> None:
+        try:
+            close_old_connections()  # this thread's connection (see LivenessMixin.execute_job)
+            self.perform_job(job, queue, execution)
+        except Exception:
+            logger.exception("delivery thread failed", extra={"job_id": job.id})
+        finally:
+            self._slots.release()
+            if not self.executions:
+                self.set_state(WorkerStatus.IDLE)
+
+    def _shutdown(self) -> None:
+        # Warm shutdown (SIGTERM): RQ waits for "the" job when busy, but here the main thread may
+        # be blocked on the queue while deliveries run; stop taking jobs at once, and teardown
+        # lets the deliveries in flight finish.
+        if self._waiting:
+            raise StopRequested()
+        super()._shutdown()
+
+    def teardown(self) -> None:
+        self._pool.shutdown(wait=True)
+        super().teardown()

@@ -82,8 +82,15 @@ class Stack:
             os.killpg(self.web.pid, signal.SIGKILL)
             self.web.wait()
 
-    def start_worker(self, name: str, queues: tuple[str, ...]) -> WorkerProcess:
-        worker = WorkerProcess(queues, name=f"{name}-{len(self.workers)}", env=self.env)
+    def start_worker(
+        self,
+        name: str,
+        queues: tuple[str, ...],
+        worker_class: str = "tasks.worker.TaskhookWorker",
+        **env: str,
+    ) -> WorkerProcess:
+        worker = WorkerProcess(queues, name=f"{name}-{len(self.workers)}", env=self.env | env,
+                               worker_class=worker_class)  # fmt: skip
         self.workers.append(worker)
         return worker
 

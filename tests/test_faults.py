@@ -327,6 +327,95 @@ def test_reconciler_reruns_a_pending_task_whose_job_failed(stack, make_app):
     assert reconcile().requeued == []  # nothing left to correct
 
 
+class InFlightReceiver:
+    """A receiver that answers after `delay` seconds and records how many requests it held at
+    once, and every delivery's webhook-id."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay, self.in_flight, self.peak = delay, 0, 0
+        self.ids: list[str] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                with receiver.lock:
+                    receiver.in_flight += 1
+                    receiver.peak = max(receiver.peak, receiver.in_flight)
+                time.sleep(receiver.delay)
+                with receiver.lock:
+                    receiver.in_flight -= 1
+                    receiver.ids.append(self.headers["webhook-id"])
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+DELIVERY_WORKER = "tasks.worker.TaskhookDeliveryWorker"
+
+
+def test_delivery_worker_delivers_to_a_slow_receiver_concurrently(stack, make_app):
+    """One delivery worker process holds up to CALLBACK_CONCURRENCY requests to a slow receiver at
+    once, and still delivers each callback exactly once, recorded."""
+    receiver = InFlightReceiver(delay=0.5)
+    try:
+        app = make_app("echo")
+        stack.start_worker("tasks", ("tasks",))
+        stack.start_worker("deliveries", ("callbacks",), DELIVERY_WORKER, CALLBACK_CONCURRENCY="4")
+        body = {"inputs": {}, "response_mode": "async", "callback_url": receiver.url}
+        ids = [submit_in_process(app, body) for _ in range(12)]
+        wait_for(lambda: Task.objects.filter(pk__in=ids, callback_status="delivered").count()
+                 == 12, timeout=60)  # fmt: skip
+        assert receiver.peak == 4  # never more than the configured concurrency
+        assert sorted(receiver.ids) == sorted(
+            f"msg_{task_id.replace('-', '')}_1" for task_id in ids
+        )
+        assert CallbackAttempt.objects.filter(task_id__in=ids, delivered=True).count() == 12
+    finally:
+        receiver.close()
+
+
+def test_delivery_worker_finishes_deliveries_in_flight_on_sigterm(stack, make_app):
+    """Warm shutdown: a SIGTERM while deliveries are in flight lets them finish and be recorded;
+    the worker takes no new job and exits cleanly."""
+    receiver = InFlightReceiver(delay=1.5)
+    try:
+        app = make_app("echo")
+        stack.start_worker("tasks", ("tasks",))
+        worker = stack.start_worker("deliveries", ("callbacks",), DELIVERY_WORKER,
+                                    CALLBACK_CONCURRENCY="3")  # fmt: skip
+        body = {"inputs": {}, "response_mode": "async", "callback_url": receiver.url}
+        ids = [submit_in_process(app, body) for _ in range(5)]
+        wait_for(lambda: receiver.in_flight == 3, timeout=30)
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(30) == 0, worker.output()[-3000:]
+        delivered = Task.objects.filter(pk__in=ids, callback_status="delivered")
+        assert delivered.count() == 3  # the three in flight, recorded before the exit
+        assert CallbackAttempt.objects.filter(task_id__in=ids).count() == 3
+        # The other two wait on the queue for the next worker.
+        stack.start_worker("deliveries-2", ("callbacks",), DELIVERY_WORKER)
+        wait_for(lambda: Task.objects.filter(pk__in=ids, callback_status="delivered").count()
+                 == 5, timeout=30)  # fmt: skip
+        assert len(receiver.ids) == len(set(receiver.ids)) == 5
+    finally:
+        receiver.close()
+
+
 def test_rate_limit_over_http(stack, make_app):
     stack.start_web()
     app = make_app("echo", rate_limit_per_second=5, rate_limit_burst=5)

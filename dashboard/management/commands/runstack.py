@@ -98,7 +98,7 @@ class Command(BaseCommand):
             self._spawn(
                 f"callback-worker-{index + 1}",
                 [*manage, "rqworker", settings.CALLBACK_QUEUE, settings.MAINTENANCE_QUEUE,
-                 "--worker-class", "tasks.worker.TaskhookWorker", "--with-scheduler"],
+                 "--worker-class", "tasks.worker.TaskhookDeliveryWorker", "--with-scheduler"],
                 env,
             )  # fmt: skip
         self._spawn("cron", [*manage, "rqcron", "tasks.cron"], env)
