@@ -173,7 +173,7 @@ class Outcome:
 
 # The fields a delivery needs (the payload, the URL), returned by the claim itself.
 CLAIMED_FIELDS = (
-    "id", "run", "application_id", "status", "output", "error", "user",
+    "id", "run", "application", "status", "output", "error", "user",
     "created_at", "started_at", "finished_at", "callback_url", "callback_attempts",
 )  # fmt: skip
 CLAIM_SQL = (
@@ -199,19 +199,18 @@ def _claim_attempt(task_id: uuid.UUID | str, run: int, trigger: str) -> Task | N
               *DELIVERABLE_STATUSES]  # fmt: skip
     if auto:
         params += [CallbackStatus.PENDING, CallbackStatus.DELIVERING]
-    fields = [Task._meta.get_field(name) for name in CLAIMED_FIELDS]
+    fields, columns = rawsql.columns(Task, CLAIMED_FIELDS)
     sql = CLAIM_SQL.format(
         task=rawsql.quote(Task._meta.db_table),
         application=rawsql.quote(Application._meta.db_table),
         extra=", callback_next_attempt_at = NULL" if auto else "",
         only_due=" AND callback_status IN (%s, %s)" if auto else "",
-        columns=", ".join(rawsql.quote(field.column) for field in fields),
+        columns=columns,
     )
     row = rawsql.fetchone(rawsql.Statement(sql, params))
     if row is None:
         return None
-    task = Task(**{field.attname: rawsql.from_db(field, value)
-                   for field, value in zip(fields, row, strict=False)})  # fmt: skip
+    task = rawsql.instance(Task, fields, row)
     updated_at = rawsql.from_db(Application._meta.get_field("updated_at"), row[-1])
     task.application = current_application(task.application_id, updated_at=updated_at)
     return task

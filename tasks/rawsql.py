@@ -37,6 +37,22 @@ def from_db(field: Field, value: Any) -> Any:
     return value
 
 
+@functools.cache
+def columns(model: type[Model], names: tuple[str, ...]) -> tuple[tuple[Field, ...], str]:
+    """The named fields in the model's own order, and their quoted columns for a SELECT or a
+    RETURNING list (`instance` needs that order)."""
+    wanted = {model._meta.get_field(name) for name in names}
+    fields = tuple(field for field in model._meta.concrete_fields if field in wanted)
+    return fields, ", ".join(quote(field.column) for field in fields)
+
+
+def instance(model: type[Model], fields: tuple[Field, ...], row: tuple) -> Model:
+    """A model instance from a raw row holding `fields` (from `columns`), as the ORM would load
+    it: the other fields are deferred and read from the database if ever accessed."""
+    values = [from_db(field, value) for field, value in zip(fields, row, strict=False)]
+    return model.from_db(connection.alias, [field.attname for field in fields], values)
+
+
 class Statement(NamedTuple):
     sql: str
     params: list[Any]

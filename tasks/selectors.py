@@ -30,6 +30,7 @@ from rq.registry import (
 )
 from rq.worker import BaseWorker
 
+from . import rawsql
 from .models import Application, CallbackAttempt, Task, TaskStatus
 from .queueing import redis_client
 
@@ -44,21 +45,27 @@ def bounded_count(queryset: QuerySet, cap: int = COUNT_CAP) -> int:
 
 # --- the client API's poll ----------------------------------------------------------------------
 
-POLL_SQL = "SELECT * FROM {table} WHERE id = %s AND application_id = %s"
+# What the poll shows (presenters.task_body); any other field loads on access.
+POLL_FIELDS = (
+    "id", "application", "status", "run", "progress", "output", "error", "user", "created_at",
+    "started_at", "finished_at", "callback_url", "callback_status", "callback_attempts",
+    "callback_last_status_code", "callback_next_attempt_at",
+)  # fmt: skip
 
 
 def task_for_client(*, task_id: uuid.UUID, application_id: uuid.UUID) -> Task | None:
-    """The task if it belongs to this application. The poll is the API's hottest read: a raw
-    query by primary key skips the ORM's per-call compilation (about 0.7 ms of a 2 ms poll)."""
-    table = connection.ops.quote_name(Task._meta.db_table)
-    params = [
-        Task._meta.pk.get_db_prep_value(task_id, connection),
-        Task._meta.get_field("application").target_field.get_db_prep_value(
-            application_id, connection
-        ),
-    ]
-    rows = list(Task.objects.raw(POLL_SQL.format(table=table), params))
-    return rows[0] if rows else None
+    """The task if it belongs to this application. The poll is the API's hottest read: one
+    statement by primary key (prepared on PostgreSQL), without the ORM's per-call compilation
+    and without the columns the poll never shows (inputs, traceback)."""
+    fields, columns = rawsql.columns(Task, POLL_FIELDS)
+    table = rawsql.quote(Task._meta.db_table)
+    row = rawsql.fetchone(rawsql.Statement(
+        f"SELECT {columns} FROM {table} WHERE id = %s AND application_id = %s",  # noqa: S608
+        [Task._meta.pk.get_db_prep_value(task_id, connection),
+         Task._meta.get_field("application").target_field.get_db_prep_value(
+             application_id, connection)],
+    ))  # fmt: skip
+    return rawsql.instance(Task, fields, row) if row else None
 
 
 # --- task lists -------------------------------------------------------------------------------
