@@ -81,44 +81,51 @@ class Processes:
 # --- raw RQ -----------------------------------------------------------------------------------
 
 
-def raw_rq(redis_url: str, env: dict[str, str]) -> dict[str, float]:
+def raw_queue(redis_url: str):
     import redis
     from rq import Queue
 
-    connection = redis.Redis.from_url(redis_url)
-    queue = Queue("bench-raw", connection=connection)
+    queue = Queue("bench-raw", connection=redis.Redis.from_url(redis_url))
     queue.empty()
-    started = time.perf_counter()
-    for _ in range(RAW_JOBS):
-        queue.enqueue("bench.noop.noop", result_ttl=60)
-    enqueue_rate = RAW_JOBS / (time.perf_counter() - started)
+    return queue
 
-    results = {"raw_enqueue_per_s": enqueue_rate}
-    for label, worker_class, jobs in (("simple", "rq.worker.SimpleWorker", RAW_JOBS),
-                                      ("forking", "rq.worker.Worker", RAW_JOBS // 4)):  # fmt: skip
-        queue.empty()
-        for _ in range(jobs):
+
+def raw_enqueue_rate(redis_url: str, rounds: int = 3) -> float:
+    """Jobs/s of `queue.enqueue` in a loop: the median of a few rounds, measured right before
+    the submit benchmarks it is compared with (this machine's speed drifts over minutes)."""
+    queue = raw_queue(redis_url)
+    rates = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(RAW_JOBS // 2):
             queue.enqueue("bench.noop.noop", result_ttl=60)
-        processes = Processes()
-        processes.start(
-            [sys.executable, "-m", "rq.cli", "worker", "-u", redis_url, "--burst", "-w",
-             worker_class, "--logging_level", "WARNING", "bench-raw"],
-            env | {"PYTHONPATH": str(BASE_DIR)},
-        )  # fmt: skip
-        # Throughput from the jobs' own timestamps: worker start-up is not counted. Logging at
-        # WARNING, as Taskhook's workers do by default (RQ_LOG_LEVEL).
-        worker = processes.items[0]
-        wait_until(lambda worker=worker: worker.poll() is not None, timeout=300)
-        ids = queue.finished_job_registry.get_job_ids()
-        from rq.job import Job
+        rates.append(RAW_JOBS // 2 / (time.perf_counter() - started))
+        queue.empty()
+    return sorted(rates)[len(rates) // 2]
 
-        jobs_done = [j for j in Job.fetch_many(ids, connection=connection) if j]
-        first = min(j.started_at for j in jobs_done)
-        last = max(j.ended_at for j in jobs_done)
-        results[f"raw_{label}_jobs_per_s"] = len(jobs_done) / (last - first).total_seconds()
-        for job in jobs_done:
-            job.delete()
-    return results
+
+def raw_worker_rate(redis_url: str, env: dict[str, str], worker_class: str, jobs: int) -> float:
+    """No-op jobs/s through one raw RQ worker, timed from the jobs' own timestamps (worker
+    start-up not counted), logging at WARNING as Taskhook's workers do (RQ_LOG_LEVEL)."""
+    from rq.job import Job
+
+    queue = raw_queue(redis_url)
+    for _ in range(jobs):
+        queue.enqueue("bench.noop.noop", result_ttl=60)
+    processes = Processes()
+    worker = processes.start(
+        [sys.executable, "-m", "rq.cli", "worker", "-u", redis_url, "--burst", "-w",
+         worker_class, "--logging_level", "WARNING", "bench-raw"],
+        env | {"PYTHONPATH": str(BASE_DIR)},
+    )  # fmt: skip
+    wait_until(lambda: worker.poll() is not None, timeout=300)
+    ids = queue.finished_job_registry.get_job_ids()
+    jobs_done = [j for j in Job.fetch_many(ids, connection=queue.connection) if j]
+    first = min(j.started_at for j in jobs_done)
+    last = max(j.ended_at for j in jobs_done)
+    for job in jobs_done:
+        job.delete()
+    return len(jobs_done) / (last - first).total_seconds()
 
 
 # --- Taskhook ---------------------------------------------------------------------------------
@@ -138,7 +145,7 @@ def child() -> None:
     call_command("migrate", verbosity=0)
     env = dict(os.environ)
     redis_url = settings.REDIS_URL
-    results: dict[str, float] = raw_rq(redis_url, env)
+    results: dict[str, float] = {}
 
     app = create_application(name=f"bench-{time.time_ns()}", runner="echo")
     app.application.rate_limit_per_second = 1_000_000
@@ -163,6 +170,7 @@ def child() -> None:
 
         # Submit throughput with 10 and 50 concurrent clients (wrk: a C load generator, so the
         # 2 cores go to the server rather than to a Python client).
+        results["raw_enqueue_per_s"] = raw_enqueue_rate(redis_url)
         for clients in (10, 50):
             results[f"submit_rps_{clients}"] = wrk_post(url, body, headers, clients)
 
@@ -189,6 +197,10 @@ def child() -> None:
             "--worker-class",
             "tasks.worker.TaskhookWorker",
         ]
+        # The raw baseline right before (same worker count: one), then Taskhook end to end.
+        results["raw_simple_jobs_per_s"] = raw_worker_rate(
+            redis_url, env, "rq.worker.SimpleWorker", RAW_JOBS
+        )
         processes.start(worker_argv, env)
         time.sleep(2)  # worker start-up (Django import) is not part of the throughput
         started = time.perf_counter()
@@ -199,6 +211,9 @@ def child() -> None:
         wait_until(done, timeout=600, interval=0.1)
         results["e2e_tasks_per_s"] = submitted / (time.perf_counter() - started)
         results["e2e_tasks"] = submitted
+        results["raw_forking_jobs_per_s"] = raw_worker_rate(
+            redis_url, env, "rq.worker.Worker", RAW_JOBS // 4
+        )
 
         # Callbacks: deliveries/s to a fast receiver, and submit -> callback received latency.
         results.update(callbacks(app, url, headers, processes, env, settings))
@@ -527,7 +542,10 @@ def write_report(columns: list[tuple[str, dict]]) -> None:
     doc.write_text(
         "# Benchmarks\n\n"
         f"Written by `make bench` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC ({machine}).\n"
-        "Every figure comes from the same run, on the same Redis and database per column. "
+        "Every figure comes from the same run, on the same Redis and database per column; each "
+        "raw RQ baseline is measured right before the Taskhook figure it is compared with (the "
+        "machine's speed drifts over minutes: the raw enqueue rate alone swung 1,900-2,800/s "
+        "between runs an hour apart). "
         "Task workers are `tasks.worker.TaskhookWorker` (RQ's SimpleWorker plus a liveness "
         "thread), callback workers `tasks.worker.TaskhookDeliveryWorker` (the same, running up "
         "to CALLBACK_CONCURRENCY = 8 deliveries at once in threads); "
