@@ -78,6 +78,9 @@ DATABASES = {
     "default": env.db_url("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'taskhook.sqlite3'}")
 }
 _db = DATABASES["default"]
+# Persistent connections on every backend: opening one per request cost a submit on SQLite about
+# a tenth of its CPU (connect, the PRAGMAs below, Django's function registrations).
+_db.setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=60))
 if _db["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the web process read while a worker writes; IMMEDIATE avoids lock-upgrade deadlocks.
     _db["OPTIONS"] = {
@@ -87,7 +90,6 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
     }
     _db["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
 else:
-    _db.setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=60))
     _db.setdefault("CONN_HEALTH_CHECKS", True)
     if _db["ENGINE"] == "django.db.backends.postgresql":
         # The same backend, with health checks only for connections idle a while (see there).

@@ -101,9 +101,14 @@ def test_procfile_boots_and_runs_a_task_with_a_callback(make_app, receiver):
         wait_for(lambda: requests.get(f"{base}/api/tasks/{task_id}", timeout=5, headers={
             "Authorization": f"Bearer {app.api_key}", **https}).json()["callback"]["status"]
             == "delivered")  # fmt: skip
-        metrics = requests.get(f"{base}/metrics", timeout=5).text
-        workers = float(re.search(r"^taskhook_workers (\S+)$", metrics, re.M).group(1))
-        assert workers >= 2  # this stack's worker and callbacks processes (plus any others)
+
+        def workers() -> float:
+            metrics = requests.get(f"{base}/metrics", timeout=5).text
+            return float(re.search(r"^taskhook_workers (\S+)$", metrics, re.M).group(1))
+
+        # This stack's worker and callbacks processes (plus any others). The session's shared
+        # worker may have run the task before these two finished starting: wait for them.
+        wait_for(lambda: workers() >= 2, timeout=30, interval=0.2)
     finally:
         for process in processes:
             if process.poll() is None:
