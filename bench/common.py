@@ -1,12 +1,17 @@
-"""Helpers shared by the benchmarks: a free port and a gunicorn serving this project."""
+"""Helpers shared by the benchmarks: a free port, a gunicorn serving this project, a callback
+receiver and queued deliveries."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -36,3 +41,45 @@ def start_gunicorn(port: int, env: dict[str, str], workers: int = 2) -> subproce
             time.sleep(0.1)
     server.kill()
     raise RuntimeError("gunicorn did not start")
+
+
+def start_receiver(
+    record: Callable[[bytes], None], answer_after: Callable[[], float] = lambda: 0.0
+) -> tuple[ThreadingHTTPServer, str]:
+    """A callback receiver on 127.0.0.1 (keep-alive, a thread per connection): hands each body
+    to `record`, answers 204 after `answer_after()` seconds. Returns the server and its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if delay := answer_after():
+                time.sleep(delay)
+            record(body)
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/hook"
+
+
+def queue_due_callbacks(application, hook: str, count: int) -> None:
+    """`count` finished tasks with a callback to `hook` due, their first deliveries queued."""
+    from tasks.callbacks import schedule_first_delivery
+    from tasks.models import Task
+
+    now = datetime.now(UTC)
+    tasks = Task.objects.bulk_create(
+        Task(application=application, inputs={}, status="succeeded", output={"ok": 1},
+             created_at=now, started_at=now, finished_at=now, callback_url=hook,
+             callback_status="pending") for _ in range(count)
+    )  # fmt: skip
+    for task in tasks:
+        schedule_first_delivery(task_id=task.id)

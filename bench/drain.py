@@ -14,10 +14,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
-from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -93,35 +90,11 @@ def tasks(count: int, application) -> float:
 def callbacks(count: int, application) -> float:
     from django.conf import settings
 
-    from tasks import callbacks as delivery
-    from tasks.models import Task
+    from bench.common import queue_due_callbacks, start_receiver
 
     arrivals: list[float] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            arrivals.append(time.perf_counter())
-            self.send_response(204)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    hook = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    now = datetime.now(UTC)
-    created = Task.objects.bulk_create(
-        Task(application=application, inputs={}, status="succeeded", output={"ok": 1},
-             created_at=now, started_at=now, finished_at=now, callback_url=hook,
-             callback_status="pending") for _ in range(count)
-    )  # fmt: skip
-    for task in created:
-        delivery.schedule_first_delivery(task_id=task.id)
+    server, hook = start_receiver(lambda body: arrivals.append(time.perf_counter()))
+    queue_due_callbacks(application, hook, count)
     worker_class = os.environ.get("BENCH_CALLBACK_WORKER", "tasks.worker.TaskhookDeliveryWorker")
     run_worker(settings.CALLBACK_QUEUE, worker_class, os.environ.get("PROFILE_OUT"))
     server.shutdown()

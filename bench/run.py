@@ -22,13 +22,12 @@ import sys
 import threading
 import time
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
-from bench.common import free_port, start_gunicorn  # noqa: E402
+from bench.common import free_port, queue_due_callbacks, start_gunicorn, start_receiver  # noqa: E402
 
 RAW_JOBS = int(os.environ.get("BENCH_RAW_JOBS", 2000))
 E2E_SUBMIT_SECONDS = int(os.environ.get("BENCH_E2E_SECONDS", 4))
@@ -225,47 +224,25 @@ def child() -> None:
 def callbacks(app, url, headers, processes, env, settings) -> dict[str, float]:
     from django.db.models import Max, Min
 
-    from tasks import callbacks as delivery
     from tasks.models import Task
 
     received: dict[str, float] = {}
     lock = threading.Lock()
     answer_after = {"seconds": 0.0}  # the receiver's own time per request
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def record(body: bytes) -> None:
+        task_id = json.loads(body)["task_id"]
+        with lock:
+            received.setdefault(task_id, time.perf_counter())
 
-        def do_POST(self):
-            payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            if answer_after["seconds"]:
-                time.sleep(answer_after["seconds"])
-            with lock:
-                received.setdefault(payload["task_id"], time.perf_counter())
-            self.send_response(204)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    hook = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    server, hook = start_receiver(record, answer_after=lambda: answer_after["seconds"])
     env = env | {"CALLBACK_ALLOW_PRIVATE_NETWORKS": "true"}
     try:
         # Capacity: deliveries already queued (finished tasks with a callback due), timed from
         # the first to the last arrival, as raw RQ is timed.
         def capacity(count: int = CALLBACKS) -> float:
             received.clear()
-            now = datetime.now(UTC)
-            tasks = Task.objects.bulk_create(
-                Task(application=app.application, inputs={}, status="succeeded",
-                     output={"ok": 1}, created_at=now, started_at=now, finished_at=now,
-                     callback_url=hook, callback_status="pending") for _ in range(count)
-            )  # fmt: skip
-            for task in tasks:
-                delivery.schedule_first_delivery(task_id=task.id)
+            queue_due_callbacks(app.application, hook, count)
             wait_until(lambda: len(received) >= count, timeout=300)
             arrivals = sorted(received.values())
             return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
