@@ -112,7 +112,7 @@ class LivenessMixin:
 
 
 class TaskhookWorker(LivenessMixin, SimpleWorker):
-    """No fork per job (fast); the default for task and callback queues."""
+    """No fork per job (fast); the default for the task queue."""
 
 
 class TaskhookForkingWorker(LivenessMixin, Worker):
