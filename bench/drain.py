@@ -4,6 +4,9 @@ per-job cost without the web or a load generator competing for the 2 cores. For 
     python bench/drain.py tasks 3000        # Taskhook task worker vs raw SimpleWorker
     python bench/drain.py callbacks 1000    # one callback worker, fast receiver on 127.0.0.1
     BENCH_PROFILE=1 python bench/drain.py tasks 3000   # also py-spy the Taskhook worker
+    BENCH_PROFILE=cpu python bench/drain.py tasks 3000 # the same, CPU time only
+
+Each prints jobs/s and the worker's CPU milliseconds per job.
 
 DATABASE_URL / REDIS_URL choose the backends, as for the app.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -25,25 +29,20 @@ os.environ.setdefault("LOG_LEVEL", "WARNING")
 os.environ.setdefault("CALLBACK_ALLOW_PRIVATE_NETWORKS", "true")
 
 
-def run_worker(queue_name: str, worker_class: str, profile: str | None = None) -> None:
+def run_worker(queue_name: str, worker_class: str, profile: str | None = None) -> float:
+    """Runs a burst worker; returns the CPU seconds it used (user + system)."""
     argv = [sys.executable, str(BASE_DIR / "manage.py"), "rqworker", queue_name, "--burst",
             "--worker-class", worker_class]  # fmt: skip
     if profile:
-        argv = [
-            "py-spy",
-            "record",
-            "--idle",
-            "-r",
-            "200",
-            "-o",
-            profile,
-            "-f",
-            "speedscope",
-            "--",
-            *argv,
-        ]
+        # BENCH_PROFILE=cpu samples only running threads; otherwise waits count too (wall time).
+        idle = [] if os.environ.get("BENCH_PROFILE") == "cpu" else ["--idle"]
+        argv = ["py-spy", "record", *idle, "-r", "200", "-o", profile, "-f", "speedscope",
+                "--", *argv]  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(argv, cwd=BASE_DIR, env=os.environ, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
 def raw(count: int) -> float:
@@ -69,6 +68,10 @@ def raw(count: int) -> float:
     return len(jobs) / (last - first).total_seconds()
 
 
+# CPU seconds used by the last Taskhook worker run, by what it drained.
+WORKER_CPU: dict[str, float] = {}
+
+
 def tasks(count: int, application) -> float:
     from django.conf import settings
     from django.db.models import Max, Min
@@ -80,7 +83,9 @@ def tasks(count: int, application) -> float:
                             callback_url="", request_hash="")  # fmt: skip
     for _ in range(count):
         submit_task(application=application, request=request)
-    run_worker(settings.TASK_QUEUE, "tasks.worker.TaskhookWorker", os.environ.get("PROFILE_OUT"))
+    WORKER_CPU["tasks"] = run_worker(
+        settings.TASK_QUEUE, "tasks.worker.TaskhookWorker", os.environ.get("PROFILE_OUT")
+    )
     rows = Task.objects.filter(application=application, status="succeeded")
     window = rows.aggregate(first=Min("started_at"), last=Max("finished_at"))
     assert rows.count() == count, rows.count()
@@ -96,7 +101,9 @@ def callbacks(count: int, application) -> float:
     server, hook = start_receiver(lambda body: arrivals.append(time.perf_counter()))
     queue_due_callbacks(application, hook, count)
     worker_class = os.environ.get("BENCH_CALLBACK_WORKER", "tasks.worker.TaskhookDeliveryWorker")
-    run_worker(settings.CALLBACK_QUEUE, worker_class, os.environ.get("PROFILE_OUT"))
+    WORKER_CPU["callbacks"] = run_worker(
+        settings.CALLBACK_QUEUE, worker_class, os.environ.get("PROFILE_OUT")
+    )
     server.shutdown()
     assert len(arrivals) == count, len(arrivals)
     return (count - 1) / (arrivals[-1] - arrivals[0])
@@ -123,6 +130,13 @@ def main() -> None:
         {"tasks": tasks, "callbacks": callbacks}[what](count, application)
     )
     result["ratio"] = round(result[f"{what}_per_s"] / result["raw_simple_jobs_per_s"], 2)
+    # The worker's own CPU per job, its start-up (an empty burst) taken out: what a change to
+    # the job path saves, whatever else the 2 cores are doing.
+    from django.conf import settings
+
+    drained = settings.TASK_QUEUE if what == "tasks" else settings.CALLBACK_QUEUE
+    startup = run_worker(drained, "tasks.worker.TaskhookWorker")
+    result["worker_cpu_ms_per_job"] = round((WORKER_CPU[what] - startup) * 1000 / count, 2)
     print(json.dumps(result))
 
 

@@ -18,8 +18,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import httpx
 import redis
+import urllib3
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
@@ -48,12 +48,15 @@ DELIVERABLE_STATUSES = (TaskStatus.SUCCEEDED, TaskStatus.FAILED)
 
 
 @functools.cache
-def http_client() -> httpx.Client:
-    """One pooled client per worker process: keep-alive to receivers, redirects never followed."""
-    return httpx.Client(
-        follow_redirects=False,
-        headers={"User-Agent": USER_AGENT},
-        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+def http_pool() -> urllib3.PoolManager:
+    """One pool per worker process: keep-alive to receivers, redirects never followed, no
+    retries inside an attempt (the retry policy decides). urllib3 rather than httpx: a delivery
+    to a local receiver costs 0.24 ms of client CPU against httpx's 0.64 ms (docs/benchmarks.md)."""
+    return urllib3.PoolManager(
+        num_pools=100,
+        # One kept connection per delivery thread and receiver; more are opened when needed.
+        maxsize=max(settings.CALLBACK_CONCURRENCY, 1),
+        retries=False,
     )
 
 
@@ -226,6 +229,7 @@ def _send(task: Task, number: int) -> Outcome:
     body = signing.encode_body(callback_body(task))
     headers = {
         "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
         "X-Taskhook-Attempt": str(number),
         **signing.signature_headers(
             secrets=credentials.signing_secrets(application),
@@ -238,35 +242,60 @@ def _send(task: Task, number: int) -> Outcome:
     started = time.monotonic()
     outcome = Outcome()
     try:
-        with http_client().stream(
-            "POST", task.callback_url, content=body, headers=headers, timeout=timeout
-        ) as response:
-            outcome.status_code = response.status_code
+        response = http_pool().request(
+            "POST",
+            task.callback_url,
+            body=body,
+            headers=headers,
+            timeout=urllib3.Timeout(connect=timeout, read=timeout),
+            redirect=False,
+            preload_content=False,
+        )
+    except urllib3.exceptions.HTTPError as exc:
+        outcome.error = _transport_error(exc, timeout)
+    else:
+        outcome.status_code = response.status
+        outcome.retry_after = retry_policy.parse_retry_after(response.headers.get("Retry-After"))
+        location = response.get_redirect_location()
+        try:
             outcome.excerpt = _read_excerpt(response)
-            outcome.retry_after = retry_policy.parse_retry_after(
-                response.headers.get("Retry-After")
-            )
-            if response.is_redirect:
-                location = response.headers.get("Location", "")
-                outcome.error = f"redirect not followed (HTTP {response.status_code} to {location})"
+        except urllib3.exceptions.HTTPError as exc:
+            outcome.error = f"{_transport_error(exc, timeout)} while reading the answer"
+        else:
+            if location is not False:
+                outcome.error = f"redirect not followed (HTTP {response.status} to {location})"
             elif not outcome.delivered:
-                outcome.error = f"receiver answered HTTP {response.status_code}"
-    except httpx.TimeoutException:
-        outcome.error = f"timed out after {timeout:g} s"
-    except httpx.HTTPError as exc:
-        outcome.error = f"{type(exc).__name__}: {exc}"
+                outcome.error = f"receiver answered HTTP {response.status}"
     outcome.duration_ms = int((time.monotonic() - started) * 1000)
     return outcome
 
 
-def _read_excerpt(response: httpx.Response) -> str:
-    chunks, size = [], 0
-    for chunk in response.iter_bytes():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= EXCERPT_BYTES:
-            break
-    return b"".join(chunks)[:EXCERPT_BYTES].decode("utf-8", errors="replace")
+def _read_excerpt(response: urllib3.BaseHTTPResponse) -> str:
+    """The first EXCERPT_BYTES of the answer. A longer answer is not read to its end: its
+    connection is closed instead of kept (the pool opens a fresh one when needed)."""
+    try:
+        excerpt = response.read(EXCERPT_BYTES)
+    finally:
+        if not response.closed:  # not read to the end, or failed mid-way
+            response.close()
+        response.release_conn()
+    return excerpt.decode("utf-8", errors="replace")
+
+
+def _transport_error(exc: urllib3.exceptions.HTTPError, timeout: float) -> str:
+    """What an operator reads in the attempt row when no complete HTTP answer came."""
+    # urllib3 makes NewConnectionError a kind of ConnectTimeoutError: test it first.
+    if isinstance(exc, urllib3.exceptions.NameResolutionError):
+        return f"could not resolve the host: {exc.__context__ or exc}"
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):
+        return f"could not connect: {exc.__context__ or exc}"
+    if isinstance(exc, urllib3.exceptions.TimeoutError):
+        return f"timed out after {timeout:g} s"
+    if isinstance(exc, urllib3.exceptions.SSLError):
+        return f"TLS error: {exc}"
+    if isinstance(exc, urllib3.exceptions.ProtocolError):
+        return f"connection broken: {exc.args[-1] if exc.args else exc}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def deliver(

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import httpx
+import urllib3
 from django.utils.module_loading import import_string
 
 
@@ -67,17 +67,28 @@ def http(inputs: dict[str, Any], ctx: RunContext) -> Any:
     headers = {str(k): str(v) for k, v in (ctx.config.get("headers") or {}).items()}
     ctx.log(f"POST {url}")
     try:
-        response = httpx.post(url, json=inputs, headers=headers, timeout=timeout)
-    except httpx.TimeoutException as exc:
-        raise RunnerError(f"upstream did not answer within {timeout:g} s") from exc
-    except httpx.HTTPError as exc:
+        response = urllib3.request(
+            "POST",
+            url,
+            json=inputs,
+            headers=headers,
+            timeout=urllib3.Timeout(connect=timeout, read=timeout),
+            retries=False,
+            redirect=False,
+        )
+    except urllib3.exceptions.NewConnectionError as exc:  # before TimeoutError: a subclass
         raise RunnerError(f"upstream request failed: {exc}") from exc
-    if not response.is_success:
-        raise RunnerError(f"upstream answered HTTP {response.status_code}: {response.text[:500]}")
+    except urllib3.exceptions.TimeoutError as exc:
+        raise RunnerError(f"upstream did not answer within {timeout:g} s") from exc
+    except urllib3.exceptions.HTTPError as exc:
+        raise RunnerError(f"upstream request failed: {exc}") from exc
+    text = response.data.decode("utf-8", errors="replace")
+    if not 200 <= response.status < 300:
+        raise RunnerError(f"upstream answered HTTP {response.status}: {text[:500]}")
     try:
         return response.json()
     except ValueError as exc:
-        raise RunnerError(f"upstream answered invalid JSON: {response.text[:200]!r}") from exc
+        raise RunnerError(f"upstream answered invalid JSON: {text[:200]!r}") from exc
 
 
 BUILTIN_RUNNERS: dict[str, Runner] = {"echo": echo, "sleep": sleep, "fail": fail, "http": http}

@@ -208,6 +208,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     at: float
+    client_port: int = 0  # the sender's port: the same on a kept-alive connection
 
     def json(self):
         return json.loads(self.body)
@@ -247,11 +248,14 @@ def receiver() -> Iterator[Receiver]:
     holder: dict[str, Receiver] = {}
 
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as real receivers do
+
         def do_POST(self):
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length)
             rec = holder["receiver"]
-            rec.received.append(Received(self.path, dict(self.headers.items()), body, time.time()))
+            rec.received.append(Received(self.path, dict(self.headers.items()), body, time.time(),
+                                         self.client_address[1]))  # fmt: skip
             status, headers, payload, delay = rec.next_response()
             if delay:
                 time.sleep(delay)

@@ -142,7 +142,23 @@ def test_connection_refused_is_a_failed_attempt(make_app, live_worker):
     task_id = submit(app, f"http://127.0.0.1:{port}/hook")
     callback_done(task_id, ("failed",))
     (row,) = attempts(task_id)
-    assert row.status_code is None and "ConnectError" in row.error
+    assert row.status_code is None and row.error.startswith("could not connect: [Errno 111]")
+
+
+def test_connection_kept_alive_and_long_answer_cut_to_excerpt(make_app, live_worker, receiver):
+    app = make_app("echo", retry_schedule=[])
+    receiver.respond(204)
+    receiver.respond(204)
+    receiver.respond(200, body=b"x" * 3000 + b"the end")  # longer than the excerpt
+    receiver.respond(204)
+    for n in range(4):
+        assert callback_done(submit(app, receiver.url)).callback_status == "delivered", n
+    ports = [r.client_port for r in receiver.received]
+    assert ports[0] == ports[1] == ports[2]  # one connection, kept alive
+    # The long answer was not read to its end: that connection was closed, not reused.
+    assert ports[3] != ports[2]
+    long_answer = CallbackAttempt.objects.get(task_id=receiver.received[2].json()["task_id"])
+    assert long_answer.response_excerpt == "x" * 2048 and long_answer.delivered
 
 
 def test_redirect_is_not_followed(make_app, live_worker, receiver):
