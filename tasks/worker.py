@@ -97,6 +97,16 @@ class LivenessMixin:
         self._last_heartbeat_sent = time.monotonic()
         return None
 
+    # RQ asks Redis whether workers are suspended (`rq suspend`) before every job: one round trip
+    # per job. Once a second is soon enough for an operator's command.
+    _suspension_checked_at = float("-inf")
+
+    def check_for_suspension(self, burst: bool) -> None:
+        if time.monotonic() - self._suspension_checked_at < 1.0:
+            return
+        super().check_for_suspension(burst)
+        self._suspension_checked_at = time.monotonic()
+
     def set_state(self, state, pipeline=None):
         # SimpleWorker marks itself idle after each job and again before the next dequeue.
         if pipeline is None and state == self._state:
@@ -160,6 +170,13 @@ class TaskhookDeliveryWorker(TaskhookWorker):
     def execute_job(self, job: Job, queue: Queue) -> None:
         execution = self.prepare_execution(job)
         self._pool.submit(self._perform_in_thread, job, queue, execution)
+
+    def set_state(self, state, pipeline=None):
+        # RQ marks the worker idle before each dequeue; with deliveries still in flight it is
+        # busy (and the round trip is saved). The last delivery to end marks it idle.
+        if state == WorkerStatus.IDLE and pipeline is None and self.executions:
+            return
+        super().set_state(state, pipeline)
 
     def _perform_in_thread(self, job: Job, queue: Queue, execution) -> None:
         try:

@@ -369,6 +369,14 @@ class InFlightReceiver:
 DELIVERY_WORKER = "tasks.worker.TaskhookDeliveryWorker"
 
 
+def rq_worker_state(name: str) -> str | None:
+    from rq.worker import Worker
+
+    worker = Worker.find_by_key(f"{Worker.redis_worker_namespace_prefix}{name}",
+                                connection=redis_client())  # fmt: skip
+    return worker.get_state() if worker else None
+
+
 def test_delivery_worker_delivers_to_a_slow_receiver_concurrently(stack, make_app):
     """One delivery worker process holds up to CALLBACK_CONCURRENCY requests to a slow receiver at
     once, and still delivers each callback exactly once, recorded."""
@@ -376,12 +384,17 @@ def test_delivery_worker_delivers_to_a_slow_receiver_concurrently(stack, make_ap
     try:
         app = make_app("echo")
         stack.start_worker("tasks", ("tasks",))
-        stack.start_worker("deliveries", ("callbacks",), DELIVERY_WORKER, CALLBACK_CONCURRENCY="4")
+        worker = stack.start_worker("deliveries", ("callbacks",), DELIVERY_WORKER,
+                                    CALLBACK_CONCURRENCY="4")  # fmt: skip
         body = {"inputs": {}, "response_mode": "async", "callback_url": receiver.url}
         ids = [submit_in_process(app, body) for _ in range(12)]
+        wait_for(lambda: receiver.in_flight == 4, timeout=30)
+        assert rq_worker_state(worker.name) == "busy"
         wait_for(lambda: Task.objects.filter(pk__in=ids, callback_status="delivered").count()
                  == 12, timeout=60)  # fmt: skip
         assert receiver.peak == 4  # never more than the configured concurrency
+        # Idle once the last delivery in flight has ended (the dashboard's worker list shows it).
+        wait_for(lambda: rq_worker_state(worker.name) == "idle", timeout=10)
         assert sorted(receiver.ids) == sorted(
             f"msg_{task_id.replace('-', '')}_1" for task_id in ids
         )

@@ -8,6 +8,7 @@ import logging
 import re
 import socket
 import subprocess
+import time
 
 import pytest
 import redis
@@ -17,8 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from dashboard.embedded_redis import EmbeddedRedis
 from dashboard.logging import JsonFormatter, TextFormatter, redact
 from tasks import counters
+from tasks.models import Task
 from tasks.queueing import redis_client
-from tests.conftest import api_submit, wait_for
+from tests.conftest import api_submit, wait_for, wait_for_status
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -61,6 +63,25 @@ def test_metrics_after_real_work(make_app, live_worker, receiver):
     assert samples[("taskhook_queue_depth", (("queue", "tasks"),))] == 0
     assert samples[("taskhook_workers", ())] >= 1
     assert ("taskhook_cleanup_removed_total", ()) in samples
+
+
+def test_rq_suspend_stops_workers_within_a_second_and_resume_restarts_them(make_app, live_worker):
+    from rq.suspension import resume, suspend
+
+    app = make_app("echo")
+    body = {"inputs": {"q": 1}, "response_mode": "async"}
+    suspend(redis_client())
+    try:
+        # A worker already blocked on its queue takes one more job, as RQ's own workers do;
+        # it looks at the flag again before the next one (at most a second after its last look).
+        time.sleep(1.2)
+        wait_for_status(submit(app, body), ("succeeded",))
+        held = submit(app, body)
+        time.sleep(2)
+        assert Task.objects.get(pk=held).status == "pending"
+    finally:
+        resume(redis_client())
+    wait_for_status(held, ("succeeded",))
 
 
 def test_counters_are_written_at_once_outside_a_worker():
