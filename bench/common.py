@@ -23,13 +23,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_gunicorn(port: int, env: dict[str, str], workers: int = 2) -> subprocess.Popen:
-    """gunicorn with the project's config on 127.0.0.1:port, once /healthz answers."""
+def start_gunicorn(port: int, env: dict[str, str], workers: int | None = None) -> subprocess.Popen:
+    """gunicorn with the project's config on 127.0.0.1:port, once /healthz answers; `workers`
+    processes, or the config's default (what `make run` serves)."""
+    if workers is not None:
+        env = env | {"WEB_CONCURRENCY": str(workers)}
     server = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "dashboard.wsgi", "-c",
          str(BASE_DIR / "dashboard" / "gunicorn.conf.py")],
         cwd=BASE_DIR,
-        env=env | {"GUNICORN_BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": str(workers)},
+        env=env | {"GUNICORN_BIND": f"127.0.0.1:{port}"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + 30

@@ -67,7 +67,7 @@ def main() -> None:
     app = Application.objects.order_by("name").first()
     task = Task.objects.filter(status="failed").order_by("-created_at").first()
     port = free_port()
-    server = start_gunicorn(port, dict(os.environ))
+    server = start_gunicorn(port, dict(os.environ), workers=2)
     base = f"http://127.0.0.1:{port}"
     try:
         session = login(base)

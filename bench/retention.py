@@ -43,7 +43,7 @@ def main() -> None:
     app.application.rate_limit_burst = 10**6
     app.application.save()
     port = free_port()
-    server = start_gunicorn(port, dict(os.environ))
+    server = start_gunicorn(port, dict(os.environ), workers=2)
     latencies: list[float] = []
     stop = threading.Event()
 
