@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -89,9 +90,8 @@ def raw_queue(redis_url: str):
     return queue
 
 
-def raw_enqueue_rate(redis_url: str, rounds: int = 3) -> float:
-    """Jobs/s of `queue.enqueue` in a loop: the median of a few rounds, measured right before
-    the submit benchmarks it is compared with (this machine's speed drifts over minutes)."""
+def raw_enqueue_rates(redis_url: str, rounds: int = 3) -> list[float]:
+    """Jobs/s of `queue.enqueue` in a loop, a few rounds."""
     queue = raw_queue(redis_url)
     rates = []
     for _ in range(rounds):
@@ -100,7 +100,7 @@ def raw_enqueue_rate(redis_url: str, rounds: int = 3) -> float:
             queue.enqueue("bench.noop.noop", result_ttl=60)
         rates.append(RAW_JOBS // 2 / (time.perf_counter() - started))
         queue.empty()
-    return sorted(rates)[len(rates) // 2]
+    return rates
 
 
 def raw_worker_rate(redis_url: str, env: dict[str, str], worker_class: str, jobs: int) -> float:
@@ -169,9 +169,14 @@ def child() -> None:
 
         # Submit throughput with 10 and 50 concurrent clients (wrk: a C load generator, so the
         # 2 cores go to the server rather than to a Python client).
-        results["raw_enqueue_per_s"] = raw_enqueue_rate(redis_url)
+        # The baseline brackets the Taskhook runs (rounds before and after, their median): this
+        # machine's speed drifts within minutes, and one side measured alone skews the ratio.
+        enqueue_rates = raw_enqueue_rates(redis_url)
         for clients in (10, 50):
             results[f"submit_rps_{clients}"] = wrk_post(url, body, headers, clients)
+        results["raw_enqueue_per_s"] = statistics.median(
+            enqueue_rates + raw_enqueue_rates(redis_url)
+        )
 
         # Poll latency (a new connection: the idle one was closed during the wrk runs).
         client.close()
@@ -196,10 +201,9 @@ def child() -> None:
             "--worker-class",
             "tasks.worker.TaskhookWorker",
         ]
-        # The raw baseline right before (same worker count: one), then Taskhook end to end.
-        results["raw_simple_jobs_per_s"] = raw_worker_rate(
-            redis_url, env, "rq.worker.SimpleWorker", RAW_JOBS
-        )
+        # The raw baseline (same worker count: one) right before and right after Taskhook end to
+        # end, their mean.
+        simple_rates = [raw_worker_rate(redis_url, env, "rq.worker.SimpleWorker", RAW_JOBS)]
         processes.start(worker_argv, env)
         time.sleep(2)  # worker start-up (Django import) is not part of the throughput
         started = time.perf_counter()
@@ -210,6 +214,8 @@ def child() -> None:
         wait_until(done, timeout=600, interval=0.1)
         results["e2e_tasks_per_s"] = submitted / (time.perf_counter() - started)
         results["e2e_tasks"] = submitted
+        simple_rates.append(raw_worker_rate(redis_url, env, "rq.worker.SimpleWorker", RAW_JOBS))
+        results["raw_simple_jobs_per_s"] = statistics.fmean(simple_rates)
         results["raw_forking_jobs_per_s"] = raw_worker_rate(
             redis_url, env, "rq.worker.Worker", RAW_JOBS // 4
         )
@@ -520,9 +526,10 @@ def write_report(columns: list[tuple[str, dict]]) -> None:
         "# Benchmarks\n\n"
         f"Written by `make bench` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC ({machine}).\n"
         "Every figure comes from the same run, on the same Redis and database per column; each "
-        "raw RQ baseline is measured right before the Taskhook figure it is compared with (the "
-        "machine's speed drifts over minutes: the raw enqueue rate alone swung 1,500-3,900/s "
-        "within an hour). "
+        "raw RQ baseline is measured right before and right after the Taskhook figure it is "
+        "compared with, and the table shows their median (enqueue rate) or mean (worker): the "
+        "machine's speed drifts within minutes (the raw enqueue rate alone swung "
+        "1,500-3,900/s within an hour). "
         "Task workers are `tasks.worker.TaskhookWorker` (RQ's SimpleWorker plus a liveness "
         "thread), callback workers `tasks.worker.TaskhookDeliveryWorker` (the same, running up "
         "to CALLBACK_CONCURRENCY = 8 deliveries at once in threads); "
