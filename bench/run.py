@@ -34,6 +34,7 @@ RAW_JOBS = int(os.environ.get("BENCH_RAW_JOBS", 2000))
 E2E_SUBMIT_SECONDS = int(os.environ.get("BENCH_E2E_SECONDS", 4))
 LATENCY_REQUESTS = int(os.environ.get("BENCH_LATENCY_REQUESTS", 300))
 CALLBACKS = int(os.environ.get("BENCH_CALLBACKS", 500))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", 3))  # rounds of each Taskhook/raw RQ ratio
 SLOW_RECEIVER_SECONDS = 0.05
 
 
@@ -103,6 +104,13 @@ def raw_enqueue_rates(redis_url: str, rounds: int = 3) -> list[float]:
     return rates
 
 
+def paired_ratios(name: str, figures: list[float], baselines: list[float]) -> dict:
+    """Each figure over the mean of the baselines measured right before and right after it
+    (`baselines` has one more item than `figures`): the median ratio and its range."""
+    ratios = [figure / statistics.fmean(baselines[i : i + 2]) for i, figure in enumerate(figures)]
+    return {name: statistics.median(ratios), f"{name}_range": [min(ratios), max(ratios)]}
+
+
 def raw_worker_rate(redis_url: str, env: dict[str, str], worker_class: str, jobs: int) -> float:
     """No-op jobs/s through one raw RQ worker, timed from the jobs' own timestamps (worker
     start-up not counted), logging at WARNING as Taskhook's workers do (RQ_LOG_LEVEL)."""
@@ -168,15 +176,19 @@ def child() -> None:
                        submit_p99_ms=percentile(samples, 99))  # fmt: skip
 
         # Submit throughput with 10 and 50 concurrent clients (wrk: a C load generator, so the
-        # 2 cores go to the server rather than to a Python client).
-        # The baseline brackets the Taskhook runs (rounds before and after, their median): this
-        # machine's speed drifts within minutes, and one side measured alone skews the ratio.
-        enqueue_rates = raw_enqueue_rates(redis_url)
-        for clients in (10, 50):
-            results[f"submit_rps_{clients}"] = wrk_post(url, body, headers, clients)
-        results["raw_enqueue_per_s"] = statistics.median(
-            enqueue_rates + raw_enqueue_rates(redis_url)
-        )
+        # 2 cores go to the server rather than to a Python client). The 10-client figure is
+        # compared with the raw enqueue rate in ROUNDS rounds, each bracketed by enqueue
+        # measurements before and after it (this machine's speed drifts within minutes): the
+        # table shows the medians, and the range of the per-round ratios.
+        enqueue = [statistics.median(raw_enqueue_rates(redis_url))]
+        submits = []
+        for _ in range(ROUNDS):
+            submits.append(wrk_post(url, body, headers, 10))
+            enqueue.append(statistics.median(raw_enqueue_rates(redis_url)))
+        results.update(submit_rps_10=statistics.median(submits),
+                       raw_enqueue_per_s=statistics.median(enqueue),
+                       **paired_ratios("ratio_submit", submits, enqueue))  # fmt: skip
+        results["submit_rps_50"] = wrk_post(url, body, headers, 50)
 
         # Poll latency (a new connection: the idle one was closed during the wrk runs).
         client.close()
@@ -201,21 +213,25 @@ def child() -> None:
             "--worker-class",
             "tasks.worker.TaskhookWorker",
         ]
-        # The raw baseline (same worker count: one) right before and right after Taskhook end to
-        # end, their mean.
-        simple_rates = [raw_worker_rate(redis_url, env, "rq.worker.SimpleWorker", RAW_JOBS)]
+        # End to end with one worker against raw RQ's SimpleWorker (same worker count), in
+        # ROUNDS rounds bracketed by raw runs, as above.
+        simple = [raw_worker_rate(redis_url, env, "rq.worker.SimpleWorker", RAW_JOBS)]
         processes.start(worker_argv, env)
         time.sleep(2)  # worker start-up (Django import) is not part of the throughput
-        started = time.perf_counter()
-        wrk_post(url, body, headers, clients=4, seconds=E2E_SUBMIT_SECONDS)
-        submitted = Task.objects.filter(application=app.application).count()
-        done = lambda: Task.objects.filter(application=app.application,  # noqa: E731
-                                           status="succeeded").count() >= submitted  # fmt: skip
-        wait_until(done, timeout=600, interval=0.1)
-        results["e2e_tasks_per_s"] = submitted / (time.perf_counter() - started)
-        results["e2e_tasks"] = submitted
-        simple_rates.append(raw_worker_rate(redis_url, env, "rq.worker.SimpleWorker", RAW_JOBS))
-        results["raw_simple_jobs_per_s"] = statistics.fmean(simple_rates)
+        e2e, counts = [], []
+        succeeded = Task.objects.filter(application=app.application, status="succeeded")
+        for _ in range(ROUNDS):
+            Task.objects.filter(application=app.application).delete()
+            started = time.perf_counter()
+            wrk_post(url, body, headers, clients=4, seconds=E2E_SUBMIT_SECONDS)
+            submitted = Task.objects.filter(application=app.application).count()
+            wait_until(lambda n=submitted: succeeded.count() >= n, timeout=600, interval=0.1)
+            e2e.append(submitted / (time.perf_counter() - started))
+            counts.append(submitted)
+            simple.append(raw_worker_rate(redis_url, env, "rq.worker.SimpleWorker", RAW_JOBS))
+        results.update(e2e_tasks_per_s=statistics.median(e2e), e2e_tasks=statistics.median(counts),
+                       raw_simple_jobs_per_s=statistics.median(simple),
+                       **paired_ratios("ratio_e2e", e2e, simple))  # fmt: skip
         results["raw_forking_jobs_per_s"] = raw_worker_rate(
             redis_url, env, "rq.worker.Worker", RAW_JOBS // 4
         )
@@ -423,11 +439,19 @@ ROWS = [
     ("Raw RQ: no-op jobs/s, 1 SimpleWorker", "raw_simple_jobs_per_s", "{:.0f}"),
     ("Raw RQ: no-op jobs/s, 1 forking Worker", "raw_forking_jobs_per_s", "{:.0f}"),
     ("Taskhook: tasks/s, HTTP submit -> succeeded, 1 worker", "e2e_tasks_per_s", "{:.0f}"),
-    ("  tasks in that run", "e2e_tasks", "{:.0f}"),
-    ("  ratio to raw SimpleWorker (target >= 0.6)", "ratio_e2e", "{:.2f}"),
+    ("  tasks in a round", "e2e_tasks", "{:.0f}"),
+    (
+        "  ratio to raw SimpleWorker, median (range) of the rounds (target >= 0.6)",
+        "ratio_e2e",
+        "{}",
+    ),
     ("Submit latency p50 / p95 / p99, 1 client (ms)", "submit_latency", "{}"),
     ("Submit throughput, 10 clients (req/s)", "submit_rps_10", "{:.0f}"),
-    ("  ratio to raw enqueue rate (target >= 0.25)", "ratio_submit", "{:.2f}"),
+    (
+        "  ratio to raw enqueue rate, median (range) of the rounds (target >= 0.25)",
+        "ratio_submit",
+        "{}",
+    ),
     ("Submit throughput, 50 clients (req/s)", "submit_rps_50", "{:.0f}"),
     (
         "Callback deliveries/s, receiver answering in 50 ms: 1 worker one at a time / "
@@ -486,8 +510,9 @@ def run_backends() -> list[tuple[str, dict]]:
             print(output.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"benchmark failed on {name}")
         data = json.loads(output.stdout.strip().splitlines()[-1])
-        data["ratio_e2e"] = data["e2e_tasks_per_s"] / data["raw_simple_jobs_per_s"]
-        data["ratio_submit"] = data["submit_rps_10"] / data["raw_enqueue_per_s"]
+        for ratio in ("ratio_e2e", "ratio_submit"):
+            low, high = data[f"{ratio}_range"]
+            data[ratio] = f"{data[ratio]:.2f} ({low:.2f}-{high:.2f})"
         data["capacity"] = (f"{data['callback_capacity_per_s']:.0f} / "
                             f"{data['callback_capacity_2_per_s']:.0f}")  # fmt: skip
         data["ratio_capacity"] = (
@@ -526,10 +551,10 @@ def write_report(columns: list[tuple[str, dict]]) -> None:
         "# Benchmarks\n\n"
         f"Written by `make bench` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC ({machine}).\n"
         "Every figure comes from the same run, on the same Redis and database per column; each "
-        "raw RQ baseline is measured right before and right after the Taskhook figure it is "
-        "compared with, and the table shows their median (enqueue rate) or mean (worker): the "
-        "machine's speed drifts within minutes (the raw enqueue rate alone swung "
-        "1,500-3,900/s within an hour). "
+        f"ratio to raw RQ is taken in {ROUNDS} rounds, each Taskhook figure over the mean of the "
+        "raw RQ figures measured right before and right after it, and the table shows the "
+        "medians and the range of the ratios: the machine's speed drifts within minutes (the "
+        "raw enqueue rate alone swung 1,500-4,000/s within an hour). "
         "Task workers are `tasks.worker.TaskhookWorker` (RQ's SimpleWorker plus a liveness "
         "thread), callback workers `tasks.worker.TaskhookDeliveryWorker` (the same, running up "
         "to CALLBACK_CONCURRENCY = 8 deliveries at once in threads); "
