@@ -377,18 +377,26 @@ def rq_worker_state(name: str) -> str | None:
     return worker.get_state() if worker else None
 
 
+def deliveries_in_flight(stack, make_app, receiver, *, concurrency: int, tasks: int):
+    """A task worker and a delivery worker running `concurrency` deliveries at once; `tasks`
+    tasks with a callback to `receiver` submitted, and returns once the worker's threads are all
+    waiting on the receiver. Returns the delivery worker and the task ids."""
+    app = make_app("echo")
+    stack.start_worker("tasks", ("tasks",))
+    worker = stack.start_worker("deliveries", ("callbacks",), DELIVERY_WORKER,
+                                CALLBACK_CONCURRENCY=str(concurrency))  # fmt: skip
+    body = {"inputs": {}, "response_mode": "async", "callback_url": receiver.url}
+    ids = [submit_in_process(app, body) for _ in range(tasks)]
+    wait_for(lambda: receiver.in_flight == concurrency, timeout=30)
+    return worker, ids
+
+
 def test_delivery_worker_delivers_to_a_slow_receiver_concurrently(stack, make_app):
     """One delivery worker process holds up to CALLBACK_CONCURRENCY requests to a slow receiver at
     once, and still delivers each callback exactly once, recorded."""
     receiver = InFlightReceiver(delay=0.5)
     try:
-        app = make_app("echo")
-        stack.start_worker("tasks", ("tasks",))
-        worker = stack.start_worker("deliveries", ("callbacks",), DELIVERY_WORKER,
-                                    CALLBACK_CONCURRENCY="4")  # fmt: skip
-        body = {"inputs": {}, "response_mode": "async", "callback_url": receiver.url}
-        ids = [submit_in_process(app, body) for _ in range(12)]
-        wait_for(lambda: receiver.in_flight == 4, timeout=30)
+        worker, ids = deliveries_in_flight(stack, make_app, receiver, concurrency=4, tasks=12)
         assert rq_worker_state(worker.name) == "busy"
         wait_for(lambda: Task.objects.filter(pk__in=ids, callback_status="delivered").count()
                  == 12, timeout=60)  # fmt: skip
@@ -408,13 +416,7 @@ def test_delivery_worker_finishes_deliveries_in_flight_on_sigterm(stack, make_ap
     the worker takes no new job and exits cleanly."""
     receiver = InFlightReceiver(delay=1.5)
     try:
-        app = make_app("echo")
-        stack.start_worker("tasks", ("tasks",))
-        worker = stack.start_worker("deliveries", ("callbacks",), DELIVERY_WORKER,
-                                    CALLBACK_CONCURRENCY="3")  # fmt: skip
-        body = {"inputs": {}, "response_mode": "async", "callback_url": receiver.url}
-        ids = [submit_in_process(app, body) for _ in range(5)]
-        wait_for(lambda: receiver.in_flight == 3, timeout=30)
+        worker, ids = deliveries_in_flight(stack, make_app, receiver, concurrency=3, tasks=5)
         worker.process.send_signal(signal.SIGTERM)
         assert worker.process.wait(30) == 0, worker.output()[-3000:]
         delivered = Task.objects.filter(pk__in=ids, callback_status="delivered")
