@@ -79,8 +79,7 @@ def tasks(count: int, application) -> float:
     from tasks.models import Task
     from tasks.submission import SubmitRequest, submit_task
 
-    request = SubmitRequest(inputs={"q": "bench"}, response_mode="async", user="",
-                            callback_url="", request_hash="")  # fmt: skip
+    request = SubmitRequest(inputs={"q": "bench"}, response_mode="async", user="", callback_url="")
     for _ in range(count):
         submit_task(application=application, request=request)
     WORKER_CPU["tasks"] = run_worker(

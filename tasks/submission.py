@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -39,7 +40,21 @@ class SubmitRequest:
     response_mode: str
     user: str
     callback_url: str
-    request_hash: str
+
+    @functools.cached_property
+    def request_hash(self) -> str:
+        """What an Idempotency-Key retry must repeat; only computed for a request with a key."""
+        canonical = json.dumps(
+            {
+                "inputs": self.inputs,
+                "response_mode": self.response_mode,
+                "user": self.user,
+                "callback_url": self.callback_url,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def parse_submit_body(body: Any) -> SubmitRequest:
@@ -75,22 +90,8 @@ def parse_submit_body(body: Any) -> SubmitRequest:
         except ssrf.UnsafeCallbackUrl as exc:
             raise ValidationFailed("callback_url", str(exc)) from exc
 
-    canonical = json.dumps(
-        {
-            "inputs": inputs,
-            "response_mode": response_mode,
-            "user": user,
-            "callback_url": callback_url,
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-    )
     return SubmitRequest(
-        inputs=inputs,
-        response_mode=response_mode,
-        user=user,
-        callback_url=callback_url,
-        request_hash=hashlib.sha256(canonical.encode()).hexdigest(),
+        inputs=inputs, response_mode=response_mode, user=user, callback_url=callback_url
     )
 
 

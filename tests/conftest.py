@@ -18,9 +18,11 @@ import pytest
 from django.conf import settings
 from django.db import connection
 from django.test import Client
+from django.test import client as test_client
 from rq import Queue
 from rq.registry import ScheduledJobRegistry
 
+from dashboard.wsgi import is_api, with_api_middleware
 from tasks.applications import CreatedApplication, create_application
 from tasks.models import Application, Task
 from tasks.queueing import redis_client
@@ -135,6 +137,25 @@ def live_worker(worker, transactional_db) -> WorkerProcess:
     assert worker.process.poll() is None, worker.output()[-3000:]
     clean_redis()
     return worker
+
+
+class ServedClientHandler(test_client.ClientHandler):  # Django's, subclassed before the patch
+    """The test client's handler, routing /api/ through settings.API_MIDDLEWARE as
+    dashboard.wsgi does in production, so API tests see the API's own middleware chain."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.api = with_api_middleware(ServedClientHandler.__base__, *args, **kwargs)
+
+    def __call__(self, environ):
+        return self.api(environ) if is_api(environ) else super().__call__(environ)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _clients_route_as_served() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(test_client, "ClientHandler", ServedClientHandler)
+        yield
 
 
 @pytest.fixture(autouse=True)

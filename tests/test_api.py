@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 
@@ -386,3 +387,44 @@ def test_rotated_api_key_keeps_working_for_its_grace_period(client, app):
     credentials._auth_cache.clear()  # as after AUTH_CACHE_SECONDS; expiry itself is never cached
     assert_error(submit(client, app.application.id, app.api_key, VALID), 401, "unauthorized")
     assert submit(client, app.application.id, new_key, VALID).status_code == 200
+
+
+def wsgi_call(
+    method: str, path: str, body: bytes = b"", content_type: str = "application/json", **headers
+):
+    """One request through dashboard.wsgi.application, the callable gunicorn serves."""
+    from wsgiref.util import setup_testing_defaults
+
+    from dashboard.wsgi import application
+
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "CONTENT_LENGTH": str(len(body)),
+               "CONTENT_TYPE": content_type, "wsgi.input": io.BytesIO(body)}  # fmt: skip
+    environ.update({"HTTP_" + name.upper(): value for name, value in headers.items()})
+    setup_testing_defaults(environ)
+    started = {}
+    content = b"".join(application(environ, lambda status, items: started.update(
+        status=int(status.split()[0]), headers=items)))  # fmt: skip
+    return started["status"], {name.lower(): value for name, value in started["headers"]}, content
+
+
+@pytest.mark.django_db(transaction=True)  # the real handler closes the connection after a request
+def test_api_is_served_without_the_browser_middleware_and_the_dashboard_with_it(app):
+    status, headers, content = wsgi_call(
+        "POST", f"/api/applications/{app.application.id}/generate", json.dumps(VALID).encode(),
+        authorization=f"Bearer {app.api_key}",
+    )  # fmt: skip
+    assert status == 200, content
+    assert Task.objects.filter(pk=json.loads(content)["task_id"]).exists()
+    assert headers["x-content-type-options"] == "nosniff"  # SecurityMiddleware runs for the API
+    assert "set-cookie" not in headers and "content-security-policy" not in headers
+    assert "x-frame-options" not in headers
+
+    status, headers, _ = wsgi_call("GET", "/accounts/login/")
+    assert status == 200
+    assert "default-src 'self'" in headers["content-security-policy"]
+    assert headers["x-frame-options"] == "DENY"
+    assert "csrftoken=" in headers["set-cookie"]
+    # CSRF is still enforced on the dashboard side: a form POST without the token is refused.
+    status, _, _ = wsgi_call("POST", "/accounts/login/", b"username=a&password=b",
+                             content_type="application/x-www-form-urlencoded")  # fmt: skip
+    assert status == 403
