@@ -50,15 +50,23 @@ def login(base: str) -> requests.Session:
     return session
 
 
+def get(session: requests.Session, url: str, headers: dict | None) -> requests.Response:
+    # A redirect would be the login page (a session cookie not sent back, e.g. a Secure cookie
+    # over plain HTTP with DEBUG off): timing it would measure the wrong page.
+    response = session.get(url, headers=headers, allow_redirects=False)
+    if response.status_code != 200:
+        raise SystemExit(f"{url} answered {response.status_code}, not the page: not logged in?")
+    return response
+
+
 def timed(session: requests.Session, url: str, headers: dict | None = None) -> list[float]:
     for _ in range(3):
-        session.get(url, headers=headers).raise_for_status()
+        get(session, url, headers)
     samples = []
     for _ in range(RUNS):
         started = time.perf_counter()
-        response = session.get(url, headers=headers)
+        get(session, url, headers)
         samples.append((time.perf_counter() - started) * 1000)
-        response.raise_for_status()
     return samples
 
 

@@ -308,25 +308,39 @@ def _at_least(count: int) -> str:
     return f"{count}+" if count >= ALERT_COUNT_CAP else str(count)
 
 
-def _stuck_counts(apps: list[Application], *, status: str, now: datetime) -> dict[str, int]:
-    """Per application, how many tasks are stuck in `status`, each count capped at
-    ALERT_COUNT_CAP. One short index range scan per application (its own threshold), sent as a
-    single UNION ALL where the database allows LIMIT inside one (PostgreSQL)."""
-    per_app = []
+def _stuck_counts(apps: list[Application], *, now: datetime) -> Counter[tuple[str, str]]:
+    """How many tasks of each application are stuck, by (application id, status): pending past
+    the application's queue threshold, running past its run threshold, each count capped at
+    ALERT_COUNT_CAP. One statement for all applications: per application and status a short
+    index range scan (application, status, time) stopped at the cap. Built as text rather than
+    with the ORM, whose per-application query building cost the overview ~0.5 ms an application.
+    """
+    table = rawsql.quote(Task._meta.db_table)
+    app_field = Task._meta.get_field("application")
+    parts, params = [], []
     for app in apps:
-        tasks = Task.objects.filter(application_id=app.pk, status=status)
-        if status == TaskStatus.PENDING:
-            tasks = tasks.filter(
-                created_at__lt=now - timedelta(seconds=app.queue_threshold_seconds)
+        for status, since, threshold in (
+            (TaskStatus.PENDING, "created_at", app.queue_threshold_seconds),
+            (TaskStatus.RUNNING, "started_at", app.run_threshold_seconds),
+        ):
+            field = Task._meta.get_field(since)
+            # Identifiers come from the model; every value is a parameter.
+            parts.append(
+                f"SELECT application_id, status FROM (SELECT {rawsql.quote(app_field.column)} "  # noqa: S608
+                f"AS application_id, status FROM {table} WHERE {rawsql.quote(app_field.column)}"
+                f" = %s AND status = %s AND {rawsql.quote(field.column)} < %s "
+                f"LIMIT {ALERT_COUNT_CAP}) AS stuck_{len(parts)}"
             )
-        else:
-            tasks = tasks.filter(started_at__lt=now - timedelta(seconds=app.run_threshold_seconds))
-        per_app.append(tasks.order_by().values_list("application_id", flat=True)[:ALERT_COUNT_CAP])
-    if not per_app:
-        return {}
-    if len(per_app) > 1 and connection.features.supports_slicing_ordering_in_compound:
-        return dict(Counter(str(app_id) for app_id in per_app[0].union(*per_app[1:], all=True)))
-    return {str(app.pk): len(list(rows)) for app, rows in zip(apps, per_app, strict=True)}
+            params += [
+                app_field.get_db_prep_value(app.pk, connection),
+                status,
+                field.get_db_prep_value(now - timedelta(seconds=threshold), connection),
+            ]
+    if not parts:
+        return Counter()
+    with connection.cursor() as cursor:
+        cursor.execute(" UNION ALL ".join(parts), params)
+        return Counter((str(uuid.UUID(str(app_id))), status) for app_id, status in cursor)
 
 
 def alerts(overview_data: Overview | None = None, now: datetime | None = None) -> list[Alert]:
@@ -335,10 +349,9 @@ def alerts(overview_data: Overview | None = None, now: datetime | None = None) -
     apps = list(
         Application.objects.only("id", "name", "queue_threshold_seconds", "run_threshold_seconds")
     )
-    pending_counts = _stuck_counts(apps, status=TaskStatus.PENDING, now=now)
-    running_counts = _stuck_counts(apps, status=TaskStatus.RUNNING, now=now)
+    stuck = _stuck_counts(apps, now=now)
     for app in apps:
-        pending = min(ALERT_COUNT_CAP, pending_counts.get(str(app.pk), 0))
+        pending = stuck[str(app.pk), TaskStatus.PENDING]
         if pending:
             found.append(
                 Alert("stuck_pending",
@@ -346,7 +359,7 @@ def alerts(overview_data: Overview | None = None, now: datetime | None = None) -
                       f"{app.queue_threshold_seconds} s", pending, app,
                       {"application": str(app.id), "status": "pending"})
             )  # fmt: skip
-        running = min(ALERT_COUNT_CAP, running_counts.get(str(app.pk), 0))
+        running = stuck[str(app.pk), TaskStatus.RUNNING]
         if running:
             found.append(
                 Alert("stuck_running",

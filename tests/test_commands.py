@@ -16,9 +16,10 @@ import psutil
 import pytest
 import requests
 from django.core.management import CommandError, call_command
+from django.db import connection
 
 from tasks.credentials import authenticate, hash_api_key
-from tasks.models import ApiKey, Application
+from tasks.models import ApiKey, Application, CallbackAttempt, Task
 from tests.conftest import BASE_DIR, subprocess_env, wait_for
 
 
@@ -177,3 +178,22 @@ def test_rotatesecret_prints_the_new_secret_once(make_app):
     for bad in ("not-a-uuid", "7f2c6a8e-0000-4000-8000-000000000000"):
         with pytest.raises(CommandError):
             call_command("rotatesecret", bad, stdout=StringIO(), stderr=StringIO())
+
+
+@pytest.mark.django_db
+def test_seed_tasks_bulk_loads_tasks_with_attempts_and_leaves_planner_statistics():
+    call_command("seed_tasks", "300", "--apps", "2", "--days", "1", stdout=StringIO())
+    assert Task.objects.count() == 300
+    assert Task.objects.values("application").distinct().count() == 2
+    with_callback = Task.objects.exclude(callback_url="").count()
+    assert CallbackAttempt.objects.count() == with_callback > 0
+    # ANALYZE ran: a benchmark right after the seed is planned against the rows it loaded.
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SELECT reltuples FROM pg_class WHERE relname = %s",
+                           [Task._meta.db_table])  # fmt: skip
+            assert cursor.fetchone()[0] == 300
+        else:
+            cursor.execute("SELECT count(*) FROM sqlite_stat1 WHERE tbl = %s",
+                           [Task._meta.db_table])  # fmt: skip
+            assert cursor.fetchone()[0] > 0

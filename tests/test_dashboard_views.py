@@ -293,6 +293,31 @@ def test_filters_combine(app, make_app):
     assert [r.id for r in rows] == [target.id]
 
 
+def test_stuck_alerts_use_each_applications_thresholds_and_cap_the_count(make_app):
+    from tasks import selectors
+
+    now = timezone.now()
+    strict = make_app("echo", queue_threshold_seconds=60, run_threshold_seconds=60)
+    lenient = make_app("echo", queue_threshold_seconds=3600, run_threshold_seconds=3600)
+    ten_minutes_ago = now - timedelta(minutes=10)
+    Task.objects.bulk_create(
+        Task(application=strict.application, inputs={}, status="pending",
+             created_at=ten_minutes_ago)
+        for _ in range(selectors.ALERT_COUNT_CAP + 5)
+    )  # fmt: skip
+    make_task(strict, status="running", started_at=now - timedelta(seconds=30))  # within 60 s
+    make_task(lenient, status="pending", created_at=ten_minutes_ago)  # within its hour
+    make_task(lenient, status="running", started_at=now - timedelta(hours=2))
+    make_task(lenient, status="running", started_at=now - timedelta(hours=3))
+    found = {(alert.kind, alert.application.pk): alert for alert in selectors.alerts(now=now)
+             if alert.application}  # fmt: skip
+    assert set(found) == {("stuck_pending", strict.application.pk),
+                          ("stuck_running", lenient.application.pk)}  # fmt: skip
+    capped = found["stuck_pending", strict.application.pk]
+    assert capped.count == selectors.ALERT_COUNT_CAP and capped.message.startswith("100+ task(s)")
+    assert found["stuck_running", lenient.application.pk].count == 2
+
+
 def test_overview_counts_and_alerts(viewer, app):
     from tasks import selectors
 
