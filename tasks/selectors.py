@@ -302,6 +302,7 @@ class Alert:
 
 
 ALERT_COUNT_CAP = 100
+STUCK_PARTS_PER_STATEMENT = 200  # (application, status) scans in one stuck-count statement
 
 
 def _at_least(count: int) -> str:
@@ -336,11 +337,15 @@ def _stuck_counts(apps: list[Application], *, now: datetime) -> Counter[tuple[st
                 status,
                 field.get_db_prep_value(now - timedelta(seconds=threshold), connection),
             ]
-    if not parts:
-        return Counter()
+    counts: Counter[tuple[str, str]] = Counter()
+    # SQLite refuses a compound SELECT of more than 500 terms: many applications take several
+    # statements (each part has 3 parameters).
     with connection.cursor() as cursor:
-        cursor.execute(" UNION ALL ".join(parts), params)
-        return Counter((str(uuid.UUID(str(app_id))), status) for app_id, status in cursor)
+        for start in range(0, len(parts), STUCK_PARTS_PER_STATEMENT):
+            end = start + STUCK_PARTS_PER_STATEMENT
+            cursor.execute(" UNION ALL ".join(parts[start:end]), params[start * 3 : end * 3])
+            counts.update((str(uuid.UUID(str(app_id))), status) for app_id, status in cursor)
+    return counts
 
 
 def alerts(overview_data: Overview | None = None, now: datetime | None = None) -> list[Alert]:

@@ -10,7 +10,7 @@ from django.contrib.auth.models import Permission, User
 from django.test import Client
 from django.utils import timezone
 
-from tasks.models import AuditEntry, BulkOperation, CallbackAttempt, Task
+from tasks.models import Application, AuditEntry, BulkOperation, CallbackAttempt, Task
 from tasks.selectors import TaskFilters, task_page, uuid_prefix_range
 
 pytestmark = pytest.mark.django_db
@@ -316,6 +316,21 @@ def test_stuck_alerts_use_each_applications_thresholds_and_cap_the_count(make_ap
     capped = found["stuck_pending", strict.application.pk]
     assert capped.count == selectors.ALERT_COUNT_CAP and capped.message.startswith("100+ task(s)")
     assert found["stuck_running", lenient.application.pk].count == 2
+
+
+def test_stuck_counts_cover_more_applications_than_one_statement_holds(make_app):
+    from tasks import selectors
+
+    now = timezone.now()
+    stuck = make_app("echo", queue_threshold_seconds=60)
+    Task.objects.create(application=stuck.application, inputs={}, status="pending",
+                        created_at=now - timedelta(minutes=10))  # fmt: skip
+    # More (application, status) pairs than one statement takes (SQLite stops at 500 terms);
+    # the application with a stuck task comes last.
+    others = [Application(pk=uuid.uuid4(), queue_threshold_seconds=60, run_threshold_seconds=60)
+              for _ in range(selectors.STUCK_PARTS_PER_STATEMENT * 2)]  # fmt: skip
+    counts = selectors._stuck_counts([*others, stuck.application], now=now)
+    assert counts == {(str(stuck.application.pk), "pending"): 1}
 
 
 def test_overview_counts_and_alerts(viewer, app):
