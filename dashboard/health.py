@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hmac
+import threading
+import time
 
 import redis
 from django.conf import settings
@@ -46,17 +48,39 @@ _registry = CollectorRegistry(auto_describe=False)
 _registry.register(TaskhookCollector())
 
 
+_scrape_lock = threading.Lock()
+_last_scrape: tuple[float, bytes] = (float("-inf"), b"")
+
+
+def _scrape() -> bytes:
+    """The figures, computed at most once per METRICS_CACHE_SECONDS per process (several
+    Prometheus servers, or a fast scrape interval, then cost one count of the task table)."""
+    global _last_scrape
+    with _scrape_lock:
+        taken_at, body = _last_scrape
+        if time.monotonic() - taken_at >= settings.METRICS_CACHE_SECONDS:
+            body = generate_latest(_registry)
+            _last_scrape = (time.monotonic(), body)
+        return body
+
+
+def _unauthorized(message: str) -> JsonResponse:
+    return JsonResponse(
+        {"error": {"code": "unauthorized", "message": message, "field": None}}, status=401
+    )
+
+
 @never_cache
 @require_GET
 def metrics(request: HttpRequest) -> HttpResponse:
-    """Prometheus text format; behind `Authorization: Bearer $METRICS_TOKEN` when that is set."""
+    """Prometheus text format, behind `Authorization: Bearer $METRICS_TOKEN`. Without a token it
+    is open only with DEBUG on or METRICS_PUBLIC=true: queue depths and application names are
+    not for the internet."""
     token = settings.METRICS_TOKEN
     if token:
         supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(supplied.encode(), token.encode()):
-            return JsonResponse(
-                {"error": {"code": "unauthorized", "message": "Bearer token required.",
-                           "field": None}},
-                status=401,
-            )  # fmt: skip
-    return HttpResponse(generate_latest(_registry), content_type=CONTENT_TYPE_LATEST)
+            return _unauthorized("Bearer token required.")
+    elif not (settings.DEBUG or settings.METRICS_PUBLIC):
+        return _unauthorized("Set METRICS_TOKEN (or METRICS_PUBLIC=true) to serve metrics.")
+    return HttpResponse(_scrape(), content_type=CONTENT_TYPE_LATEST)

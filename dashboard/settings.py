@@ -93,8 +93,11 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "timeout": 20,
     }
-    _db["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
+    # A file (not :memory:) so that worker processes started by tests see the same database.
+    _db["TEST"] = {"NAME": env.str("TEST_DATABASE_NAME", default=str(VAR_DIR / "test.sqlite3"))}
 else:
+    if env.str("TEST_DATABASE_NAME", default=""):  # parallel test runs on one server
+        _db["TEST"] = {"NAME": env.str("TEST_DATABASE_NAME")}
     _db.setdefault("CONN_HEALTH_CHECKS", True)
     if _db["ENGINE"] == "django.db.backends.postgresql":
         # The same backend, with health checks only for connections idle a while (see there).
@@ -140,17 +143,32 @@ RQ_SHOW_ADMIN_LINK = False
 
 # --- Taskhook behaviour -------------------------------------------------------------------------
 BLOCKING_TIMEOUT = env.float("BLOCKING_TIMEOUT", default=30.0)
+# Blocking submits waiting at once per web process, and per API key within it (tasks.blocking):
+# by default half of a gunicorn process's threads, so the other half always serves.
+_web_threads = env.int("GUNICORN_THREADS", default=8)
+BLOCKING_MAX_WAITS = env.int("BLOCKING_MAX_WAITS", default=max(1, _web_threads // 2))
+BLOCKING_MAX_WAITS_PER_KEY = env.int(
+    "BLOCKING_MAX_WAITS_PER_KEY", default=max(1, _web_threads // 4)
+)
 MAX_BODY_BYTES = env.int("MAX_BODY_BYTES", default=1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_BODY_BYTES
 IDEMPOTENCY_WINDOW_HOURS = 24
 CALLBACK_ALLOW_PRIVATE_NETWORKS = env.bool("CALLBACK_ALLOW_PRIVATE_NETWORKS", default=False)
 CALLBACK_TIMEOUT = env.float("CALLBACK_TIMEOUT", default=10.0)
+# A callback host's name lookup, at submit and at each delivery attempt.
+CALLBACK_DNS_TIMEOUT = env.float("CALLBACK_DNS_TIMEOUT", default=2.0)
+# Connecting to a receiver; the whole attempt stays bounded by the callback timeout.
+CALLBACK_CONNECT_TIMEOUT = env.float("CALLBACK_CONNECT_TIMEOUT", default=3.0)
 # Deliveries one callback worker (tasks.worker.TaskhookDeliveryWorker) makes at once, one thread
 # and one database connection each.
 CALLBACK_CONCURRENCY = env.int("CALLBACK_CONCURRENCY", default=8)
 CLEANUP_INTERVAL = env.int("CLEANUP_INTERVAL", default=600)
 RECONCILE_INTERVAL = env.int("RECONCILE_INTERVAL", default=30)
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+# Without a token /metrics answers only in DEBUG, unless it is declared public on purpose.
+METRICS_PUBLIC = env.bool("METRICS_PUBLIC", default=False)
+# Seconds a web process reuses one scrape's figures (each scrape counts the task table).
+METRICS_CACHE_SECONDS = env.float("METRICS_CACHE_SECONDS", default=5.0)
 QUEUE_BACKLOG_THRESHOLD = env.int("QUEUE_BACKLOG_THRESHOLD", default=1000)
 # Seconds a web process may reuse an API key lookup (and a worker an application's settings).
 AUTH_CACHE_SECONDS = env.float("AUTH_CACHE_SECONDS", default=5.0)

@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Callable
 from functools import wraps
 
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import DisallowedHost, RequestDataTooBig
 from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from . import credentials, ratelimit
-from .models import FINISHED_STATUSES, ApiKey, Task
-from .presenters import accepted_body, poll_url, retry_after_seconds, task_body
+from . import blocking, credentials, jsonsafety, ratelimit
+from .idempotency import IdempotencyConflict
+from .models import FINISHED_STATUSES, ApiKey, IdempotencyRecord, Task
+from .presenters import (
+    accepted_body,
+    poll_url,
+    removed_task_body,
+    retry_after_seconds,
+    task_body,
+)
 from .queueing import wait_for_finish
 from .selectors import task_for_client
 from .services import cancel_task
 from .submission import (
-    IdempotencyConflict,
     ValidationFailed,
     parse_submit_body,
     submit_task,
@@ -69,6 +74,14 @@ def api_view(*methods: str) -> Callable:
                     "method_not_allowed",
                     f"{request.method} is not allowed here; use {', '.join(methods)}.",
                     headers={"Allow": ", ".join(methods)},
+                )
+            try:
+                # Answers carry absolute URLs built from Host: refuse an unknown one before
+                # anything is stored, not after the task was committed.
+                request.get_host()
+            except DisallowedHost:
+                return error_response(
+                    400, "invalid_request", "The Host header names no host served here.", "Host"
                 )
             try:
                 return view(request, *args, **kwargs)
@@ -132,8 +145,10 @@ def _read_json(request: HttpRequest) -> object:
     if len(raw) > settings.MAX_BODY_BYTES:
         raise _too_large()
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+        return jsonsafety.loads(raw)
+    except jsonsafety.UnstorableJson as exc:
+        raise ApiError(400, "invalid_request", f"The body is refused: {exc.reason}.") from None
+    except ValueError as exc:
         raise ApiError(400, "invalid_request", f"The body is not valid JSON: {exc}") from None
 
 
@@ -180,17 +195,24 @@ def generate(request: HttpRequest, app_id: str) -> JsonResponse:
             "This Idempotency-Key was used with a different request body.",
             "Idempotency-Key",
         ) from None
+    if isinstance(task, IdempotencyRecord):
+        # The first task already ran and retention removed it: its id again, nothing re-run.
+        return JsonResponse(removed_task_body(request, task))
     task.application = application
 
     if submit.response_mode == "async":
         return JsonResponse(accepted_body(request, task))
 
     timeout = application.blocking_timeout_seconds or settings.BLOCKING_TIMEOUT
-    wait_for_finish(
-        task.id,
-        timeout=timeout,
-        is_finished=lambda: Task.objects.filter(pk=task.id, status__in=FINISHED_STATUSES).exists(),
-    )
+    with blocking.wait_slot(key_id=key.pk) as may_wait:
+        if may_wait:
+            wait_for_finish(
+                task.id,
+                timeout=timeout,
+                is_finished=lambda: Task.objects.filter(
+                    pk=task.id, status__in=FINISHED_STATUSES
+                ).exists(),
+            )
     task.refresh_from_db()
     if task.is_finished:
         return JsonResponse(task_body(task))

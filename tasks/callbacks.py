@@ -9,23 +9,22 @@ Redis and survives worker restarts; the reconciler re-creates any that vanished 
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
 import math
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import redis
-import urllib3
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
-from rq.exceptions import DuplicateJobError
+from rq.exceptions import DuplicateJobError, NoSuchJobError
+from rq.job import Job
 
-from . import credentials, rawsql, retry_policy, signing, ssrf
+from . import credentials, jsonsafety, rawsql, retry_policy, signing, ssrf, webhook_http
 from .applications import current_application
 from .metrics import record_callback_attempt
 from .models import (
@@ -38,29 +37,23 @@ from .models import (
 )
 from .presenters import callback_body
 from .queueing import SUCCESSFUL_JOB_TTL, queue
+from .webhook_http import Outcome
 
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 USER_AGENT = f"Taskhook/{VERSION}"
-EXCERPT_BYTES = 2048
 DELIVERABLE_STATUSES = (TaskStatus.SUCCEEDED, TaskStatus.FAILED)
 
 
-@functools.cache
-def http_pool() -> urllib3.PoolManager:
-    """One pool per worker process: keep-alive to receivers, redirects never followed, no
-    retries inside an attempt (the retry policy decides). urllib3 rather than httpx: a delivery
-    to a local receiver costs 0.24 ms of client CPU against httpx's 0.64 ms (docs/benchmarks.md)."""
-    return urllib3.PoolManager(
-        num_pools=100,
-        # One kept connection per delivery thread and receiver; more are opened when needed.
-        maxsize=max(settings.CALLBACK_CONCURRENCY, 1),
-        retries=False,
-    )
-
-
 # --- scheduling -------------------------------------------------------------------------------
+
+
+def _delivery_job_id(task: Task, trigger: str, auto_attempt: int | None) -> str:
+    """Automatic attempts have one id each (a second enqueue of the same attempt is refused);
+    manual ones are always new."""
+    suffix = f"a{auto_attempt}" if trigger == AttemptTrigger.AUTO else f"m{secrets.token_hex(6)}"
+    return f"cb-{task.id}-{task.run}-{suffix}"
 
 
 def _enqueue_delivery(
@@ -75,11 +68,10 @@ def _enqueue_delivery(
     False when it was not added: the same job already exists, or Redis is unreachable (the
     reconciler schedules it later from the database).
     """
-    suffix = f"a{auto_attempt}" if trigger == AttemptTrigger.AUTO else f"m{secrets.token_hex(6)}"
     application = task.application
     options = {
         "args": (str(task.id), task.run, trigger, auto_attempt),
-        "job_id": f"cb-{task.id}-{task.run}-{suffix}",
+        "job_id": _delivery_job_id(task, trigger, auto_attempt),
         "job_timeout": int(application.callback_timeout_seconds) + 30,
         # Kept a minute like task jobs: deleting a job at once costs RQ more round trips.
         "result_ttl": SUCCESSFUL_JOB_TTL,
@@ -133,11 +125,31 @@ def schedule_first_delivery(
 
 
 def resume_delivery(*, task: Task) -> bool:
-    """Re-create a lost automatic delivery job (reconciler): the next attempt in the sequence."""
+    """Re-create a lost automatic delivery job (reconciler): the next attempt in the sequence.
+
+    The job id of that attempt may still name a job that ended without recording it (its worker
+    died, or it failed): RQ keeps such a job for the application's retention, and a unique
+    enqueue would collide with it every pass. A job that is still waiting or running is left.
+    """
     auto_done = CallbackAttempt.objects.filter(
         task_id=task.id, run=task.run, trigger=AttemptTrigger.AUTO
     ).count()
+    _drop_ended_job(_delivery_job_id(task, AttemptTrigger.AUTO, auto_done + 1))
     return _enqueue_delivery(task=task, trigger=AttemptTrigger.AUTO, auto_attempt=auto_done + 1)
+
+
+LIVE_JOB_STATUSES = (b"queued", b"scheduled", b"started", b"deferred")
+
+
+def _drop_ended_job(job_id: str) -> None:
+    try:
+        client = queue(settings.CALLBACK_QUEUE).connection
+        status = client.hget(Job.key_for(job_id), "status")
+        if status is not None and status not in LIVE_JOB_STATUSES:
+            with contextlib.suppress(NoSuchJobError):
+                Job.fetch(job_id, connection=client).delete()
+    except redis.RedisError:
+        pass  # the enqueue that follows reports Redis trouble
 
 
 def redeliver(*, task_ids: list[uuid.UUID | str]) -> list[uuid.UUID]:
@@ -159,19 +171,6 @@ def redeliver(*, task_ids: list[uuid.UUID | str]) -> list[uuid.UUID]:
 
 
 # --- one attempt ------------------------------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    status_code: int | None = None
-    excerpt: str = ""
-    error: str = ""
-    retry_after: float | None = None
-    duration_ms: int = 0
-
-    @property
-    def delivered(self) -> bool:
-        return self.status_code is not None and 200 <= self.status_code < 300
 
 
 # The fields a delivery needs (the payload, the URL), returned by the claim itself.
@@ -220,12 +219,12 @@ def _claim_attempt(task_id: uuid.UUID | str, run: int, trigger: str) -> Task | N
 
 
 def _send(task: Task, number: int) -> Outcome:
-    application = task.application
+    """Resolve and check the URL for this attempt, sign, and POST to a checked address."""
     try:
-        ssrf.check_callback_url(task.callback_url)
+        target = ssrf.checked_target(task.callback_url)
     except ssrf.UnsafeCallbackUrl as exc:
         return Outcome(error=f"refused by the SSRF guard: {exc}")
-
+    application = task.application
     body = signing.encode_body(callback_body(task))
     headers = {
         "Content-Type": "application/json",
@@ -238,64 +237,9 @@ def _send(task: Task, number: int) -> Outcome:
             body=body,
         ),
     }
-    timeout = application.callback_timeout_seconds
-    started = time.monotonic()
-    outcome = Outcome()
-    try:
-        response = http_pool().request(
-            "POST",
-            task.callback_url,
-            body=body,
-            headers=headers,
-            timeout=urllib3.Timeout(connect=timeout, read=timeout),
-            redirect=False,
-            preload_content=False,
-        )
-    except urllib3.exceptions.HTTPError as exc:
-        outcome.error = _transport_error(exc, timeout)
-    else:
-        outcome.status_code = response.status
-        outcome.retry_after = retry_policy.parse_retry_after(response.headers.get("Retry-After"))
-        location = response.get_redirect_location()
-        try:
-            outcome.excerpt = _read_excerpt(response)
-        except urllib3.exceptions.HTTPError as exc:
-            outcome.error = f"{_transport_error(exc, timeout)} while reading the answer"
-        else:
-            if location is not False:
-                outcome.error = f"redirect not followed (HTTP {response.status} to {location})"
-            elif not outcome.delivered:
-                outcome.error = f"receiver answered HTTP {response.status}"
-    outcome.duration_ms = int((time.monotonic() - started) * 1000)
-    return outcome
-
-
-def _read_excerpt(response: urllib3.BaseHTTPResponse) -> str:
-    """The first EXCERPT_BYTES of the answer. A longer answer is not read to its end: its
-    connection is closed instead of kept (the pool opens a fresh one when needed)."""
-    try:
-        excerpt = response.read(EXCERPT_BYTES)
-    finally:
-        if not response.closed:  # not read to the end, or failed mid-way
-            response.close()
-        response.release_conn()
-    return excerpt.decode("utf-8", errors="replace")
-
-
-def _transport_error(exc: urllib3.exceptions.HTTPError, timeout: float) -> str:
-    """What an operator reads in the attempt row when no complete HTTP answer came."""
-    # urllib3 makes NewConnectionError a kind of ConnectTimeoutError: test it first.
-    if isinstance(exc, urllib3.exceptions.NameResolutionError):
-        return f"could not resolve the host: {exc.__context__ or exc}"
-    if isinstance(exc, urllib3.exceptions.NewConnectionError):
-        return f"could not connect: {exc.__context__ or exc}"
-    if isinstance(exc, urllib3.exceptions.TimeoutError):
-        return f"timed out after {timeout:g} s"
-    if isinstance(exc, urllib3.exceptions.SSLError):
-        return f"TLS error: {exc}"
-    if isinstance(exc, urllib3.exceptions.ProtocolError):
-        return f"connection broken: {exc.args[-1] if exc.args else exc}"
-    return f"{type(exc).__name__}: {exc}"
+    return webhook_http.post(
+        target=target, body=body, headers=headers, timeout=application.callback_timeout_seconds
+    )
 
 
 def deliver(
@@ -308,7 +252,11 @@ def deliver(
     auto = trigger == AttemptTrigger.AUTO
     number = task.callback_attempts
     started_at = timezone.now()
-    outcome = _send(task, number)
+    try:
+        outcome = _send(task, number)
+    except Exception as exc:  # signing, encoding, a bug: the claimed attempt is still recorded
+        logger.exception("callback attempt could not be made", extra={"task_id": str(task.id)})
+        outcome = Outcome(error=jsonsafety.clean_text(f"{type(exc).__name__}: {exc}")[:2000])
     auto_attempt = auto_attempt or 1
     delay = None
     if outcome.delivered:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import traceback
 import uuid
 from typing import Any
 
+from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
 from rq.timeouts import JobTimeoutException
 
-from . import state
+from . import jsonsafety, state
 from .applications import cached_application
 from .metrics import observe_task_duration
 from .models import Application, TaskLog
@@ -40,8 +40,8 @@ class TaskContext:
         TaskLog.objects.create(
             task_id=self.task_id,
             run=self.run,
-            level=level[:10],
-            message=str(message)[:MAX_LOG_MESSAGE],
+            level=jsonsafety.clean_text(str(level))[:10],
+            message=jsonsafety.clean_text(str(message))[:MAX_LOG_MESSAGE],
         )
 
 
@@ -63,22 +63,29 @@ def execute_task(*, task_id: str, run: int, worker_name: str = "") -> str:
     try:
         runner = resolve_runner(application.runner)
         output = runner(dict(started_run.inputs), ctx)
-        json.dumps(output)  # a result the API cannot serve is a failure of the runner
+        _check_output(output)  # a result that cannot be stored or served fails the task
     except TaskCancelled:
         logger.info("task stopped: cancelled", extra=log_extra)
         return "cancelled"
     except JobTimeoutException:
         error = f"timed out after {application.job_timeout_seconds} s"
-        won = state.fail(task_id=task_uuid, run=run, error=error, traceback=traceback.format_exc())
+        won = _fail(task_uuid, run, error, traceback.format_exc())
         outcome = "failed"
     except Exception as exc:
         error = str(exc) if isinstance(exc, RunnerError) else f"{type(exc).__name__}: {exc}"
-        won = state.fail(task_id=task_uuid, run=run, error=error[:5000],
-                         traceback=traceback.format_exc())  # fmt: skip
+        won = _fail(task_uuid, run, error, traceback.format_exc())
         outcome = "failed"
     else:
-        won = state.succeed(task_id=task_uuid, run=run, output=output, has_callback=has_callback)
-        outcome = "succeeded"
+        try:
+            won = _store_result(task_uuid, run, output, has_callback)
+            outcome = "succeeded"
+        except Exception as exc:
+            if isinstance(exc, DatabaseError) and _database_down(exc):
+                raise  # still unreachable after the retries: the job is retried (queueing)
+            # The database refused this result (too large for a column, a type it rejects):
+            # the task ends failed with that reason instead of running until the job timeout.
+            won = _fail(task_uuid, run, f"the result could not be stored: {exc}", "")
+            outcome = "failed"
     if not won:
         return "discarded"  # cancelled (or re-run) while the runner worked: its end is dropped
     logger.info("task %s", outcome, extra=log_extra)
@@ -92,6 +99,45 @@ def execute_task(*, task_id: str, run: int, worker_name: str = "") -> str:
         run_seconds=time.monotonic() - started,
     )
     return outcome
+
+
+def _check_output(output: Any) -> None:
+    try:
+        jsonsafety.check_value(output, "output")
+    except jsonsafety.UnstorableJson as exc:
+        raise RunnerError(f"the runner's output cannot be stored as JSON: {exc}") from None
+
+
+# A finished runner's result is worth waiting for: a database blip (restart, failover) must not
+# throw away minutes of LLM work.
+STORE_RETRY_DELAYS = (0.5, 1, 2, 4, 8)
+
+
+def _store_result(task_id: uuid.UUID, run: int, output: Any, has_callback: bool) -> bool:
+    for delay in (*STORE_RETRY_DELAYS, None):
+        try:
+            return state.succeed(task_id=task_id, run=run, output=output, has_callback=has_callback)
+        except DatabaseError as exc:
+            if delay is None or not _database_down(exc):
+                raise
+            logger.warning("database unreachable storing a result; retrying in %s s", delay)
+            close_old_connections()
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _fail(task_id: uuid.UUID, run: int, error: str, trace: str) -> bool:
+    # Exception texts may carry NUL or lone surrogates (from inputs, receivers, C libraries).
+    return state.fail(
+        task_id=task_id,
+        run=run,
+        error=jsonsafety.clean_text(error)[:5000],
+        traceback=jsonsafety.clean_text(trace),
+    )
+
+
+def _database_down(exc: DatabaseError) -> bool:
+    return isinstance(exc, OperationalError | InterfaceError)
 
 
 def on_task_finished(

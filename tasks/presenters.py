@@ -9,7 +9,7 @@ from typing import Any
 from django.urls import reverse
 from django.utils import timezone
 
-from .models import Task
+from .models import IdempotencyRecord, Task
 
 
 def iso(value: datetime | None) -> str | None:
@@ -28,6 +28,16 @@ def _task_path_template() -> str:
 
 def poll_url(request, task: Task) -> str:
     return request.build_absolute_uri(_task_path_template().format(task.id))
+
+
+def removed_task_body(request, record: IdempotencyRecord) -> dict[str, Any]:
+    """A repeated Idempotency-Key whose task retention already removed (its poll is 404)."""
+    return {
+        "task_id": str(record.task_id),
+        "status": record.status,
+        "poll_url": request.build_absolute_uri(_task_path_template().format(record.task_id)),
+        "created_at": iso(record.created_at),
+    }
 
 
 def elapsed_ms(task: Task, now: datetime | None = None) -> int:

@@ -8,17 +8,20 @@
 (c) finished tasks whose callback delivery was never scheduled, or whose scheduled retry
     vanished, get it scheduled.
 Each pass is bounded (BATCH rows per rule) and guarded by a Redis lock so passes never overlap.
+Each rule walks its rows by keyset across passes (a cursor in Redis), so rows that a rule must
+skip (a live job, a recent attempt) or cannot correct never hide the rows behind them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import redis
-from django.db.models import Q
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
@@ -45,6 +48,7 @@ CALLBACK_GRACE = timedelta(seconds=60)
 # Longer than any attempt can take (timeout <= 60 s, job timeout = timeout + 30 s).
 STALLED_ATTEMPT = timedelta(seconds=180)
 LOCK_KEY = "taskhook:lock:reconcile"
+CURSOR_KEY = "taskhook:reconcile:cursor:{rule}"
 
 
 @dataclass
@@ -72,7 +76,7 @@ def reconcile() -> ReconcileReport:
         report = ReconcileReport()
         _requeue_orphaned_pending(client, report)
         _recover_lost_running(client, report)
-        _reschedule_callbacks(report)
+        _reschedule_callbacks(client, report)
         record_reconciler_corrections({kind: len(getattr(report, kind))
             for kind in ("requeued", "lost", "rerun", "callbacks_rescheduled")})  # fmt: skip
         return report
@@ -81,14 +85,32 @@ def reconcile() -> ReconcileReport:
             lock.release()
 
 
+def _walk(client: redis.Redis, rule: str, rows: QuerySet[Task], order_field: str) -> list[Task]:
+    """The next BATCH of `rows` in (order_field, id) order after this rule's cursor. The cursor
+    moves to the last row, or back to the start once the walk has reached the end."""
+    key = CURSOR_KEY.format(rule=rule)
+    cursor = client.get(key)
+    if cursor:
+        at_text, _, pk = cursor.decode().partition("|")
+        at = datetime.fromisoformat(at_text)
+        rows = rows.filter(
+            Q(**{f"{order_field}__gt": at}) | Q(**{order_field: at, "pk__gt": uuid.UUID(pk)})
+        )
+    batch = list(rows.order_by(order_field, "pk")[:BATCH])
+    if len(batch) < BATCH:
+        client.delete(key)
+    else:
+        last = batch[-1]
+        client.set(key, f"{getattr(last, order_field).isoformat()}|{last.pk}", ex=24 * 3600)
+    return batch
+
+
 def _requeue_orphaned_pending(client: redis.Redis, report: ReconcileReport) -> None:
     cutoff = timezone.now() - PENDING_GRACE
-    pending = (
-        Task.objects.select_related("application")
-        .filter(status=TaskStatus.PENDING, created_at__lt=cutoff)
-        .order_by("created_at")[:BATCH]
+    pending = Task.objects.select_related("application").filter(
+        status=TaskStatus.PENDING, created_at__lt=cutoff
     )
-    for task in pending:
+    for task in _walk(client, "pending", pending, "created_at"):
         job_status = client.hget(Job.key_for(task.rq_job_id), "status")
         if job_status == b"failed":
             # The job failed before the task started: the worker could not reach the database
@@ -121,10 +143,13 @@ def _lost_reason(client: redis.Redis, task: Task, registered: set[str]) -> str |
 
 def _recover_lost_running(client: redis.Redis, report: ReconcileReport) -> None:
     now = timezone.now()
-    running = list(
-        Task.objects.select_related("application")
-        .filter(status=TaskStatus.RUNNING, started_at__lt=now - WORKER_GRACE)
-        .order_by("started_at")[:BATCH]
+    running = _walk(
+        client,
+        "running",
+        Task.objects.select_related("application").filter(
+            status=TaskStatus.RUNNING, started_at__lt=now - WORKER_GRACE
+        ),
+        "started_at",
     )
     if not running:
         return
@@ -156,7 +181,7 @@ def _move_on(task: Task, reason: str, report: ReconcileReport) -> None:
         report.lost.append(str(task.id))
 
 
-def _reschedule_callbacks(report: ReconcileReport) -> None:
+def _reschedule_callbacks(client: redis.Redis, report: ReconcileReport) -> None:
     now = timezone.now()
     due = (
         Task.objects.select_related("application")
@@ -176,9 +201,8 @@ def _reschedule_callbacks(report: ReconcileReport) -> None:
                 finished_at__lt=now - STALLED_ATTEMPT,
             )
         )
-        .order_by("finished_at")[:BATCH]
     )
-    for task in due:
+    for task in _walk(client, "callbacks", due, "finished_at"):
         if task.callback_next_attempt_at is None:
             recent = CallbackAttempt.objects.filter(
                 task_id=task.id, run=task.run, started_at__gt=now - STALLED_ATTEMPT

@@ -23,6 +23,7 @@ from django.db import transaction
 from django.db.models import Min, QuerySet
 from django.utils import timezone
 
+from . import idempotency
 from .metrics import record_cleanup
 from .models import (
     FINISHED_STATUSES,
@@ -81,6 +82,7 @@ def _delete_batch(expired: QuerySet[Task], ids: list[uuid.UUID]) -> int:
     with transaction.atomic():
         # Re-check under row locks: an operator's retry in between makes a task unfinished.
         ids = list(expired.filter(pk__in=ids).select_for_update().values_list("pk", flat=True))
+        idempotency.keep_keys_of(ids)  # a key outlives its task (its window is 24 h)
         # Children first by plain DELETE ... WHERE task_id IN (...): nothing is loaded.
         CallbackAttempt.objects.filter(task_id__in=ids).delete()
         TaskLog.objects.filter(task_id__in=ids).delete()
@@ -132,6 +134,8 @@ def run_cleanup(
         for app in apps:
             count = purge_application(app, dry_run=dry_run, batch_size=batch_size)
             removed[str(app.pk)] = {"name": app.name, "tasks": count}
+        if not dry_run:
+            idempotency.purge_expired_records()
     except Exception as exc:
         run.error = f"{type(exc).__name__}: {exc}"
         logger.exception("cleanup failed")

@@ -10,6 +10,7 @@ then retries 10 s, 60 s and 300 s after each failure (4 attempts in all). A litt
 from __future__ import annotations
 
 import random
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 
 from django.utils import timezone
@@ -45,18 +46,21 @@ def parse_schedule(value: str | list | tuple) -> list[int]:
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP-date), or None."""
+    """Seconds from a Retry-After header (RFC 9110: delay-seconds or an HTTP-date), or None for
+    anything else: a receiver's odd header never breaks the policy."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():
+        return float(min(int(value), MAX_STEP_SECONDS))
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when is None:
         return None
+    if when.tzinfo is None:  # "-0000" and obsolete forms parse naive; HTTP dates are GMT
+        when = when.replace(tzinfo=UTC)
     return max(0.0, (when - timezone.now()).total_seconds())
 
 

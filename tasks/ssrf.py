@@ -1,25 +1,84 @@
-"""SSRF guard for callback URLs: the one check used at submit time and again at delivery time.
+"""SSRF guard for callback URLs: the one parser and the one address check, used at submit time
+and again at every delivery attempt.
 
-Only http(s) URLs with a host are accepted. The host is resolved and every address it resolves to
-must be public: loopback, private, link-local (which includes the 169.254.169.254 cloud metadata
+Only http(s) URLs with a host are accepted, parsed by urllib3's own parser (the one the delivery
+client uses), so the host that is checked is the host that is connected to; a URL with a
+backslash, whitespace or a control character is refused outright, since parsers disagree on
+those. The host is resolved (with its own short timeout) and every address it resolves to must
+be public: loopback, private, link-local (which includes the 169.254.169.254 cloud metadata
 address), multicast, reserved and unspecified addresses are refused, unless
 `CALLBACK_ALLOW_PRIVATE_NETWORKS` is true (local development, tests against 127.0.0.1).
-Checking again at delivery covers DNS that changed between submit and delivery.
+
+Delivery resolves once per attempt (`checked_target`) and connects to one of the addresses it
+checked, never to the name: a DNS answer that changes between the check and the connect (DNS
+rebinding) cannot move the POST to another address.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import re
 import socket
-from urllib.parse import urlsplit
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 
 from django.conf import settings
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
 
 MAX_URL_LENGTH = 2048
+# Whitespace, controls (C0, DEL, C1) and the backslash: parsers split such URLs differently.
+_REFUSED_CHARACTERS = re.compile(r"[\s\x00-\x1f\x7f-\x9f\\]")
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class UnsafeCallbackUrl(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class CallbackUrl:
+    scheme: str
+    host: str  # without IPv6 brackets, lower case, IDNA-encoded
+    port: int
+    request_uri: str  # path and query, as sent on the request line
+    host_header: str  # what the receiver sees in Host
+
+
+@dataclass(frozen=True)
+class Target:
+    url: CallbackUrl
+    addresses: tuple[str, ...]  # checked addresses to connect to, in resolver order
+
+
+def parse_callback_url(url: str) -> CallbackUrl:
+    """The one parse of a callback URL; raises UnsafeCallbackUrl with a sentence to act on."""
+    if len(url) > MAX_URL_LENGTH:
+        raise UnsafeCallbackUrl(f"callback_url must be at most {MAX_URL_LENGTH} characters.")
+    bad = _REFUSED_CHARACTERS.search(url)
+    if bad:
+        raise UnsafeCallbackUrl(
+            f"callback_url must not contain {bad.group()!r} (whitespace, control characters "
+            "and backslashes are refused)."
+        )
+    try:
+        parts = parse_url(url)
+    except (LocationParseError, ValueError) as exc:
+        raise UnsafeCallbackUrl(f"callback_url is not a valid URL: {exc}") from None
+    scheme = (parts.scheme or "").lower()
+    if scheme not in DEFAULT_PORTS or not url.lower().startswith(f"{scheme}://"):
+        raise UnsafeCallbackUrl("callback_url must be an absolute http or https URL.")
+    if not parts.host:
+        raise UnsafeCallbackUrl("callback_url must have a host.")
+    if parts.auth:
+        raise UnsafeCallbackUrl("callback_url must not carry credentials.")
+    host = parts.host.strip("[]").lower()
+    port = parts.port or DEFAULT_PORTS[scheme]
+    shown_host = f"[{host}]" if ":" in host else host
+    host_header = shown_host if port == DEFAULT_PORTS[scheme] else f"{shown_host}:{port}"
+    return CallbackUrl(scheme, host, port, parts.request_uri, host_header)
 
 
 def _refusal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
@@ -40,41 +99,59 @@ def _refusal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | No
     return None
 
 
+@functools.cache
+def _resolver_pool() -> ThreadPoolExecutor:
+    # getaddrinfo has no timeout of its own; a lookup that hangs keeps one of these threads,
+    # never the request or the delivery that asked.
+    return ThreadPoolExecutor(max_workers=4, thread_name_prefix="resolve")
+
+
 def resolve(host: str, port: int) -> list[str]:
-    """Every address `host` resolves to (a literal IP resolves to itself)."""
+    """Every address `host` resolves to, in the resolver's order (a literal IP is itself)."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return [host]
+    lookup = _resolver_pool().submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    timeout = settings.CALLBACK_DNS_TIMEOUT
+    try:
+        infos = lookup.result(timeout=timeout)
+    except FutureTimeout:
+        raise UnsafeCallbackUrl(
+            f"callback_url host {host!r} did not resolve within {timeout:g} s"
+        ) from None
+    except (OSError, UnicodeError) as exc:
         raise UnsafeCallbackUrl(f"callback_url host {host!r} does not resolve") from exc
-    return sorted({info[4][0] for info in infos})
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+def checked_target(url: str, *, allow_private: bool | None = None) -> Target:
+    """Parse, resolve once and check every address; the Target is what may be connected to."""
+    if allow_private is None:
+        allow_private = settings.CALLBACK_ALLOW_PRIVATE_NETWORKS
+    parsed = parse_callback_url(url)
+    addresses = resolve(parsed.host, parsed.port)
+    if not allow_private:
+        for raw in addresses:
+            address = ipaddress.ip_address(raw.split("%", 1)[0])
+            reason = _refusal(address)
+            if reason:
+                raise UnsafeCallbackUrl(
+                    f"callback_url host {parsed.host!r} resolves to a {reason} address "
+                    f"({address}), which is refused (set CALLBACK_ALLOW_PRIVATE_NETWORKS=true to "
+                    "allow it)."
+                )
+    return Target(parsed, tuple(addresses))
 
 
 def check_callback_url(url: str, *, allow_private: bool | None = None) -> None:
-    """Raise UnsafeCallbackUrl with a sentence a client can act on, or return if the URL is fine."""
+    """Submit-time check: raise UnsafeCallbackUrl with a sentence a client can act on. Where
+    private networks are allowed the host is not looked up (delivery resolves it anyway)."""
     if allow_private is None:
         allow_private = settings.CALLBACK_ALLOW_PRIVATE_NETWORKS
-    if len(url) > MAX_URL_LENGTH:
-        raise UnsafeCallbackUrl(f"callback_url must be at most {MAX_URL_LENGTH} characters.")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise UnsafeCallbackUrl(f"callback_url is not a valid URL: {exc}") from exc
-    if parts.scheme not in ("http", "https"):
-        raise UnsafeCallbackUrl("callback_url must be an absolute http or https URL.")
-    host = parts.hostname
-    if not host:
-        raise UnsafeCallbackUrl("callback_url must have a host.")
-    if parts.username or parts.password:
-        raise UnsafeCallbackUrl("callback_url must not carry credentials.")
     if allow_private:
-        return
-    port = port or (443 if parts.scheme == "https" else 80)
-    for raw in resolve(host, port):
-        address = ipaddress.ip_address(raw.split("%", 1)[0])
-        reason = _refusal(address)
-        if reason:
-            raise UnsafeCallbackUrl(
-                f"callback_url host {host!r} resolves to a {reason} address ({address}), which is "
-                "refused (set CALLBACK_ALLOW_PRIVATE_NETWORKS=true to allow it)."
-            )
+        parse_callback_url(url)
+    else:
+        checked_target(url, allow_private=False)

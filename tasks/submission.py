@@ -7,15 +7,12 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
-from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.utils import timezone
 
-from . import rawsql, ssrf
-from .models import Application, Task
+from . import idempotency, jsonsafety, rawsql, ssrf
+from .models import Application, IdempotencyRecord, Task
 from .queueing import enqueue_task_run
 
 logger = logging.getLogger(__name__)
@@ -28,10 +25,6 @@ class ValidationFailed(Exception):
         super().__init__(message)
         self.field = field
         self.message = message
-
-
-class IdempotencyConflict(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -61,6 +54,8 @@ def parse_submit_body(body: Any) -> SubmitRequest:
     """Validate a decoded JSON body against DESIGN.md §2; raises ValidationFailed."""
     if not isinstance(body, dict):
         raise ValidationFailed(None, "The request body must be a JSON object.")
+    for name, value in body.items():  # anywhere in the body, known fields or not
+        _check_storable(value, name)
     if "inputs" not in body:
         raise ValidationFailed("inputs", "inputs is required.")
     inputs = body["inputs"]
@@ -95,27 +90,23 @@ def parse_submit_body(body: Any) -> SubmitRequest:
     )
 
 
+def _check_storable(value: Any, field: str) -> None:
+    try:
+        jsonsafety.check_value(value, field)
+    except jsonsafety.UnstorableJson as exc:
+        raise ValidationFailed(field, f"{exc.path or field}: {exc.reason}.") from None
+
+
 def validate_idempotency_key(raw: str | None) -> str | None:
     if raw is None or raw == "":
         return None
     if len(raw) > 255:
         raise ValidationFailed("Idempotency-Key", "Idempotency-Key must be at most 255 characters.")
+    if not raw.isprintable() or not raw.isascii():
+        raise ValidationFailed(
+            "Idempotency-Key", "Idempotency-Key must be printable ASCII characters."
+        )
     return raw
-
-
-def _existing_for_key(application: Application, key: str, request_hash: str) -> Task | None:
-    """The task an idempotent retry should get, or None when the key is free (or expired)."""
-    task = Task.objects.filter(application=application, idempotency_key=key).first()
-    if task is None:
-        return None
-    window = timedelta(hours=settings.IDEMPOTENCY_WINDOW_HOURS)
-    if task.created_at < timezone.now() - window:
-        # Past the window the key is free again; the old task keeps its data but not the key.
-        Task.objects.filter(pk=task.pk, idempotency_key=key).update(idempotency_key=None)
-        return None
-    if task.request_hash != request_hash:
-        raise IdempotencyConflict
-    return task
 
 
 def submit_task(
@@ -123,14 +114,15 @@ def submit_task(
     application: Application,
     request: SubmitRequest,
     idempotency_key: str | None = None,
-) -> tuple[Task, bool]:
-    """Commit a new pending task and enqueue it. Returns (task, created).
+) -> tuple[Task | IdempotencyRecord, bool]:
+    """Commit a new pending task and enqueue it. Returns (task, created); a repeated
+    Idempotency-Key returns the first task, or the record of it when retention removed it.
 
     The row is committed before the enqueue: if Redis is unreachable the task stays pending and
     the reconciler enqueues it later, so an accepted task is never lost.
     """
     if idempotency_key:
-        existing = _existing_for_key(application, idempotency_key, request.request_hash)
+        existing = idempotency.existing_for_key(application, idempotency_key, request.request_hash)
         if existing is not None:
             return existing, False
     task = Task(
@@ -154,7 +146,7 @@ def submit_task(
         if not idempotency_key:
             raise
         # A concurrent request with the same key won the insert: answer with its task.
-        existing = _existing_for_key(application, idempotency_key, request.request_hash)
+        existing = idempotency.existing_for_key(application, idempotency_key, request.request_hash)
         if existing is None:
             raise
         return existing, False
