@@ -218,6 +218,10 @@ def _post_to(
     except urllib3.exceptions.HTTPError as exc:
         outcome.error = _transport_error(exc, deadline)
         return outcome
+    if deadline.expired:  # the head was cut off: http.client parses what it had, not an answer
+        response.close()
+        response.release_conn()
+        return outcome
     outcome.status_code = response.status
     outcome.retry_after = retry_policy.parse_retry_after(response.headers.get("Retry-After"))
     location = response.get_redirect_location()

@@ -65,7 +65,7 @@ def test_custom_runner_by_dotted_path(make_app):
 def test_non_json_output_fails_the_task(make_app):
     app = make_app("tests.test_runners.returns_a_set")
     task = run_one(app, {})
-    assert task.status == "failed" and "not JSON serializable" in task.error
+    assert task.status == "failed" and "cannot be stored as JSON" in task.error
 
 
 def returns_a_set(inputs, ctx):
