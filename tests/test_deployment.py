@@ -53,7 +53,8 @@ def procfile() -> dict[str, str]:
 def test_procfile_boots_and_runs_a_task_with_a_callback(make_app, receiver):
     app = make_app("echo")
     port = free_port()
-    env = production_env(PORT=str(port), WEB_CONCURRENCY="2", RECONCILE_INTERVAL="5")
+    env = production_env(PORT=str(port), WEB_CONCURRENCY="2", RECONCILE_INTERVAL="5",
+                         METRICS_TOKEN="scrape-secret")  # fmt: skip
     commands = procfile()
     assert set(commands) == {"release", "web", "worker", "callbacks", "cron"}
     release = subprocess.run(shlex.split(commands["release"].replace("python", sys.executable, 1)),
@@ -103,7 +104,8 @@ def test_procfile_boots_and_runs_a_task_with_a_callback(make_app, receiver):
             == "delivered")  # fmt: skip
 
         def workers() -> float:
-            metrics = requests.get(f"{base}/metrics", timeout=5).text
+            metrics = requests.get(f"{base}/metrics", timeout=5,
+                                   headers={"Authorization": "Bearer scrape-secret"}).text
             return float(re.search(r"^taskhook_workers (\S+)$", metrics, re.M).group(1))
 
         # This stack's worker and callbacks processes (plus any others). The session's shared

@@ -25,6 +25,14 @@ from tests.conftest import api_submit, wait_for, wait_for_status
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_public_metrics(settings):
+    # Tests run with DEBUG off: /metrics needs a token or METRICS_PUBLIC, and each scrape here
+    # must see the work just done, not figures a previous scrape cached.
+    settings.METRICS_PUBLIC = True
+    settings.METRICS_CACHE_SECONDS = 0
+
+
 def scrape(client: Client, **headers) -> dict[tuple[str, tuple], float]:
     response = client.get("/metrics", **headers)
     assert response.status_code == 200, response.content
@@ -118,10 +126,37 @@ def test_counters_in_a_worker_wait_for_the_flush_and_survive_redis_errors(settin
 
 def test_metrics_token(settings):
     settings.METRICS_TOKEN = "scrape-secret"
+    settings.METRICS_PUBLIC = False
     client = Client()
     assert client.get("/metrics").status_code == 401
     assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer wrong").status_code == 401
     assert scrape(client, HTTP_AUTHORIZATION="Bearer scrape-secret")
+
+
+def test_metrics_need_a_token_unless_debug_or_declared_public(settings):
+    settings.METRICS_PUBLIC = False
+    settings.METRICS_TOKEN = ""
+    client = Client()
+    refused = client.get("/metrics")
+    assert refused.status_code == 401
+    assert "METRICS_TOKEN" in refused.json()["error"]["message"]
+    settings.DEBUG = True  # a local run
+    assert scrape(client)
+    settings.DEBUG = False
+    settings.METRICS_PUBLIC = True
+    assert scrape(client)
+
+
+def test_a_scrape_reuses_its_figures_for_a_few_seconds(settings, make_app):
+    settings.METRICS_CACHE_SECONDS = 60
+    client = Client()
+    app = make_app("echo")
+    scrape(client)  # fills the cache
+    Task.objects.create(application=app.application, inputs={})
+    key = ("taskhook_tasks_total", (("app", "app-echo"), ("status", "pending")))
+    assert key not in scrape(client)  # the cached figures
+    settings.METRICS_CACHE_SECONDS = 0
+    assert scrape(client)[key] == 1
 
 
 def test_readyz_fails_when_redis_stops(settings, tmp_path):
