@@ -55,7 +55,8 @@ class Application(models.Model):
     run_threshold_seconds = models.PositiveIntegerField(default=1800)
 
     # Per-key token bucket.
-    rate_limit_per_second = models.FloatField(default=20.0, validators=[MinValueValidator(0.01)])
+    # 0 = unlimited: tasks.ratelimit skips the bucket.
+    rate_limit_per_second = models.FloatField(default=20.0, validators=[MinValueValidator(0)])
     rate_limit_burst = models.PositiveIntegerField(default=40, validators=[MinValueValidator(1)])
 
     retention_hours = models.PositiveIntegerField(
@@ -342,3 +343,25 @@ class CleanupRun(models.Model):
 
     def __str__(self) -> str:
         return f"cleanup {self.trigger} {self.started_at:%Y-%m-%d %H:%M}: {self.total_removed}"
+
+
+class IdempotencyRecord(models.Model):
+    """An Idempotency-Key that outlives its task: kept when retention removes the task before
+    the key's window ends, so a client's late retry gets the original task id, not a new run."""
+
+    application = models.ForeignKey(Application, on_delete=models.CASCADE, related_name="+")
+    key = models.CharField(max_length=255)
+    request_hash = models.CharField(max_length=64)
+    task_id = models.UUIDField()
+    status = models.CharField(max_length=16, choices=TaskStatus.choices)
+    # The task's own created_at: the window is counted from the first submit.
+    created_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["application", "key"], name="idempotency_record_unique")
+        ]
+        indexes = [models.Index(fields=["created_at"], name="idempotency_record_age_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.key} -> {self.task_id}"

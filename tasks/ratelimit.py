@@ -4,7 +4,8 @@ A kept library was looked for first: `limits` (used by Flask-Limiter/SlowAPI) of
 and sliding windows but no token bucket, and window limits cannot express "N per second with a
 burst of M". The bucket is one Lua script, so check-and-take is atomic across web processes.
 If Redis is unreachable the request is let through: losing rate limiting for a moment is better
-than refusing every submit while the database could still accept it.
+than refusing every submit while the database could still accept it. A rate of 0 means unlimited:
+no bucket, no Redis round trip.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def take(*, bucket: str, rate: float, burst: int, cost: int = 1) -> tuple[bool, 
 def check_submit(*, key: ApiKey) -> None:
     """Raise RateLimited when this key's bucket is empty."""
     application = key.application
+    if application.rate_limit_per_second <= 0:  # unlimited (the Lua script would divide by 0)
+        return
     try:
         allowed, wait = take(
             bucket=f"key:{key.key_hash[:32]}",  # never reused, unlike a row id
