@@ -14,11 +14,24 @@ PYTHON_BOOT := $(shell \
     if command -v "$$c" >/dev/null 2>&1 && "$$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then \
       echo "$$c"; break; fi; done)
 
-.PHONY: run dev test lint bench install migrate clean
+.PHONY: run dev test lint bench install migrate clean dotenv
 
 # Local runs are development runs unless the environment says otherwise (production sets
 # DEBUG=false and SECRET_KEY; see README "Deployment").
 run dev test bench migrate: export DEBUG ?= true
+
+# Whether the shell configures Taskhook itself (read before the line above sets DEBUG for make).
+SHELL_CONFIGURED := $(filter-out undefined,$(origin DEBUG) $(origin SECRET_KEY))
+
+# The first `make run`/`make dev` from a shell that sets neither DEBUG nor SECRET_KEY writes .env
+# from .env.example (DEBUG=true, callbacks to 127.0.0.1 allowed), so that the commands the README
+# runs beside it (manage.py createapplication, ...) see the same local settings as the stack. A
+# shell that does configure Taskhook (CI and the test suite set DEBUG, production sets DEBUG=false
+# and SECRET_KEY) gets no .env, and settings never let .env override the environment.
+dotenv:
+	@if [ ! -e .env ] && [ -z "$(SHELL_CONFIGURED)" ]; then \
+	  cp .env.example .env && echo "Created .env from .env.example (local development settings: DEBUG=true, callbacks to 127.0.0.1 allowed)."; \
+	fi
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON_BOOT)" || { echo "Python >= 3.12 not found (pyenv install 3.12, or put python3.12 on PATH)"; exit 1; }
@@ -35,11 +48,11 @@ migrate: $(STAMP)
 
 # Web (gunicorn), RQ workers with the scheduler, the periodic jobs and, when REDIS_URL is unset
 # or unreachable, an embedded Redis under var/. Ctrl-C stops all of them.
-run: migrate
+run: dotenv migrate
 	$(PY) manage.py runstack --port $(PORT)
 
 # Same stack with Django's autoreloading runserver instead of gunicorn.
-dev: migrate
+dev: dotenv migrate
 	$(PY) manage.py runstack --port $(PORT) --dev
 
 test: $(STAMP)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from django import forms
 
-from tasks import retry_policy
+from tasks import applications, retry_policy
 from tasks.applications import InvalidApplication, validate_runner
 from tasks.models import Application, CallbackStatus, TaskStatus
 from tasks.selectors import TaskFilters
 
 RETENTION_PRESETS = [("24", "1 day"), ("72", "3 days"), ("168", "7 days"), ("custom", "Custom")]
+# How long the old API key / webhook secret keeps working after a rotation.
+GRACE_CHOICES = [("0", "none (stops at once)"), ("1", "1 h"), ("24", "24 h"), ("168", "7 days")]
+DEFAULT_GRACE_HOURS = 24
 
 
 class TaskFilterForm(forms.Form):
@@ -65,8 +68,16 @@ class ApplicationForm(forms.ModelForm):
             "name", "runner", "runner_config", "callback_timeout_seconds",
             "blocking_timeout_seconds", "job_timeout_seconds", "task_retries", "max_concurrency",
             "queue_threshold_seconds", "run_threshold_seconds", "rate_limit_per_second",
-            "rate_limit_burst",
+            "rate_limit_burst", "endpoint_max_in_flight",
         ]  # fmt: skip
+        help_texts = {
+            "rate_limit_per_second": "Requests per second per API key; 0 = unlimited.",
+            "rate_limit_burst": "Requests a key may make at once before the rate applies.",
+            "max_concurrency": "Tasks queued or running at once; empty or 0 = no cap.",
+            "blocking_timeout_seconds": "Empty: BLOCKING_TIMEOUT.",
+            "endpoint_max_in_flight": "Deliveries in flight at once per callback origin, across "
+            "all callback workers; more wait their turn without holding a thread. 0 = no cap.",
+        }
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -77,6 +88,14 @@ class ApplicationForm(forms.ModelForm):
         preset = str(hours) if str(hours) in {"24", "72", "168"} else "custom"
         self.fields["retention_preset"].initial = preset
         self.fields["retention_custom_hours"].initial = hours if preset == "custom" else None
+        # Left out of a POST (an older page, a script): the current value, not an error.
+        self.fields["endpoint_max_in_flight"].required = False
+
+    def clean_endpoint_max_in_flight(self) -> int:
+        value = self.cleaned_data.get("endpoint_max_in_flight")
+        if value is None:
+            return self.instance.endpoint_max_in_flight
+        return value
 
     def clean_runner(self) -> str:
         runner = self.cleaned_data["runner"].strip()
@@ -113,10 +132,46 @@ class ApplicationForm(forms.ModelForm):
             cleaned["retention_hours"] = int(preset)
         return cleaned
 
+    def _post_clean(self) -> None:
+        super()._post_clean()  # the model's validators, on the fields above
+        if self.errors:
+            return
+        # Then the service's own check, the one `setapplication` runs, so both accept the same.
+        try:
+            applications.clean_settings(self.settings())
+        except InvalidApplication as exc:
+            self.add_error(self._form_field(exc.field), exc.message)
+
+    def _form_field(self, setting: str) -> str | None:
+        if setting == "retry_schedule":
+            return "retry_schedule_text"
+        if setting == "retention_hours":
+            custom = self.cleaned_data.get("retention_preset") == "custom"
+            return "retention_custom_hours" if custom else "retention_preset"
+        return setting if setting in self.fields else None
+
+    def settings(self) -> dict:
+        """The cleaned settings as keyword arguments of the application services."""
+        data = self.cleaned_data
+        return {name: data[name] for name in self.Meta.fields} | {
+            "retry_schedule": data["retry_schedule_text"],
+            "retention_hours": data["retention_hours"],
+        }
+
     def save(self, commit: bool = True) -> Application:
-        app = super().save(commit=False)
-        app.retry_schedule = self.cleaned_data["retry_schedule_text"]
-        app.retention_hours = self.cleaned_data["retention_hours"]
-        if commit:
-            app.save()
-        return app
+        """Update the application through the service (validated again, `updated_at` bumped).
+        Creating goes through applications.create_application(**form.settings())."""
+        if not self.instance.pk:
+            raise ValueError("ApplicationForm.save() updates; create with create_application")
+        return applications.update_application(application_id=self.instance.pk, **self.settings())
+
+
+class RotateForm(forms.Form):
+    grace_hours = forms.TypedChoiceField(
+        label="old one valid for",
+        choices=GRACE_CHOICES,
+        coerce=int,
+        required=False,
+        empty_value=DEFAULT_GRACE_HOURS,  # a POST without the field keeps the old behaviour
+        initial=str(DEFAULT_GRACE_HOURS),
+    )

@@ -24,7 +24,14 @@ urlpatterns = [
         name="application-rotate",
     ),
     path(
+        "applications/<uuid:app_id>/keys/<int:key_id>/revoke",
+        views.api_key_revoke,
+        name="api-key-revoke",
+    ),
+    path(
         "applications/<uuid:app_id>/cleanup", views.application_cleanup, name="application-cleanup"
     ),
     path("audit/", views.audit_log, name="audit"),
+    # Browsers ask for it on every page whatever the page links; answer instead of a 404 each.
+    path("favicon.ico", views.favicon, name="favicon"),
 ]

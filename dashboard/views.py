@@ -7,11 +7,14 @@ from __future__ import annotations
 import uuid
 
 from django.contrib import messages
+from django.contrib.staticfiles import finders
 from django.db import transaction
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.http import require_GET
 from django_htmx.http import HttpResponseClientRedirect
 
 from tasks import (
@@ -19,12 +22,15 @@ from tasks import (
     audit,
     bulk,
     callbacks,
+    credentials,
+    endpoints,
     retention,
     selectors,
     services,
     stats_history,
 )
 from tasks.models import (
+    ApiKey,
     Application,
     AuditEntry,
     BulkOperation,
@@ -35,7 +41,7 @@ from tasks.models import (
 
 from .access import is_operator, operator_required, staff_required
 from .charts import line_chart
-from .forms import ApplicationForm, TaskFilterForm
+from .forms import GRACE_CHOICES, ApplicationForm, RotateForm, TaskFilterForm
 
 PAGE_SIZES = (25, 50, 100)
 NAV = {
@@ -59,9 +65,12 @@ def page_or_partial(request: HttpRequest, template: str, partial: str, context: 
 
 
 def back(request: HttpRequest, fallback: str) -> HttpResponse:
-    """After an action: HTMX clients follow HX-Redirect, plain forms a 303."""
+    """After an action: HTMX clients follow HX-Redirect, plain forms a 303. `next` is followed
+    only to this host: never `//host` or `/\\host`, which browsers take for another site."""
     target = request.POST.get("next") or fallback
-    if not target.startswith("/"):
+    if not url_has_allowed_host_and_scheme(
+        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
         target = fallback
     if request.htmx:
         return HttpResponseClientRedirect(target)
@@ -281,25 +290,14 @@ def application_list(request: HttpRequest) -> HttpResponse:
 
 
 def _create_application(request: HttpRequest, form: ApplicationForm):
-    data = form.cleaned_data
     with transaction.atomic():
-        created = applications.create_application(
-            name=data["name"],
-            runner=data["runner"],
-            runner_config=data["runner_config"],
-            retry_schedule=data["retry_schedule_text"],
-            retention_hours=data["retention_hours"],
-        )
-        extra = {
-            f: data[f] for f in form.Meta.fields if f not in ("name", "runner", "runner_config")
-        }
-        Application.objects.filter(pk=created.application.pk).update(**extra)
+        created = applications.create_application(**form.settings())
         audit.record(
             user=request.user,
             action="application.create",
             target_type="application",
             target_id=created.application.pk,
-            detail={"name": data["name"]},
+            detail={"name": created.application.name},
         )
     return created
 
@@ -325,8 +323,12 @@ def application_detail(request: HttpRequest, app_id: uuid.UUID) -> HttpResponse:
         "form": form,
         "saved": saved,
         "health": selectors.app_health(app),
+        "deliveries_waiting": endpoints.waiting_count(application_id=app.pk),
         "api_keys": app.api_keys.order_by("-created_at")[:20],
         "now": timezone.now(),
+        # Two rotate forms on the page: distinct element ids, the same field name.
+        "rotate_key_form": RotateForm(auto_id="id_key_%s"),
+        "rotate_secret_form": RotateForm(auto_id="id_secret_%s"),
     }
     context.update(_cleanup_context(app))
     return page_or_partial(request, "dashboard/application_detail.html", "settings", context)
@@ -344,16 +346,40 @@ def application_rotate(request: HttpRequest, app_id: uuid.UUID, what: str) -> Ht
     app = get_object_or_404(Application, pk=app_id)
     if what not in ("key", "secret"):
         raise Http404("Unknown credential.")
+    form = RotateForm(request.POST)
+    if not form.is_valid():
+        return HttpResponse("Choose a grace period from the list.", status=400)
+    grace = form.cleaned_data["grace_hours"]
     if what == "key":
-        value = applications.rotate_api_key(application_id=app.pk, grace_hours=24)
+        value = applications.rotate_api_key(application_id=app.pk, grace_hours=grace)
         label = "API key"
+        stopped = "The previous key stopped working (within a few seconds on every web process)."
     else:
-        value = applications.rotate_webhook_secret(application_id=app.pk, grace_hours=24)
+        value = applications.rotate_webhook_secret(application_id=app.pk, grace_hours=grace)
         label = "webhook secret"
+        stopped = "The previous secret no longer signs."
     audit.record(user=request.user, action=f"application.rotate_{what}",
-                 target_type="application", target_id=app.pk)  # fmt: skip
+                 target_type="application", target_id=app.pk,
+                 detail={"grace_hours": grace})  # fmt: skip
+    period = dict(GRACE_CHOICES)[str(grace)]
+    note = f"The previous one stays valid for {period}." if grace else stopped
     return render(request, "dashboard/application_detail.html#secret-once",
-                  {"label": label, "value": value, "app": app})  # fmt: skip
+                  {"label": label, "value": value, "app": app, "note": note})  # fmt: skip
+
+
+@operator_required
+def api_key_revoke(request: HttpRequest, app_id: uuid.UUID, key_id: int) -> HttpResponse:
+    key = get_object_or_404(ApiKey, pk=key_id, application_id=app_id)
+    result = credentials.revoke_api_keys(application_id=app_id, key_id=key.pk)
+    audit.record(user=request.user, action="application.revoke_key",
+                 target_type="application", target_id=app_id,
+                 detail={"key": f"{key.prefix}…", "revoked": bool(result.revoked)})  # fmt: skip
+    if result.revoked:
+        messages.success(request, f"API key {key.prefix}… revoked: refused from now on "
+                                  "(within a few seconds on every web process).")  # fmt: skip
+    else:
+        messages.warning(request, f"API key {key.prefix}… was already revoked.")
+    return back(request, reverse("dashboard:application", args=[app_id]))
 
 
 @operator_required
@@ -372,6 +398,20 @@ def application_cleanup(request: HttpRequest, app_id: uuid.UUID) -> HttpResponse
     else:
         messages.success(request, f"Cleanup removed {run.total_removed} task(s).")
     return back(request, reverse("dashboard:application", args=[app.pk]))
+
+
+# --- favicon ----------------------------------------------------------------------------------
+
+
+@require_GET
+def favicon(request: HttpRequest) -> HttpResponse:
+    """static/favicon.ico at the path browsers ask for, to anyone (no login: it is public)."""
+    path = finders.find("favicon.ico")
+    if not path:
+        raise Http404("No favicon.")
+    response = FileResponse(open(path, "rb"), content_type="image/x-icon")  # noqa: SIM115
+    response["Cache-Control"] = "public, max-age=86400"
+    return response
 
 
 # --- audit -------------------------------------------------------------------------------------

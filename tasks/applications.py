@@ -9,12 +9,16 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from . import credentials, retry_policy
 from .models import ApiKey, Application
 from .runners import resolve_runner
+
+MAX_GRACE_HOURS = 365 * 24
 
 
 class InvalidApplication(ValueError):
@@ -58,11 +62,54 @@ class CreatedApplication:
     webhook_secret: str
 
 
+# What an operator may change: the dashboard's settings form and `createapplication` /
+# `setapplication` take exactly these, validated by clean_settings.
+SETTINGS = (
+    "name", "runner", "runner_config", "retry_schedule", "callback_timeout_seconds",
+    "blocking_timeout_seconds", "job_timeout_seconds", "task_retries", "max_concurrency",
+    "queue_threshold_seconds", "run_threshold_seconds", "rate_limit_per_second",
+    "rate_limit_burst", "retention_hours", "endpoint_max_in_flight",
+)  # fmt: skip
+
+
 def validate_runner(runner: str) -> None:
     try:
         resolve_runner(runner)
     except Exception as exc:  # import errors of custom runners surface as any exception
         raise InvalidApplication("runner", str(exc)) from exc
+
+
+def clean_settings(changes: dict[str, Any]) -> dict[str, Any]:
+    """`changes` checked and converted as the dashboard form and the model's validators do (a
+    value may be a string, as from the command line); InvalidApplication names the first bad one."""
+    for name in changes:
+        if name not in SETTINGS:
+            raise InvalidApplication(name, "not an application setting")
+    return {name: _clean_setting(name, value) for name, value in changes.items()}
+
+
+def _clean_setting(name: str, value: Any) -> Any:
+    if name == "retry_schedule":  # [] is allowed (no retries): the model's blank check is not
+        try:
+            return retry_policy.parse_schedule(value)
+        except retry_policy.InvalidSchedule as exc:
+            raise InvalidApplication(name, str(exc)) from exc
+    if name in ("name", "runner"):
+        value = str(value).strip()
+        if not value:
+            raise InvalidApplication(name, f"the {name} must not be empty")
+        if name == "runner":
+            validate_runner(value)
+    elif name == "runner_config":
+        value = {} if value in (None, "") else value
+        if not isinstance(value, dict):
+            raise InvalidApplication(name, "must be a JSON object")
+    elif name == "max_concurrency" and value in (0, "0"):
+        value = None  # 0 and empty both mean no cap; NULL is how the model says it
+    try:
+        return Application._meta.get_field(name).clean(value, None)  # the model's validators
+    except ValidationError as exc:
+        raise InvalidApplication(name, " ".join(exc.messages)) from exc
 
 
 @transaction.atomic
@@ -73,36 +120,47 @@ def create_application(
     runner_config: dict[str, Any] | None = None,
     retry_schedule: list[int] | str | None = None,
     retention_hours: int = 24,
+    **other: Any,
 ) -> CreatedApplication:
-    if not name.strip():
-        raise InvalidApplication("name", "the name must not be empty")
-    validate_runner(runner)
-    if runner_config is not None and not isinstance(runner_config, dict):
-        raise InvalidApplication("runner_config", "must be a JSON object")
-    try:
-        schedule = retry_policy.parse_schedule(
-            retry_schedule if retry_schedule is not None else list(retry_policy.DEFAULT_SCHEDULE)
-        )
-    except retry_policy.InvalidSchedule as exc:
-        raise InvalidApplication("retry_schedule", str(exc)) from exc
-    if not 1 <= retention_hours <= 365 * 24:
-        raise InvalidApplication("retention_hours", "must be between 1 and 8760 hours")
-    secret = credentials.new_webhook_secret()
-    application = Application.objects.create(
-        name=name.strip(),
-        runner=runner,
-        runner_config=runner_config or {},
-        retry_schedule=schedule,
-        retention_hours=retention_hours,
-        webhook_secret=secret,
+    """A new application with one API key; `other` takes any other of SETTINGS."""
+    cleaned = clean_settings(
+        {
+            "name": name,
+            "runner": runner,
+            "runner_config": runner_config,
+            "retry_schedule": list(retry_policy.DEFAULT_SCHEDULE)
+            if retry_schedule is None
+            else retry_schedule,
+            "retention_hours": retention_hours,
+            **other,
+        }
     )
+    secret = credentials.new_webhook_secret()
+    application = Application.objects.create(**cleaned, webhook_secret=secret)
     issued = credentials.issue_api_key(application_id=application.id)
     return CreatedApplication(application=application, api_key=issued.raw, webhook_secret=secret)
 
 
 @transaction.atomic
+def update_application(*, application_id: uuid.UUID | str, **changes: Any) -> Application:
+    """Change some of SETTINGS. Saving bumps `updated_at`, which callback workers compare on
+    every delivery (current_application); task workers and web processes cache an application
+    for AUTH_CACHE_SECONDS."""
+    cleaned = clean_settings(changes)
+    application = Application.objects.select_for_update().get(pk=application_id)
+    if not cleaned:
+        return application
+    for name, value in cleaned.items():
+        setattr(application, name, value)
+    application.save(update_fields=[*cleaned, "updated_at"])
+    _app_cache.pop(str(application_id), None)
+    return application
+
+
+@transaction.atomic
 def rotate_webhook_secret(*, application_id: uuid.UUID | str, grace_hours: float = 24) -> str:
     """Issue a new secret; the old one keeps signing (second signature) for `grace_hours`."""
+    _check_grace(grace_hours)
     application = Application.objects.select_for_update().get(pk=application_id)
     new_secret = credentials.new_webhook_secret()
     application.previous_webhook_secret = application.webhook_secret if grace_hours > 0 else ""
@@ -120,10 +178,19 @@ def rotate_webhook_secret(*, application_id: uuid.UUID | str, grace_hours: float
 
 @transaction.atomic
 def rotate_api_key(*, application_id: uuid.UUID | str, grace_hours: float = 24) -> str:
-    """Issue a new API key; the current keys stay valid for `grace_hours`, then stop."""
+    """Issue a new API key; the current keys stay valid for at most `grace_hours` (0: they stop
+    now, within AUTH_CACHE_SECONDS on other web processes), then stop."""
+    _check_grace(grace_hours)
     Application.objects.select_for_update().get(pk=application_id)
-    now = timezone.now()
-    ApiKey.objects.filter(
-        application_id=application_id, revoked_at__isnull=True, expires_at__isnull=True
-    ).update(expires_at=now + timedelta(hours=grace_hours))
+    deadline = timezone.now() + timedelta(hours=grace_hours)
+    # Keys still in an earlier rotation's grace period are shortened too, never lengthened.
+    ApiKey.objects.filter(application_id=application_id, revoked_at__isnull=True).filter(
+        Q(expires_at__isnull=True) | Q(expires_at__gt=deadline)
+    ).update(expires_at=deadline)
+    credentials.forget_cached_keys(application_id=application_id)
     return credentials.issue_api_key(application_id=application_id).raw
+
+
+def _check_grace(grace_hours: float) -> None:
+    if not 0 <= grace_hours <= MAX_GRACE_HOURS:
+        raise InvalidApplication("grace_hours", f"must be between 0 and {MAX_GRACE_HOURS} hours")

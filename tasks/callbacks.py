@@ -24,8 +24,8 @@ from django.utils import timezone
 from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job
 
-from . import credentials, jsonsafety, rawsql, retry_policy, signing, ssrf, webhook_http
-from .applications import current_application
+from . import credentials, endpoints, jsonsafety, rawsql, retry_policy, signing, ssrf, webhook_http
+from .applications import cached_application, current_application
 from .metrics import record_callback_attempt
 from .models import (
     Application,
@@ -62,6 +62,8 @@ def _enqueue_delivery(
     trigger: str,
     auto_attempt: int | None = None,
     delay: float = 0.0,
+    job_id: str | None = None,
+    at_front: bool = False,
 ) -> bool:
     """Put a delivery job on the callbacks queue (now, or after `delay` seconds).
 
@@ -69,9 +71,10 @@ def _enqueue_delivery(
     reconciler schedules it later from the database).
     """
     application = task.application
+    endpoint = endpoints.endpoint_of(application_id=application.id, callback_url=task.callback_url)
     options = {
-        "args": (str(task.id), task.run, trigger, auto_attempt),
-        "job_id": _delivery_job_id(task, trigger, auto_attempt),
+        "args": (str(task.id), task.run, trigger, auto_attempt, endpoint),
+        "job_id": job_id or _delivery_job_id(task, trigger, auto_attempt),
         "job_timeout": int(application.callback_timeout_seconds) + 30,
         # Kept a minute like task jobs: deleting a job at once costs RQ more round trips.
         "result_ttl": SUCCESSFUL_JOB_TTL,
@@ -86,7 +89,7 @@ def _enqueue_delivery(
             due = datetime.fromtimestamp(math.ceil(time.time() + delay), tz=UTC)
             callbacks.enqueue_at(due, "tasks.jobs.deliver_callback", **options)
         else:
-            callbacks.enqueue("tasks.jobs.deliver_callback", **options)
+            callbacks.enqueue("tasks.jobs.deliver_callback", at_front=at_front, **options)
     except DuplicateJobError:
         return False  # already scheduled: nothing to add
     except redis.RedisError:
@@ -104,14 +107,17 @@ def schedule_first_delivery(
     task_id: uuid.UUID | str,
     run: int | None = None,
     application: Application | None = None,
+    callback_url: str = "",
 ) -> bool:
     """After a task finished: enqueue attempt 1 if it has a callback due.
 
-    The worker that just finished the run passes `run` and `application` (it set the callback
-    due in the same transition), which saves reading the task back.
+    The worker that just finished the run passes `run`, `application` and `callback_url` (it
+    set the callback due in the same transition), which saves reading the task back.
     """
-    if run is not None and application is not None:
-        task = Task(id=uuid.UUID(str(task_id)), run=run, application=application)
+    if run is not None and application is not None and callback_url:
+        task = Task(
+            id=uuid.UUID(str(task_id)), run=run, application=application, callback_url=callback_url
+        )
     else:
         task = (
             Task.objects.select_related("application")
@@ -134,6 +140,8 @@ def resume_delivery(*, task: Task) -> bool:
     auto_done = CallbackAttempt.objects.filter(
         task_id=task.id, run=task.run, trigger=AttemptTrigger.AUTO
     ).count()
+    if is_parked(task=task, auto_attempt=auto_done + 1):
+        return False  # waiting its turn on the endpoint's cap, not lost
     _drop_ended_job(_delivery_job_id(task, AttemptTrigger.AUTO, auto_done + 1))
     return _enqueue_delivery(task=task, trigger=AttemptTrigger.AUTO, auto_attempt=auto_done + 1)
 
@@ -243,9 +251,81 @@ def _send(task: Task, number: int) -> Outcome:
 
 
 def deliver(
-    *, task_id: uuid.UUID | str, run: int, trigger: str, auto_attempt: int | None = None
+    *,
+    task_id: uuid.UUID | str,
+    run: int,
+    trigger: str,
+    auto_attempt: int | None = None,
+    endpoint: str = "",
+    job_id: str = "",
 ) -> str:
-    """Make one delivery attempt, record it, and schedule the next one if the policy says so."""
+    """Make one delivery attempt if the endpoint has a free slot (else park it, see
+    tasks.endpoints), record it, and schedule the next one if the policy says so."""
+    task_id = str(uuid.UUID(str(task_id)))
+    if not endpoint:  # a job enqueued before endpoints were in its arguments
+        found = Task.objects.filter(pk=task_id).values_list("application_id", "callback_url")
+        if not (row := found.first()):
+            return "skipped: task gone"
+        endpoint = endpoints.endpoint_of(application_id=row[0], callback_url=row[1])
+    application = cached_application(endpoint.partition("|")[0])
+    cap = application.endpoint_max_in_flight
+    job_id = job_id or f"direct-{secrets.token_hex(6)}"
+    parked = endpoints.ParkedDelivery(task_id, run, trigger, auto_attempt, _base_job_id(job_id))
+    if not endpoints.acquire_or_park(
+        endpoint=endpoint, cap=cap, job_id=job_id,
+        hold_seconds=application.callback_timeout_seconds, parked=parked,
+    ):  # fmt: skip
+        return "parked: the endpoint's deliveries in flight are at their cap"
+    try:
+        return _deliver_now(task_id=task_id, run=run, trigger=trigger, auto_attempt=auto_attempt)
+    finally:
+        for waiting in endpoints.release(endpoint=endpoint, cap=cap, job_id=job_id):
+            _enqueue_parked(waiting, endpoint=endpoint)
+
+
+def _base_job_id(job_id: str) -> str:
+    return job_id.split("-p", 1)[0] if job_id.startswith("cb-") else job_id
+
+
+def _enqueue_parked(parked: endpoints.ParkedDelivery, *, endpoint: str) -> None:
+    """A parked delivery whose turn came: back on the callbacks queue, at the front (it waited
+    already), under a new id (its old job may still be ending)."""
+    task = Task.objects.select_related("application").filter(pk=parked.task_id).first()
+    if task is None:
+        return
+    task.run = parked.run
+    _enqueue_delivery(
+        task=task, trigger=parked.trigger, auto_attempt=parked.auto_attempt,
+        job_id=f"{parked.job_id}-p{secrets.token_hex(4)}", at_front=True,
+    )  # fmt: skip
+
+
+def promote_parked() -> int:
+    """Reconciler: enqueue parked deliveries of endpoints whose slots freed without a release
+    (a worker died holding one). Returns how many were enqueued."""
+    promoted = 0
+    for endpoint in endpoints.endpoints_with_waiting():
+        application = Application.objects.filter(pk=endpoint.partition("|")[0]).first()
+        cap = application.endpoint_max_in_flight if application else 0
+        for waiting in endpoints.release(endpoint=endpoint, cap=max(cap, 1)):
+            _enqueue_parked(waiting, endpoint=endpoint)
+            promoted += 1
+    return promoted
+
+
+def is_parked(*, task: Task, auto_attempt: int) -> bool:
+    """Whether this automatic attempt waits on its endpoint's cap (the reconciler leaves it)."""
+    endpoint = endpoints.endpoint_of(
+        application_id=task.application_id, callback_url=task.callback_url
+    )
+    job_id = _delivery_job_id(task, AttemptTrigger.AUTO, auto_attempt)
+    parked = endpoints.ParkedDelivery(
+        str(task.id), task.run, AttemptTrigger.AUTO, auto_attempt, job_id
+    )
+    return endpoints.is_parked(endpoint=endpoint, parked=parked)
+
+
+def _deliver_now(*, task_id: str, run: int, trigger: str, auto_attempt: int | None = None) -> str:
     task = _claim_attempt(task_id, run, trigger)
     if task is None:
         return "skipped: task gone or re-run, no callback, or callback already settled"

@@ -84,6 +84,53 @@ def authenticate(raw_key: str) -> ApiKey | None:
     return key
 
 
+@dataclass(frozen=True)
+class Revocation:
+    revoked: list[ApiKey]  # revoked by this call
+    already: list[ApiKey]  # matched, but revoked before
+
+
+def normalise_prefix(prefix: str) -> str:
+    """The prefix as the dashboard and `createapplication` display it, ellipsis and all."""
+    return prefix.strip().removesuffix("…").removesuffix("...")
+
+
+def revoke_api_keys(
+    *,
+    application_id: str | None = None,
+    prefix: str | None = None,
+    key_id: int | None = None,
+) -> Revocation:
+    """Revoke at once every key matching all the given filters (at least one). This process
+    forgets them now; other web processes within AUTH_CACHE_SECONDS (their lookup cache)."""
+    if application_id is None and prefix is None and key_id is None:
+        raise ValueError("name the keys to revoke: an application, a prefix or a key id")
+    keys = ApiKey.objects.select_related("application").order_by("created_at")
+    if application_id is not None:
+        keys = keys.filter(application_id=application_id)
+    if prefix is not None:
+        keys = keys.filter(prefix=normalise_prefix(prefix))
+    if key_id is not None:
+        keys = keys.filter(pk=key_id)
+    found = list(keys)
+    live = [key for key in found if key.revoked_at is None]
+    now = timezone.now()
+    ApiKey.objects.filter(pk__in=[key.pk for key in live], revoked_at__isnull=True).update(
+        revoked_at=now
+    )
+    for key in live:
+        key.revoked_at = now
+        _auth_cache.pop(key.key_hash, None)
+    return Revocation(revoked=live, already=[key for key in found if key not in live])
+
+
+def forget_cached_keys(*, application_id: str) -> None:
+    """Drop this process's cached lookups of an application's keys (after a rotation)."""
+    for digest, (_, key) in list(_auth_cache.items()):
+        if str(key.application_id) == str(application_id):
+            _auth_cache.pop(digest, None)
+
+
 def _touch(key: ApiKey, now) -> None:
     # Bounded write amplification: last_used_at moves at most once a minute per key.
     if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:

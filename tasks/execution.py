@@ -94,6 +94,7 @@ def execute_task(*, task_id: str, run: int, worker_name: str = "") -> str:
         run=run,
         application=application,
         has_callback=has_callback,
+        callback_url=started_run.callback_url,
         # Only a blocking submit waits on the notification; pollers read the database.
         wake_waiters=started_run.response_mode == "blocking",
         run_seconds=time.monotonic() - started,
@@ -146,6 +147,7 @@ def on_task_finished(
     run: int | None = None,
     application: Application | None = None,
     has_callback: bool = True,
+    callback_url: str = "",
     wake_waiters: bool = True,
     run_seconds: float | None = None,
 ) -> None:
@@ -162,4 +164,6 @@ def on_task_finished(
     if run_seconds is not None and application is not None:
         observe_task_duration(application_id=application.id, seconds=run_seconds)
     if has_callback:
-        schedule_first_delivery(task_id=task_id, run=run, application=application)
+        schedule_first_delivery(
+            task_id=task_id, run=run, application=application, callback_url=callback_url
+        )

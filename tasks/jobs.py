@@ -14,8 +14,14 @@ def run_task(task_id: str, run: int) -> str:
     return execute_task(task_id=task_id, run=run, worker_name=worker_name)
 
 
-def deliver_callback(task_id: str, run: int, trigger: str, auto_attempt: int | None) -> str:
-    return callbacks.deliver(task_id=task_id, run=run, trigger=trigger, auto_attempt=auto_attempt)
+def deliver_callback(
+    task_id: str, run: int, trigger: str, auto_attempt: int | None, endpoint: str = ""
+) -> str:
+    job = get_current_job()
+    return callbacks.deliver(
+        task_id=task_id, run=run, trigger=trigger, auto_attempt=auto_attempt,
+        endpoint=endpoint, job_id=job.id if job else "",
+    )  # fmt: skip
 
 
 def run_bulk_operation(operation_id: int) -> int:

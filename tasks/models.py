@@ -39,6 +39,11 @@ class Application(models.Model):
     callback_timeout_seconds = models.FloatField(
         default=10.0, validators=[MinValueValidator(0.5), MaxValueValidator(60)]
     )
+    # Deliveries in flight at once per callback origin, across all callback workers (0 = no
+    # cap): a hung receiver holds at most this many delivery threads (tasks.endpoints).
+    endpoint_max_in_flight = models.PositiveIntegerField(
+        default=4, validators=[MaxValueValidator(1000)]
+    )
 
     # Execution policy.
     blocking_timeout_seconds = models.FloatField(

@@ -6,7 +6,9 @@
 (b) running tasks whose worker is gone, or that outlived their job timeout, are failed ("worker
     lost" / "timed out") or re-run when the application allows task retries;
 (c) finished tasks whose callback delivery was never scheduled, or whose scheduled retry
-    vanished, get it scheduled.
+    vanished, get it scheduled (a delivery parked on its endpoint's cap is not lost: left);
+(d) parked deliveries of endpoints whose slots expired (a worker died holding one) are
+    enqueued.
 Each pass is bounded (BATCH rows per rule) and guarded by a Redis lock so passes never overlap.
 Each rule walks its rows by keyset across passes (a cursor in Redis), so rows that a rule must
 skip (a live job, a recent attempt) or cannot correct never hide the rows behind them.
@@ -57,6 +59,7 @@ class ReconcileReport:
     lost: list[str] = field(default_factory=list)
     rerun: list[str] = field(default_factory=list)
     callbacks_rescheduled: list[str] = field(default_factory=list)
+    promoted: int = 0  # parked deliveries enqueued because their endpoint's slots expired
     skipped: bool = False
 
     @property
@@ -77,6 +80,7 @@ def reconcile() -> ReconcileReport:
         _requeue_orphaned_pending(client, report)
         _recover_lost_running(client, report)
         _reschedule_callbacks(client, report)
+        report.promoted = callbacks.promote_parked()
         record_reconciler_corrections({kind: len(getattr(report, kind))
             for kind in ("requeued", "lost", "rerun", "callbacks_rescheduled")})  # fmt: skip
         return report

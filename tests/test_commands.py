@@ -197,3 +197,315 @@ def test_seed_tasks_bulk_loads_tasks_with_attempts_and_leaves_planner_statistics
             cursor.execute("SELECT count(*) FROM sqlite_stat1 WHERE tbl = %s",
                            [Task._meta.db_table])  # fmt: skip
             assert cursor.fetchone()[0] > 0
+
+
+# --- application settings from the command line ---------------------------------------------
+
+
+def _set(app_id, *args) -> str:
+    out = StringIO()
+    call_command("setapplication", str(app_id), *args, stdout=out)
+    return out.getvalue()
+
+
+@pytest.mark.django_db
+def test_setapplication_changes_every_setting_of_the_form_and_bumps_updated_at(make_app):
+    from dashboard.forms import ApplicationForm
+    from tasks.applications import SETTINGS
+
+    app = make_app("echo")
+    before = Application.objects.get(pk=app.application.id).updated_at
+    out = _set(
+        app.application.id,
+        "--name", "renamed", "--runner", "sleep", "--runner-config", '{"k": 1}',
+        "--retry-schedule", "5,50", "--callback-timeout", "2.5", "--blocking-timeout", "3",
+        "--job-timeout", "120", "--task-retries", "2", "--max-concurrency", "4",
+        "--queue-threshold", "60", "--run-threshold", "90", "--rate-limit", "5/7",
+        "--retention-hours", "72", "--endpoint-max-in-flight", "9",
+    )  # fmt: skip
+    row = Application.objects.get(pk=app.application.id)
+    assert {name: getattr(row, name) for name in SETTINGS} == {
+        "name": "renamed", "runner": "sleep", "runner_config": {"k": 1},
+        "retry_schedule": [5, 50], "callback_timeout_seconds": 2.5,
+        "blocking_timeout_seconds": 3.0, "job_timeout_seconds": 120, "task_retries": 2,
+        "max_concurrency": 4, "queue_threshold_seconds": 60, "run_threshold_seconds": 90,
+        "rate_limit_per_second": 5.0, "rate_limit_burst": 7, "retention_hours": 72,
+        "endpoint_max_in_flight": 9,
+    }  # fmt: skip
+    assert row.updated_at > before  # the workers' caches key on it
+    assert "rate_limit        5/7" in out and "retention_hours   72 h" in out
+    # Every setting of the dashboard's form has a flag (the form's extra fields map to two).
+    form_settings = {*ApplicationForm.Meta.fields, "retry_schedule", "retention_hours"}
+    assert form_settings == set(SETTINGS)
+
+
+@pytest.mark.django_db
+def test_setapplication_zero_lifts_the_rate_limit_and_clears_the_cap(make_app):
+    app = make_app("echo", max_concurrency=3, blocking_timeout_seconds=2)
+    out = _set(app.application.id, "--rate-limit", "0", "--max-concurrency", "none",
+               "--blocking-timeout", "default", "--retry-schedule", "none")  # fmt: skip
+    row = Application.objects.get(pk=app.application.id)
+    assert (row.rate_limit_per_second, row.rate_limit_burst) == (0, 40)  # burst unchanged
+    assert (row.max_concurrency, row.blocking_timeout_seconds, row.retry_schedule) == (
+        None, None, [])  # fmt: skip
+    assert "0 (unlimited)" in out and "none (no cap)" in out
+    _set(app.application.id, "--max-concurrency", "0")
+    assert Application.objects.get(pk=app.application.id).max_concurrency is None
+
+
+@pytest.mark.django_db
+def test_setapplication_without_flags_prints_and_changes_nothing(make_app):
+    app = make_app("echo")
+    before = Application.objects.get(pk=app.application.id).updated_at
+    out = StringIO()
+    call_command("setapplication", str(app.application.id), "--json", stdout=out)
+    values = json.loads(out.getvalue())
+    assert values["app_id"] == str(app.application.id) and values["rate_limit_per_second"] == 20
+    assert values["rate_limit_burst"] == 40 and values["retry_schedule"] == [10, 60, 300]
+    assert Application.objects.get(pk=app.application.id).updated_at == before
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--rate-limit", "-1"], "--rate-limit"),
+        (["--rate-limit", "5/0"], "--rate-limit"),
+        (["--rate-limit", "fast"], "--rate-limit"),
+        (["--callback-timeout", "61"], "--callback-timeout"),
+        (["--blocking-timeout", "0"], "--blocking-timeout"),
+        (["--job-timeout", "0"], "--job-timeout"),
+        (["--task-retries", "11"], "--task-retries"),
+        (["--max-concurrency", "-2"], "--max-concurrency"),
+        (["--queue-threshold", "soon"], "--queue-threshold"),
+        (["--run-threshold", "-1"], "--run-threshold"),
+        (["--retry-schedule", "10,abc"], "--retry-schedule"),
+        (["--retention-hours", "9000"], "--retention-hours"),
+        (["--runner", "no.such.module"], "--runner"),
+        (["--runner-config", "[1, 2]"], "--runner-config"),
+        (["--runner-config", "{bad"], "--runner-config"),
+        (["--name", " "], "--name"),
+    ],
+)
+def test_setapplication_errors_name_the_flag_and_change_nothing(make_app, args, flag):
+    app = make_app("echo")
+    before = Application.objects.values().get(pk=app.application.id)
+    with pytest.raises(CommandError, match=f"^{flag}: "):
+        _set(app.application.id, *args)
+    assert Application.objects.values().get(pk=app.application.id) == before
+
+
+@pytest.mark.django_db
+def test_setapplication_unknown_application():
+    for bad in ("not-a-uuid", "7f2c6a8e-0000-4000-8000-000000000000"):
+        with pytest.raises(CommandError, match="no application"):
+            _set(bad, "--rate-limit", "1")
+
+
+@pytest.mark.django_db
+def test_update_application_validates_as_the_model_does(make_app):
+    from tasks.applications import InvalidApplication, update_application
+
+    app = make_app("echo")
+    with pytest.raises(InvalidApplication) as raised:
+        update_application(application_id=app.application.id, callback_timeout_seconds=0.1)
+    assert raised.value.field == "callback_timeout_seconds"
+    assert "greater than or equal to 0.5" in raised.value.message  # the model's own validator
+    with pytest.raises(InvalidApplication, match="not an application setting"):
+        update_application(application_id=app.application.id, webhook_secret="whsec_x")
+    updated = update_application(application_id=app.application.id, rate_limit_per_second="0")
+    assert updated.rate_limit_per_second == 0.0
+
+
+@pytest.mark.django_db
+def test_createapplication_takes_the_setting_flags():
+    out = StringIO()
+    call_command("createapplication", "capped", "--runner", "echo", "--rate-limit", "0",
+                 "--max-concurrency", "2", "--callback-timeout", "3", "--task-retries", "1",
+                 "--json", stdout=out)  # fmt: skip
+    app = Application.objects.get(pk=json.loads(out.getvalue())["app_id"])
+    assert (app.rate_limit_per_second, app.max_concurrency, app.callback_timeout_seconds,
+            app.task_retries) == (0, 2, 3.0, 1)  # fmt: skip
+    with pytest.raises(CommandError, match=r"^--callback-timeout: "):
+        call_command("createapplication", "x", "--runner", "echo", "--callback-timeout", "0",
+                     stdout=StringIO())  # fmt: skip
+    with pytest.raises(CommandError, match=r"^NAME: "):
+        call_command("createapplication", " ", "--runner", "echo", stdout=StringIO())
+    assert Application.objects.count() == 1
+    human = StringIO()
+    call_command("createapplication", "shown", "--runner", "echo", stdout=human)
+    assert "api_key           thk_" in human.getvalue() and "rate_limit" in human.getvalue()
+
+
+@pytest.mark.django_db
+def test_createapplication_shell_output_sets_the_three_variables_in_bash():
+    out, err = StringIO(), StringIO()
+    call_command("createapplication", "demo", "--runner", "echo", "--shell",
+                 stdout=out, stderr=err)  # fmt: skip
+    line = out.getvalue().strip()
+    assert line.startswith("export ") and "\n" not in line
+    shown = subprocess.run(
+        ["bash", "-c", 'eval "$1"; echo "$APP_ID|$API_KEY|$WEBHOOK_SECRET"', "-", line],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    app_id, api_key, secret = shown.split("|")
+    app = Application.objects.get(pk=app_id)
+    assert authenticate(api_key).application_id == app.id and app.webhook_secret == secret
+    assert "shown only this once" in err.getvalue()
+
+
+# --- rate limit 0 = unlimited -------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_rate_limit_zero_skips_the_bucket(make_app, monkeypatch):
+    from tasks import ratelimit
+
+    limited = make_app("echo", rate_limit_per_second=1, rate_limit_burst=1)
+    free = make_app("echo", rate_limit_per_second=0, rate_limit_burst=1)
+    ratelimit.check_submit(key=authenticate(limited.api_key))
+    with pytest.raises(ratelimit.RateLimited):
+        ratelimit.check_submit(key=authenticate(limited.api_key))
+
+    def no_redis(**kwargs):
+        raise AssertionError("an unlimited key must not touch the bucket")
+
+    monkeypatch.setattr(ratelimit, "take", no_redis)
+    for _ in range(5):
+        ratelimit.check_submit(key=authenticate(free.api_key))
+
+
+@pytest.mark.django_db
+def test_unlimited_key_is_never_answered_429_over_the_api(make_app):
+    from django.test import Client
+
+    app = make_app("echo", rate_limit_per_second=0, rate_limit_burst=1)
+    client = Client()
+    for _ in range(5):
+        response = client.post(
+            f"/api/applications/{app.application.id}/generate",
+            data=json.dumps({"inputs": {}, "response_mode": "async"}),
+            content_type="application/json",
+            HTTP_AUTHORIZATION=f"Bearer {app.api_key}",
+        )
+        assert response.status_code == 200, response.content
+
+
+# --- revokekey and rotatekey ---------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_revokekey_by_prefix_as_displayed(make_app):
+    app, other = make_app("echo"), make_app("echo")
+    key = ApiKey.objects.get(application=app.application)
+    out = StringIO()
+    call_command("revokekey", f"{key.prefix}…", stdout=out, stderr=StringIO())
+    assert f"revoked {key.prefix}…" in out.getvalue()
+    key.refresh_from_db()
+    assert key.revoked_at is not None
+    assert authenticate(app.api_key) is None  # this process forgets it at once
+    assert authenticate(other.api_key) is not None
+    again = StringIO()
+    call_command("revokekey", key.prefix, stdout=again, stderr=StringIO())
+    assert "already revoked" in again.getvalue()
+    for bad in (["thk_nosuchkey"], []):
+        with pytest.raises(CommandError):
+            call_command("revokekey", *bad, stdout=StringIO(), stderr=StringIO())
+
+
+@pytest.mark.django_db
+def test_revokekey_app_revokes_every_key_of_that_application(make_app):
+    from tasks.applications import rotate_api_key
+
+    app, other = make_app("echo"), make_app("echo")
+    newer = rotate_api_key(application_id=app.application.id)  # two live keys now
+    assert authenticate(app.api_key) and authenticate(newer)
+    out = StringIO()
+    call_command("revokekey", "--app", str(app.application.id), stdout=out, stderr=StringIO())
+    assert out.getvalue().count("revoked thk_") == 2
+    assert authenticate(app.api_key) is None and authenticate(newer) is None
+    assert authenticate(other.api_key) is not None
+    for bad in ("not-a-uuid", "7f2c6a8e-0000-4000-8000-000000000000"):
+        with pytest.raises(CommandError, match="--app"):
+            call_command("revokekey", "--app", bad, stdout=StringIO(), stderr=StringIO())
+
+
+@pytest.mark.django_db
+def test_rotatekey_grace_hours(make_app):
+    from django.utils import timezone
+
+    app = make_app("echo")
+    out, err = StringIO(), StringIO()
+    call_command("rotatekey", str(app.application.id), stdout=out, stderr=err)
+    second = out.getvalue().strip()
+    assert second.startswith("thk_") and "24 h" in err.getvalue()
+    old = ApiKey.objects.get(key_hash=hash_api_key(app.api_key))
+    hours = (old.expires_at - timezone.now()).total_seconds() / 3600
+    assert 23.9 < hours <= 24
+    assert authenticate(app.api_key) and authenticate(second)
+    # 0: every earlier key stops at once, including one still in the first rotation's grace.
+    out = StringIO()
+    call_command("rotatekey", str(app.application.id), "--grace-hours", "0",
+                 stdout=out, stderr=StringIO())  # fmt: skip
+    third = out.getvalue().strip()
+    assert authenticate(app.api_key) is None and authenticate(second) is None
+    assert authenticate(third).application_id == app.application.id
+    for bad in (["--grace-hours", "-1"], ["--grace-hours", "100000"]):
+        with pytest.raises(CommandError, match="--grace-hours"):
+            call_command("rotatekey", str(app.application.id), *bad,
+                         stdout=StringIO(), stderr=StringIO())  # fmt: skip
+    with pytest.raises(CommandError, match="no application"):
+        call_command("rotatekey", "nope", stdout=StringIO(), stderr=StringIO())
+
+
+# --- webhookreceiver -------------------------------------------------------------------------
+
+
+def test_webhookreceiver_prints_verified_callbacks_and_refuses_bad_signatures(tmp_path):
+    from tasks import signing
+    from tasks.credentials import new_webhook_secret
+
+    secret, port = new_webhook_secret(), free_port()
+    log = (tmp_path / "receiver.out").open("w+b")
+    receiver = subprocess.Popen(
+        [sys.executable, str(BASE_DIR / "manage.py"), "webhookreceiver", "--port", str(port),
+         "--secret", secret],
+        cwd=BASE_DIR, env=subprocess_env(), stdout=log, stderr=subprocess.PIPE,
+        start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/hooks/taskhook"
+    try:
+        wait_for(lambda: _get(url), timeout=30, interval=0.1)
+        payload = {"event": "task.finished", "task_id": "t-1", "status": "succeeded",
+                   "output": {"answer": "退款"}}  # fmt: skip
+        body = signing.encode_body(payload)
+        headers = signing.signature_headers(
+            secrets=[secret], message_id="msg_1_1", timestamp=int(time.time()), body=body
+        )
+        ok = requests.post(url, data=body, headers=headers, timeout=5)
+        assert ok.status_code == 200
+        forged = dict(headers, **{"webhook-signature": "v1,AAAA"})
+        assert requests.post(url, data=body, headers=forged, timeout=5).status_code == 400
+        unsigned = requests.post(url, data=body, timeout=5)
+        assert unsigned.status_code == 400
+        wrong_key = signing.signature_headers(
+            secrets=[new_webhook_secret()],
+            message_id="msg_2_1",
+            timestamp=int(time.time()),
+            body=body,
+        )
+        assert requests.post(url, data=body, headers=wrong_key, timeout=5).status_code == 400
+    finally:
+        os.killpg(receiver.pid, signal.SIGTERM)
+        stderr = receiver.communicate(timeout=10)[1].decode()
+    log.seek(0)
+    lines = log.read().decode().splitlines()
+    assert [json.loads(line) for line in lines] == [payload]  # one JSON line, verified only
+    assert stderr.count("bad signature") == 3, stderr
+
+
+@pytest.mark.django_db
+def test_webhookreceiver_refuses_to_start_without_a_secret():
+    with pytest.raises(CommandError, match="--secret"):
+        call_command("webhookreceiver", "--port", str(free_port()), "--secret", "",
+                     stdout=StringIO(), stderr=StringIO())  # fmt: skip

@@ -346,3 +346,132 @@ def test_overview_counts_and_alerts(viewer, app):
                                    delivered=True)  # fmt: skip
     data = selectors.overview()
     assert data.status_counts["succeeded"] == 1 and data.callback_success_rate == 100.0
+
+
+# --- back(): only same-host targets ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["//evil.example/x", "/\\evil.example/x", "https://evil.example/", "javascript:alert(1)",
+     "///evil.example"],
+)  # fmt: skip
+def test_back_never_follows_another_host(operator, app, target):
+    url = f"/applications/{app.application.id}/cleanup"
+    own = f"/applications/{app.application.id}/"
+    response = operator.post(url, {"next": target})
+    assert response.status_code == 302 and response["Location"] == own
+    response = htmx(operator, url, "post", next=target)
+    assert response["HX-Redirect"] == own
+
+
+def test_back_follows_a_path_of_this_site(operator, app):
+    url = f"/applications/{app.application.id}/cleanup"
+    response = operator.post(url, {"next": "/tasks/?status=failed"})
+    assert response["Location"] == "/tasks/?status=failed"
+    response = operator.post(url, {"next": "http://testserver/audit/"})  # same host, same scheme
+    assert response["Location"] == "http://testserver/audit/"
+    response = operator.post(url, {"next": "http://testserver/audit/"}, secure=True)
+    assert response["Location"] == f"/applications/{app.application.id}/"  # https -> http: no
+
+
+# --- revoking and rotating credentials ------------------------------------------------------
+
+
+def _key(app):
+    from tasks.models import ApiKey
+
+    return ApiKey.objects.get(application=app.application)
+
+
+def test_operator_revokes_a_key_from_the_application_page(operator, app):
+    from tasks.credentials import authenticate
+
+    key = _key(app)
+    page = operator.get(f"/applications/{app.application.id}/").content.decode()
+    url = f"/applications/{app.application.id}/keys/{key.pk}/revoke"
+    assert f'action="{url}"' in page and "data-confirm=" in page
+    assert authenticate(app.api_key) is not None
+    response = operator.post(url)
+    assert response.status_code == 302
+    key.refresh_from_db()
+    assert key.revoked_at is not None and authenticate(app.api_key) is None
+    entry = AuditEntry.objects.get()
+    assert (entry.action, entry.target_id, entry.detail["key"]) == (
+        "application.revoke_key", str(app.application.id), f"{key.prefix}…")  # fmt: skip
+    page = operator.get(f"/applications/{app.application.id}/").content.decode()
+    assert f'action="{url}"' not in page and "revoked" in page
+    # A key of another application is not found under this one.
+    other = Application.objects.create(name="other", runner="echo", webhook_secret="whsec_x")
+    assert operator.post(f"/applications/{other.pk}/keys/{key.pk}/revoke").status_code == 404
+
+
+def test_revoke_is_for_operators_with_csrf_and_post_only(viewer, app):
+    key = _key(app)
+    url = f"/applications/{app.application.id}/keys/{key.pk}/revoke"
+    assert "/revoke" not in viewer.get(f"/applications/{app.application.id}/").content.decode()
+    assert viewer.post(url).status_code == 403
+    root = User.objects.create_superuser("root", "root@example.com", "pw-root-123")
+    strict = Client(enforce_csrf_checks=True)
+    strict.force_login(root)
+    assert strict.post(url).status_code == 403
+    assert strict.get(url).status_code == 405
+    key.refresh_from_db()
+    assert key.revoked_at is None and AuditEntry.objects.count() == 0
+
+
+def test_rotation_grace_period_is_chosen_on_the_page(operator, app):
+    from tasks.credentials import authenticate
+
+    base = f"/applications/{app.application.id}"
+    page = operator.get(f"{base}/").content.decode()
+    assert page.count('name="grace_hours"') == 2 and '<option value="24" selected>' in page
+    # None: the old key stops at once.
+    body = htmx(operator, f"{base}/rotate-key", "post", grace_hours="0").content.decode()
+    assert "stopped working" in body and authenticate(app.api_key) is None
+    # 7 days for the secret: the old one keeps signing that long.
+    old_secret = app.webhook_secret
+    body = htmx(operator, f"{base}/rotate-secret", "post", grace_hours="168").content.decode()
+    app.application.refresh_from_db()
+    assert app.application.previous_webhook_secret == old_secret and "7 days" in body
+    left = app.application.previous_secret_expires_at - timezone.now()
+    assert timedelta(days=6, hours=23) < left <= timedelta(days=7)
+    body = htmx(operator, f"{base}/rotate-secret", "post", grace_hours="0").content.decode()
+    app.application.refresh_from_db()
+    assert app.application.previous_webhook_secret == "" and "no longer signs" in body
+    assert [e.detail["grace_hours"] for e in AuditEntry.objects.order_by("id")] == [0, 168, 0]
+    # Only the offered periods.
+    assert htmx(operator, f"{base}/rotate-key", "post", grace_hours="5").status_code == 400
+
+
+# --- settings form: rate limit 0 --------------------------------------------------------------
+
+
+def test_settings_form_accepts_an_unlimited_rate_and_bumps_updated_at(operator, app):
+    url = f"/applications/{app.application.id}/"
+    before = Application.objects.get(pk=app.application.id).updated_at
+    data = {"name": "x", "runner": "echo", "retry_schedule_text": "10", "retention_preset": "24",
+            "callback_timeout_seconds": 10, "job_timeout_seconds": 600, "task_retries": 0,
+            "queue_threshold_seconds": 300, "run_threshold_seconds": 1800,
+            "rate_limit_per_second": 0, "rate_limit_burst": 40, "runner_config": "{}",
+            "max_concurrency": 0}  # fmt: skip
+    body = htmx(operator, url, "post", **data).content.decode()
+    assert 'id="saved"' in body, body
+    row = Application.objects.get(pk=app.application.id)
+    assert (row.rate_limit_per_second, row.max_concurrency) == (0, None)
+    assert row.updated_at > before
+    body = htmx(operator, url, "post", **(data | {"rate_limit_per_second": -1})).content.decode()
+    assert "field-error" in body and 'id="saved"' not in body
+
+
+# --- favicon ------------------------------------------------------------------------------------
+
+
+def test_favicon_is_linked_and_served_to_anyone(client, viewer):
+    response = client.get("/favicon.ico")  # anonymous: browsers ask before any login
+    assert response.status_code == 200 and response["Content-Type"] == "image/x-icon"
+    icon = b"".join(response.streaming_content)
+    assert icon[:4] == b"\x00\x00\x01\x00"  # an ICO header
+    html = viewer.get("/").content.decode()
+    assert 'rel="icon"' in html and "favicon.svg" in html and "favicon.ico" in html
+    assert client.get("/static/favicon.svg").status_code == 200

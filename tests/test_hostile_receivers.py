@@ -8,11 +8,10 @@ process, against real sockets on 127.0.0.1; one test runs the whole path through
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from email.utils import format_datetime
 
@@ -23,80 +22,9 @@ from rq.job import Job
 from tasks import callbacks, reconciler
 from tasks.models import CallbackAttempt, Task
 from tasks.queueing import queue, redis_client
-from tests.conftest import api_submit, wait_for
+from tests.conftest import api_submit, read_request, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-class RawReceiver:
-    """A TCP server on `host`: `handle(connection)` runs in a thread per accepted connection."""
-
-    def __init__(self, handle: Callable[[socket.socket], None], host: str = "127.0.0.1",
-                 port: int = 0) -> None:  # fmt: skip
-        self.handle = handle
-        self.sock = socket.create_server((host, port))
-        self.sock.settimeout(0.2)
-        self.host, self.port = self.sock.getsockname()[:2]
-        self.connections = 0
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}/hook"
-
-    def _serve(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
-
-    def _run(self, conn: socket.socket) -> None:
-        with contextlib.suppress(OSError), conn:
-            self.handle(conn)
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.sock.close()
-
-
-@pytest.fixture
-def raw_receiver() -> Iterator[Callable[..., RawReceiver]]:
-    started: list[RawReceiver] = []
-
-    def start(handle, **kwargs) -> RawReceiver:
-        started.append(RawReceiver(handle, **kwargs))
-        return started[-1]
-
-    yield start
-    for server in started:
-        server.close()
-
-
-def read_request(conn: socket.socket) -> bytes:
-    """The request's head and body (Content-Length), as a receiver reads it."""
-    conn.settimeout(5)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-         if line.lower().startswith(b"content-length:")),
-        0,
-    )  # fmt: skip
-    while len(body) < length:
-        body += conn.recv(65536)
-    return head + b"\r\n\r\n" + body
 
 
 def finished_task(app, url: str) -> Task:

@@ -1,8 +1,16 @@
 import json
+import shlex
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand
 
 from tasks.applications import InvalidApplication, create_application
+
+from ._application_settings import (
+    add_setting_arguments,
+    invalid,
+    settings_from_options,
+    settings_lines,
+)
 
 
 class Command(BaseCommand):
@@ -10,33 +18,23 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("name")
-        parser.add_argument(
-            "--runner", required=True, help="echo, sleep, fail, http or a.dotted.path"
+        add_setting_arguments(parser, creating=True)
+        output = parser.add_mutually_exclusive_group()
+        output.add_argument("--json", action="store_true", help="print one JSON object only")
+        output.add_argument(
+            "--shell",
+            action="store_true",
+            help='print `export APP_ID=… API_KEY=… WEBHOOK_SECRET=…` only, for eval "$(…)"',
         )
-        parser.add_argument(
-            "--runner-config", default=None, help="JSON object, e.g. '{\"url\": …}'"
-        )
-        parser.add_argument("--retry-schedule", default=None, help="seconds, e.g. 10,60,300")
-        parser.add_argument("--retention-hours", type=int, default=24)
-        parser.add_argument("--json", action="store_true", help="print one JSON object only")
 
     def handle(self, *args, **options):
-        runner_config = None
-        if options["runner_config"]:
-            try:
-                runner_config = json.loads(options["runner_config"])
-            except ValueError as exc:
-                raise CommandError(f"--runner-config is not valid JSON: {exc}") from exc
+        changes = settings_from_options(options)
         try:
-            created = create_application(
-                name=options["name"],
-                runner=options["runner"],
-                runner_config=runner_config,
-                retry_schedule=options["retry_schedule"],
-                retention_hours=options["retention_hours"],
-            )
+            created = create_application(name=options["name"], **changes)
         except InvalidApplication as exc:
-            raise CommandError(f"--{exc.field.replace('_', '-')}: {exc.message}") from exc
+            if exc.field == "name":
+                raise invalid(InvalidApplication("NAME", exc.message)) from exc
+            raise invalid(exc) from exc
         values = {
             "app_id": str(created.application.id),
             "api_key": created.api_key,
@@ -45,9 +43,19 @@ class Command(BaseCommand):
         if options["json"]:
             self.stdout.write(json.dumps(values))
             return
+        if options["shell"]:
+            exports = " ".join(f"{name.upper()}={shlex.quote(v)}" for name, v in values.items())
+            self.stdout.write(f"export {exports}")
+            self.stderr.write(
+                f"Created application {created.application.name!r}: APP_ID, API_KEY and "
+                "WEBHOOK_SECRET are set (the key and secret are shown only this once)."
+            )
+            return
         self.stdout.write(f"Created application {created.application.name!r}.")
         for name, value in values.items():
-            self.stdout.write(f"  {name:15} {value}")
+            self.stdout.write(f"  {name:17} {value}")
         self.stdout.write(
             "The API key and webhook secret are shown only this once: store them now."
         )
+        self.stdout.write("Settings (change them with `manage.py setapplication APP_ID …`):")
+        self.stdout.write("\n".join(settings_lines(created.application)[1:]))

@@ -1,0 +1,138 @@
+"""The setting flags `createapplication` and `setapplication` share, and how both print settings.
+
+One flag per setting of the dashboard's application form; parsing only splits and maps the flag
+values, tasks.applications.clean_settings validates them (the same validators as the form), and
+its InvalidApplication is reported under the flag's name. (A leading underscore keeps Django from
+taking this module for a command.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import CommandError
+
+from tasks.applications import SETTINGS, InvalidApplication
+from tasks.models import Application
+
+NONE_WORDS = ("none", "default", "")
+
+# flag -> (setting, metavar, help). rate_limit_per_second and rate_limit_burst share --rate-limit.
+FLAGS: dict[str, tuple[str, str, str]] = {
+    "--name": ("name", "NAME", "display name"),
+    "--runner": ("runner", "RUNNER", "echo, sleep, fail, http or a.dotted.path"),
+    "--runner-config": ("runner_config", "JSON", "JSON object, e.g. '{\"url\": …}'"),
+    "--retry-schedule": (
+        "retry_schedule", "S,S,…", "seconds between callback retries, e.g. 10,60,300; none: none"
+    ),
+    "--callback-timeout": ("callback_timeout_seconds", "S", "seconds a receiver has (0.5-60)"),
+    "--blocking-timeout": (
+        "blocking_timeout_seconds", "S", "seconds a blocking submit waits (0.1-300); default: "
+        "BLOCKING_TIMEOUT"
+    ),
+    "--job-timeout": ("job_timeout_seconds", "S", "seconds a run may take before it is stopped"),
+    "--task-retries": ("task_retries", "N", "re-runs after a lost worker (0-10)"),
+    "--max-concurrency": (
+        "max_concurrency", "N", "tasks queued or running at once; 0 or none: no cap"
+    ),
+    "--queue-threshold": ("queue_threshold_seconds", "S", "alert when pending longer than this"),
+    "--run-threshold": ("run_threshold_seconds", "S", "alert when running longer than this"),
+    "--rate-limit": (
+        "rate_limit_per_second", "RPS[/BURST]", "per API key, e.g. 50/100; 0: unlimited"
+    ),
+    "--retention-hours": ("retention_hours", "N", "keep finished tasks this long (1-8760)"),
+    "--endpoint-max-in-flight": (
+        "endpoint_max_in_flight", "N", "deliveries in flight at once per callback origin; 0: no cap"
+    ),
+}  # fmt: skip
+FLAG_OF = {setting: flag for flag, (setting, _, _) in FLAGS.items()} | {
+    "rate_limit_burst": "--rate-limit"
+}
+NULLABLE = ("blocking_timeout_seconds", "max_concurrency")
+
+
+def add_setting_arguments(parser: argparse.ArgumentParser, *, creating: bool) -> None:
+    """Every setting flag, all optional (`--runner` is required when creating; the name is the
+    positional NAME there). Unset flags stay None: only the flags given change anything."""
+    group = parser.add_argument_group("application settings")
+    for flag, (setting, metavar, help_text) in FLAGS.items():
+        if creating and flag == "--name":
+            continue
+        group.add_argument(
+            flag,
+            dest=f"setting_{setting}",
+            metavar=metavar,
+            default=None,
+            required=creating and flag == "--runner",
+            help=help_text,
+        )
+
+
+def settings_from_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The settings the given flags ask for, as keyword arguments of the services."""
+    changes: dict[str, Any] = {}
+    for flag, (setting, _, _) in FLAGS.items():
+        raw = options.get(f"setting_{setting}")
+        if raw is None:
+            continue
+        if setting == "runner_config":
+            try:
+                changes[setting] = json.loads(raw)
+            except ValueError as exc:
+                raise CommandError(f"{flag}: not valid JSON: {exc}") from exc
+        elif setting == "retry_schedule":
+            changes[setting] = [] if raw.strip().lower() in NONE_WORDS else raw
+        elif setting == "rate_limit_per_second":
+            rate, slash, burst = raw.partition("/")
+            changes["rate_limit_per_second"] = rate.strip()
+            if slash:
+                changes["rate_limit_burst"] = burst.strip()
+        elif setting in NULLABLE and raw.strip().lower() in NONE_WORDS:
+            changes[setting] = None
+        else:
+            changes[setting] = raw
+    return changes
+
+
+def invalid(exc: InvalidApplication) -> CommandError:
+    """The service's complaint, under the name of the flag that set the field."""
+    flag = FLAG_OF.get(exc.field, exc.field)
+    return CommandError(f"{flag}: {exc.message}")
+
+
+def describe(application: Application) -> dict[str, Any]:
+    """Every setting by its field name, as `--json` prints it."""
+    values = {"app_id": str(application.pk)}
+    values |= {name: getattr(application, name) for name in SETTINGS}
+    values["updated_at"] = application.updated_at.isoformat()
+    return values
+
+
+def settings_lines(application: Application) -> list[str]:
+    """Every setting, one per line, with its unit and what the empty values mean."""
+    a = application
+    seconds = "{:g} s".format
+    rows = [
+        ("app_id", str(a.pk)),
+        ("name", a.name),
+        ("runner", a.runner),
+        ("runner_config", json.dumps(a.runner_config)),
+        ("retry_schedule", ",".join(map(str, a.retry_schedule)) or "none (no retries)"),
+        ("callback_timeout", seconds(a.callback_timeout_seconds)),
+        ("blocking_timeout", f"default ({seconds(settings.BLOCKING_TIMEOUT)})"
+         if a.blocking_timeout_seconds is None else seconds(a.blocking_timeout_seconds)),
+        ("job_timeout", seconds(a.job_timeout_seconds)),
+        ("task_retries", str(a.task_retries)),
+        ("max_concurrency", str(a.max_concurrency) if a.max_concurrency else "none (no cap)"),
+        ("queue_threshold", seconds(a.queue_threshold_seconds)),
+        ("run_threshold", seconds(a.run_threshold_seconds)),
+        ("rate_limit", "0 (unlimited)" if a.rate_limit_per_second <= 0
+         else f"{a.rate_limit_per_second:g}/{a.rate_limit_burst} ({a.rate_limit_per_second:g} "
+              f"requests/s per API key, bursts of {a.rate_limit_burst})"),
+        ("retention_hours", f"{a.retention_hours} h"),
+        ("updated_at", a.updated_at.isoformat()),
+    ]  # fmt: skip
+    return [f"  {name:17} {value}" for name, value in rows]

@@ -1,0 +1,46 @@
+import json
+
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError
+
+from tasks.applications import InvalidApplication, update_application
+from tasks.models import Application
+
+from ._application_settings import (
+    FLAG_OF,
+    add_setting_arguments,
+    describe,
+    invalid,
+    settings_from_options,
+    settings_lines,
+)
+
+
+class Command(BaseCommand):
+    help = (
+        "Change an application's settings (any the dashboard's settings form can) and print "
+        "them all; with no setting flag, only print them."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("app_id")
+        add_setting_arguments(parser, creating=False)
+        parser.add_argument("--json", action="store_true", help="print the settings as JSON")
+
+    def handle(self, *args, **options):
+        changes = settings_from_options(options)
+        try:
+            application = update_application(application_id=options["app_id"], **changes)
+        except InvalidApplication as exc:
+            raise invalid(exc) from exc
+        except (Application.DoesNotExist, ValueError, ValidationError) as exc:  # or not a UUID
+            raise CommandError(f"no application {options['app_id']!r}") from exc
+        if options["json"]:
+            self.stdout.write(json.dumps(describe(application)))
+            return
+        if changes:
+            flags = sorted({FLAG_OF[name] for name in changes})
+            self.stdout.write(f"Updated {application.name!r} ({', '.join(flags)}):")
+        else:
+            self.stdout.write(f"{application.name!r} (nothing changed):")
+        self.stdout.write("\n".join(settings_lines(application)))
