@@ -139,7 +139,7 @@ def _read_json(request: HttpRequest) -> object:
             "Send the body as JSON with Content-Type: application/json.",
         )
     try:
-        raw = request.body
+        raw = _chunked_body(request) if _is_chunked(request) else request.body
     except RequestDataTooBig:
         raise _too_large() from None
     if len(raw) > settings.MAX_BODY_BYTES:
@@ -150,6 +150,19 @@ def _read_json(request: HttpRequest) -> object:
         raise ApiError(400, "invalid_request", f"The body is refused: {exc.reason}.") from None
     except ValueError as exc:
         raise ApiError(400, "invalid_request", f"The body is not valid JSON: {exc}") from None
+
+
+def _is_chunked(request: HttpRequest) -> bool:
+    return not request.META.get("CONTENT_LENGTH") and "chunked" in (
+        request.META.get("HTTP_TRANSFER_ENCODING", "").lower()
+    )
+
+
+def _chunked_body(request: HttpRequest) -> bytes:
+    """A body sent with Transfer-Encoding: chunked (no Content-Length): Django reads such a body
+    as empty, the server (gunicorn) has already de-chunked it. Read one byte past the limit to
+    tell a body that is too large."""
+    return request.environ["wsgi.input"].read(settings.MAX_BODY_BYTES + 1)
 
 
 def _too_large() -> ApiError:

@@ -20,6 +20,7 @@ from typing import Any
 MAX_DEPTH = 64
 # NUL and the UTF-16 surrogate range, which a decoded `\ud800` escape can leave in a str.
 _UNSTORABLE_CHARACTERS = re.compile("[\x00\ud800-\udfff]")
+_NONZERO_MANTISSA = re.compile(r"^-?0*\.?0*[1-9]")
 
 
 class UnstorableJson(ValueError):
@@ -48,6 +49,8 @@ def _finite_float(text: str) -> float | _Refused:
     value = float(text)
     if math.isinf(value):
         return _Refused(f"the number {text[:40]} is outside the range of a float")
+    if value == 0 and _NONZERO_MANTISSA.search(text):  # 1e-400: would be stored as 0.0
+        return _Refused(f"the number {text[:40]} is too small for a float (it would become 0)")
     return value
 
 

@@ -72,7 +72,8 @@ def parse_callback_url(url: str) -> CallbackUrl:
         raise UnsafeCallbackUrl("callback_url must be an absolute http or https URL.")
     if not parts.host:
         raise UnsafeCallbackUrl("callback_url must have a host.")
-    if parts.auth:
+    authority = url.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    if parts.auth or "@" in authority:  # urllib3 drops an empty user part ("http://@host/")
         raise UnsafeCallbackUrl("callback_url must not carry credentials.")
     host = parts.host.strip("[]").lower()
     port = parts.port or DEFAULT_PORTS[scheme]

@@ -1,6 +1,6 @@
 from django.urls import path, re_path
 
-from . import api
+from . import api, openapi
 
 app_name = "api"
 
@@ -8,6 +8,7 @@ urlpatterns = [
     path("applications/<str:app_id>/generate", api.generate, name="generate"),
     path("tasks/<str:task_id>", api.task_detail, name="task"),
     path("tasks/<str:task_id>/cancel", api.task_cancel, name="task-cancel"),
+    path("openapi.json", openapi.openapi_document, name="openapi"),
     # Anything else under /api/ answers the JSON error shape, never an HTML page.
     re_path(r"^(?P<rest>.*)$", api.not_found),
 ]

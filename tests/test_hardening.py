@@ -152,3 +152,39 @@ def _up(url: str) -> bool:
         return requests.get(url, timeout=1).status_code == 200
     except requests.RequestException:
         return False
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_chunked_body_is_read_and_its_size_limit_holds(make_app, settings):
+    """Transfer-Encoding: chunked, no Content-Length, through a real gunicorn: Django alone
+    would read the body as empty."""
+    app = make_app("echo")
+    port = free_port()
+    env = subprocess_env(GUNICORN_BIND=f"127.0.0.1:{port}", WEB_CONCURRENCY="1",
+                         MAX_BODY_BYTES="2000")  # fmt: skip
+    web = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "dashboard.wsgi", "-c", "dashboard/gunicorn.conf.py"],
+        cwd=BASE_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {app.api_key}", "Content-Type": "application/json"}
+
+    def chunks(body: bytes):
+        for start in range(0, len(body), 100):
+            yield body[start : start + 100]
+
+    try:
+        wait_for(lambda: _up(f"{base}/healthz"), timeout=30, interval=0.1)
+        url = f"{base}/api/applications/{app.application.id}/generate"
+        small = json.dumps({"inputs": {"q": "chunked"}, "response_mode": "async"}).encode()
+        ok = requests.post(url, headers=headers, data=chunks(small), timeout=5)
+        assert ok.status_code == 200, ok.text
+        assert Task.objects.get(pk=ok.json()["task_id"]).inputs == {"q": "chunked"}
+        big = json.dumps({"inputs": {"q": "x" * 3000}}).encode()
+        too_large = requests.post(url, headers=headers, data=chunks(big), timeout=5)
+        assert too_large.status_code == 413
+        assert too_large.json()["error"]["code"] == "payload_too_large"
+        assert Task.objects.count() == 1
+    finally:
+        web.terminate()
+        web.wait(15)

@@ -37,6 +37,7 @@ REFUSED_BODIES = [
     ('{"inputs": {"x": Infinity}}', "inputs", "Infinity"),
     ('{"inputs": {"x": 1e999}}', "inputs", "outside the range"),
     ('{"inputs": {"x": -1e400}}', "inputs", "outside the range"),
+    ('{"inputs": {"x": 1e-400}}', "inputs", "too small for a float"),
     ('{"inputs": {"x": 1' + "0" * 400 + "}}", "inputs", "outside the range"),
     ('{"inputs": {"x": "a\\u0000b"}}', "inputs", "NUL"),
     ('{"inputs": {"a\\u0000": 1}}', "inputs", "NUL"),
@@ -80,6 +81,8 @@ def test_invalid_utf8_is_a_400(make_app):
         "http://127.0.0.1/hook\x7f",
         "http://127.0.0.1/" + "a" * 2048,
         "http:/127.0.0.1/hook",
+        "http://@127.0.0.1/hook",
+        "http://user@127.0.0.1/hook",
         "//127.0.0.1/hook",
     ],
 )
@@ -117,6 +120,8 @@ def test_an_idempotency_key_with_control_characters_is_refused(make_app):
 ACCEPTED_INPUTS = {
     "deepest": json.loads(nested(MAX_DEPTH - 2)),
     "largest": 1.7976931348623157e308,
+    "smallest": 5e-324,
+    "zeros": [0.0, 0e5, -0.0],
     "long_int": int("9" * 300),
     "emoji": "👩‍🚀 ✓ 如何申请退款",
     "markup": "<script>alert(1)</script>{{ not_a_template }}{% now 'Y' %}",

@@ -1,7 +1,7 @@
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
-from tasks.applications import rotate_webhook_secret
+from tasks.applications import InvalidApplication, rotate_webhook_secret
 from tasks.models import Application
 
 
@@ -22,6 +22,8 @@ class Command(BaseCommand):
             secret = rotate_webhook_secret(
                 application_id=options["app_id"], grace_hours=options["grace_hours"]
             )
+        except InvalidApplication as exc:
+            raise CommandError(f"--grace-hours: {exc.message}") from exc
         except (Application.DoesNotExist, ValueError, ValidationError) as exc:
             raise CommandError(f"no application {options['app_id']!r}") from exc
         self.stdout.write(secret)
