@@ -1,4 +1,6 @@
-"""RQ cron configuration, loaded by `manage.py rqcron tasks.cron` (started by `make run`).
+"""RQ cron configuration, run by `manage.py taskhookcron` (started by `make run`, and the
+Procfile's `cron` process): RQ's cron scheduler with these registrations, which waits out a Redis
+outage instead of exiting. `manage.py rqcron tasks.cron` loads the same file.
 
 Intervals come from settings (CLEANUP_INTERVAL, RECONCILE_INTERVAL), which read the environment.
 """

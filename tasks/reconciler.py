@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import redis
+from django.conf import settings
 from django.db.models import Q, QuerySet
 from django.utils import timezone
-from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.worker import BaseWorker
 
@@ -33,7 +33,7 @@ from . import callbacks, state
 from .execution import on_task_finished
 from .metrics import record_reconciler_corrections
 from .models import CallbackAttempt, CallbackStatus, Task, TaskStatus
-from .queueing import redis_client
+from .queueing import queue, redis_client
 from .submission import enqueue_pending_task
 from .worker import KNOWN_WORKERS_KEY, alive_key
 
@@ -114,18 +114,61 @@ def _requeue_orphaned_pending(client: redis.Redis, report: ReconcileReport) -> N
     pending = Task.objects.select_related("application").filter(
         status=TaskStatus.PENDING, created_at__lt=cutoff
     )
+    queued_ids: set[bytes] | None = set()  # the task queue's job ids, read once if needed
+    read_queue = False
     for task in _walk(client, "pending", pending, "created_at"):
         job_status = client.hget(Job.key_for(task.rq_job_id), "status")
+        if job_status == b"queued" and not task.application.max_concurrency:
+            if not read_queue:
+                queued_ids, read_queue = _queued_job_ids(client), True
+            if not _lost_in_transit(client, task, queued_ids):
+                continue
+            job_status = b"failed"  # handled as one that failed: deleted and enqueued again
         if job_status == b"failed":
             # The job failed before the task started: the worker could not reach the database
             # (its retries spent). The task is still pending, so run it again.
-            with contextlib.suppress(NoSuchJobError):
-                Job.fetch(task.rq_job_id, connection=client).delete()
+            _delete_job(client, task.rq_job_id)
         elif job_status is not None:
             continue  # queued, scheduled, running or just finished: it will start the task
         if enqueue_pending_task(task=task):
             logger.warning("re-enqueued pending task without a live job", extra=_extra(task))
             report.requeued.append(str(task.id))
+
+
+# A queue longer than this is not read whole each pass; the in-transit rule then waits.
+MAX_QUEUE_SCAN = 100_000
+SUSPECT_KEY = "taskhook:reconcile:suspect:{job_id}"
+
+
+def _delete_job(client: redis.Redis, job_id: str) -> None:
+    """RQ's delete (registries included), and the bare hash in any case: RQ refuses to load a
+    partial one, and a unique enqueue would still collide with it."""
+    with contextlib.suppress(Exception):
+        Job.fetch(job_id, connection=client).delete()
+    client.delete(Job.key_for(job_id))
+
+
+def _queued_job_ids(client: redis.Redis) -> set[bytes] | None:
+    key = queue(settings.TASK_QUEUE).key
+    if client.llen(key) > MAX_QUEUE_SCAN:
+        return None
+    return set(client.lrange(key, 0, -1))
+
+
+def _lost_in_transit(client: redis.Redis, task: Task, queued_ids: set[bytes] | None) -> bool:
+    """A job that says `queued` but is on no queue: Redis handed it to a worker that had just
+    been killed (its blocked connection was still open). It is called lost only when an earlier
+    pass already saw it so, so a job being dequeued right now is left alone."""
+    suspect = SUSPECT_KEY.format(job_id=task.rq_job_id)
+    if queued_ids is None:
+        return False
+    if task.rq_job_id.encode() in queued_ids:
+        client.delete(suspect)
+        return False
+    if client.set(suspect, "1", nx=True, ex=3600):
+        return False  # first sighting: decide on the next pass
+    client.delete(suspect)
+    return True
 
 
 def _lost_reason(client: redis.Redis, task: Task, registered: set[str]) -> str | None:

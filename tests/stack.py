@@ -96,7 +96,7 @@ class Stack:
 
     def start_cron(self) -> None:
         self.cron = subprocess.Popen(
-            [sys.executable, str(BASE_DIR / "manage.py"), "rqcron", "tasks.cron"],
+            [sys.executable, str(BASE_DIR / "manage.py"), "taskhookcron", "tasks.cron"],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip

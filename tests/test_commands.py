@@ -143,7 +143,7 @@ def test_make_run_stack_serves_a_task_and_stops_cleanly(make_app, tmp_path):
         assert body["output"] == {"query": "如何申请退款?"}
         descendants = psutil.Process(stack.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in descendants)
-        assert "gunicorn" in names and "rqworker" in names and "rqcron" in names
+        assert "gunicorn" in names and "rqworker" in names and "taskhookcron" in names
         assert "redis-server" in names
     finally:
         descendants = psutil.Process(stack.pid).children(recursive=True)

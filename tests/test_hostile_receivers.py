@@ -376,3 +376,20 @@ def test_rows_the_reconciler_must_skip_never_starve_the_rows_behind_them(
         requeued += reconciler.reconcile().requeued
     assert requeued == [str(orphan.id)]
     assert client.hget(Job.key_for(orphan.rq_job_id), "status") == b"queued"
+
+
+def test_a_job_queued_on_no_queue_is_enqueued_again_on_the_second_pass(
+    make_app, private_queues
+):
+    """Redis handed the job to a worker killed a moment before: its hash says `queued`, but it
+    is on no queue. The first pass only notes it (it may be in a worker's hands right now)."""
+    app = make_app("echo")
+    task = Task.objects.create(
+        application=app.application, inputs={}, created_at=timezone.now() - timedelta(minutes=1)
+    )
+    client = redis_client()
+    client.hset(Job.key_for(task.rq_job_id), mapping={"status": "queued"})
+    assert reconciler.reconcile().requeued == []
+    assert reconciler.reconcile().requeued == [str(task.id)]
+    assert task.rq_job_id in queue("tasks-reconciler-test").get_job_ids()
+    assert reconciler.reconcile().requeued == []  # now on its queue: left alone

@@ -200,7 +200,7 @@ def test_scheduled_cleanup_runs_under_rq_cron(make_app, live_worker):
     app = make_app("echo")
     expired = finished(app, hours_ago=30)
     cron = subprocess.Popen(
-        [sys.executable, str(BASE_DIR / "manage.py"), "rqcron", "tasks.cron"],
+        [sys.executable, str(BASE_DIR / "manage.py"), "taskhookcron", "tasks.cron"],
         env=subprocess_env(CLEANUP_INTERVAL="1", RECONCILE_INTERVAL="3600"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -1,10 +1,18 @@
-"""`make run`: the whole stack in one terminal, stopped together by Ctrl-C.
+"""`make run`: the whole stack in one terminal, supervised, stopped together by Ctrl-C.
 
 Starts (1) an embedded Redis under var/ when REDIS_URL is unset or unreachable, (2) the web
 server (gunicorn, or runserver with --dev), (3) task workers and callback workers (with RQ's
-scheduler, which runs callback retries), and (4) the RQ cron process for the periodic jobs.
-Every child runs in its own process group; on SIGINT/SIGTERM, or when any child dies, all groups
-get SIGTERM, then SIGKILL after a grace period, so nothing is left behind.
+scheduler, which runs callback retries), and (4) the cron process for the periodic jobs.
+
+A child that exits, for any reason, is started again after a delay of 1 s, doubling with each
+exit up to 30 s, back to 1 s once it has stayed up a minute; each exit and restart is logged.
+Whatever the dead child left in its process group (a work horse, RQ's scheduler process,
+gunicorn's workers) is killed at once: those orphans hold the dead process's sockets, and Redis
+would go on handing jobs to its blocked BLPOP that nobody reads. The embedded Redis restarts on
+its own data (append-only file), so it comes back with what it held.
+
+Every child runs in its own process group; on SIGINT/SIGTERM all groups get SIGTERM, then
+SIGKILL after a grace period, so nothing is left behind.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from django.conf import settings
@@ -23,6 +33,37 @@ from django.core.management.base import BaseCommand
 from dashboard.embedded_redis import EmbeddedRedis, is_reachable
 
 STOP_GRACE_SECONDS = 10
+RESTART_FIRST_SECONDS = 1.0
+RESTART_MAX_SECONDS = 30.0
+STABLE_SECONDS = 60.0  # up this long, a child's next restart is again after RESTART_FIRST_SECONDS
+# Each child's name, in its environment: `tests/makerun.py` tells the children apart by it.
+SUPERVISED_AS_VARIABLE = "TASKHOOK_SUPERVISED_AS"
+
+
+@dataclass
+class Child:
+    name: str
+    launch: Callable[[], subprocess.Popen]
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    delay: float = 0.0  # before the next restart; 0 until the first exit
+    restart_at: float | None = None
+
+    def start(self) -> None:
+        self.process = self.launch()
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+    def exited(self, code: int) -> float:
+        """Record an exit; returns the delay before the restart."""
+        up_for = time.monotonic() - self.started_at
+        if self.delay == 0 or up_for >= STABLE_SECONDS:
+            self.delay = RESTART_FIRST_SECONDS
+        else:
+            self.delay = min(self.delay * 2, RESTART_MAX_SECONDS)
+        self.process = None
+        self.restart_at = time.monotonic() + self.delay
+        return self.delay
 
 
 class Command(BaseCommand):
@@ -39,7 +80,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
-        self.children: list[tuple[str, subprocess.Popen]] = []
+        self.children: list[Child] = []
         self.redis: EmbeddedRedis | None = None
         self.stopping = False
         signal.signal(signal.SIGTERM, self._request_stop)
@@ -49,7 +90,7 @@ class Command(BaseCommand):
             env["REDIS_URL"] = self._redis_url()
             self._start_children(env, options)
             self._print_banner(options["port"], env["REDIS_URL"])
-            self._watch()
+            self._supervise()
         finally:
             self._stop_all()
 
@@ -70,10 +111,17 @@ class Command(BaseCommand):
         return url
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        process = subprocess.Popen(argv, env=env, start_new_session=True)
-        self.children.append((name, process))
+        child_env = env | {SUPERVISED_AS_VARIABLE: name}
+        child = Child(name, lambda: subprocess.Popen(argv, env=child_env, start_new_session=True))
+        child.start()
+        self.children.append(child)
 
     def _start_children(self, env: dict[str, str], options: dict) -> None:
+        if self.redis is not None:  # started above; supervised like the others from here on
+            redis = self.redis
+            child = Child("redis", lambda: (redis.start(), redis.process)[1], redis.process)
+            child.started_at = time.monotonic()
+            self.children.append(child)
         manage = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py")]
         port = options["port"]
         if options["dev"]:
@@ -101,48 +149,71 @@ class Command(BaseCommand):
                  "--worker-class", "tasks.worker.TaskhookDeliveryWorker", "--with-scheduler"],
                 env,
             )  # fmt: skip
-        self._spawn("cron", [*manage, "rqcron", "tasks.cron"], env)
+        self._spawn("cron", [*manage, "taskhookcron", "tasks.cron"], env)
 
     def _print_banner(self, port: int, redis_url: str) -> None:
-        names = ", ".join(name for name, _ in self.children)
+        names = ", ".join(child.name for child in self.children if child.name != "redis")
         self.stdout.write(
             f"\nTaskhook is running on http://127.0.0.1:{port}/  (redis: {redis_url})\n"
             f"processes: {names}\n\n"
-            "First time? In another terminal:\n"
-            "  .venv/bin/python manage.py createapplication demo --runner echo\n"
-            "  .venv/bin/python manage.py createsuperuser\n"
-            "Ctrl-C stops everything.\n"
+            "First time? In another terminal, in this directory (README, First steps):\n"
+            '  eval "$(.venv/bin/python manage.py createapplication demo --runner echo --shell)"\n'
+            "  .venv/bin/python manage.py createsuperuser   # for the dashboard\n"
+            "A process that exits is restarted; Ctrl-C stops everything.\n"
         )
 
-    # --- watch and stop -----------------------------------------------------------------------
+    # --- supervise and stop -----------------------------------------------------------------
 
     def _request_stop(self, signum, frame) -> None:
         self.stopping = True
 
-    def _watch(self) -> None:
+    def _supervise(self) -> None:
         while not self.stopping:
-            for name, process in self.children:
-                code = process.poll()
-                if code is not None:
-                    self.stderr.write(f"{name} exited with code {code}; stopping everything.")
-                    self.stopping = True
+            for child in self.children:
+                if self.stopping:
                     break
+                if child.process is not None:
+                    code = child.process.poll()
+                    if code is not None:
+                        _signal_group(child.process, signal.SIGKILL)  # what it left behind
+                        delay = child.exited(code)
+                        self.stderr.write(
+                            f"{child.name} exited with code {code}; restarting in {delay:g} s."
+                        )
+                elif child.restart_at is not None and time.monotonic() >= child.restart_at:
+                    self._restart(child)
             time.sleep(0.2)
+
+    def _restart(self, child: Child) -> None:
+        try:
+            child.start()
+        except Exception as error:  # the embedded Redis did not come up: try again later
+            child.started_at = time.monotonic()
+            delay = child.exited(-1)
+            self.stderr.write(f"{child.name} could not start ({error}); retrying in {delay:g} s.")
+            return
+        self.stderr.write(f"{child.name} restarted (pid {child.process.pid}).")
 
     def _stop_all(self) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for _, process in self.children:
-            _signal_group(process, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        for _, process in self.children:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(max(0.1, deadline - time.monotonic()))
-        for _, process in self.children:
-            _signal_group(process, signal.SIGKILL)  # stragglers and their own children
-            process.wait()
-        if self.redis:
-            self.redis.stop()
+        # Redis last, so that workers and cron can unregister on their way out.
+        _stop([child for child in self.children if child.name != "redis"])
+        _stop([child for child in self.children if child.name == "redis"])
         self.stdout.write("stopped.")
+
+
+def _stop(children: list[Child]) -> None:
+    """SIGTERM to each child's group, SIGKILL after the grace."""
+    processes = [child.process for child in children if child.process is not None]
+    for process in processes:
+        _signal_group(process, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for process in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(max(0.1, deadline - time.monotonic()))
+    for process in processes:
+        _signal_group(process, signal.SIGKILL)  # stragglers and their own children
+        process.wait()
 
 
 def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
