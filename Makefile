@@ -70,6 +70,7 @@ bench: $(STAMP)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
 	$(PY) bench/run.py
 	env -u DATABASE_URL -u REDIS_URL $(PY) -m dashboard.embedded_redis exec -- $(PY) bench/isolation.py
+	env -u DATABASE_URL -u REDIS_URL $(PY) -m dashboard.embedded_redis exec -- $(PY) bench/blocking.py
 
 clean:
 	rm -rf $(VENV) var

@@ -159,6 +159,8 @@ CALLBACK_TIMEOUT = env.float("CALLBACK_TIMEOUT", default=10.0)
 CALLBACK_DNS_TIMEOUT = env.float("CALLBACK_DNS_TIMEOUT", default=2.0)
 # Connecting to a receiver; the whole attempt stays bounded by the callback timeout.
 CALLBACK_CONNECT_TIMEOUT = env.float("CALLBACK_CONNECT_TIMEOUT", default=3.0)
+# A CA bundle (PEM) that receivers' certificates are checked against instead of the system's.
+CALLBACK_CA_BUNDLE = env.str("CALLBACK_CA_BUNDLE", default="")
 # Deliveries one callback worker (tasks.worker.TaskhookDeliveryWorker) makes at once, one thread
 # and one database connection each.
 CALLBACK_CONCURRENCY = env.int("CALLBACK_CONCURRENCY", default=8)

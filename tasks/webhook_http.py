@@ -151,6 +151,8 @@ def pool_manager() -> urllib3.PoolManager:
         # One kept connection per delivery thread and receiver; more are opened when needed.
         maxsize=max(settings.CALLBACK_CONCURRENCY, 1),
         retries=False,
+        # Receivers behind a private CA: its bundle instead of the system's.
+        **({"ca_certs": settings.CALLBACK_CA_BUNDLE} if settings.CALLBACK_CA_BUNDLE else {}),
     )
     manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
     return manager

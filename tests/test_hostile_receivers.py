@@ -22,7 +22,7 @@ from rq.job import Job
 from tasks import callbacks, reconciler
 from tasks.models import CallbackAttempt, Task
 from tasks.queueing import queue, redis_client
-from tests.conftest import api_submit, read_request, wait_for
+from tests.conftest import RawReceiver, api_submit, read_request, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -190,8 +190,9 @@ def test_odd_receivers_do_not_wedge_callbacks_through_a_real_worker(
     ]
     for task_id in ids:
         task = wait_for(
-            lambda task_id=task_id: Task.objects.filter(pk=task_id, callback_status="failed")
-            .first(),
+            lambda task_id=task_id: Task.objects.filter(
+                pk=task_id, callback_status="failed"
+            ).first(),
             timeout=30,
         )
         rows = list(CallbackAttempt.objects.filter(task_id=task_id).order_by("number"))
@@ -378,9 +379,7 @@ def test_rows_the_reconciler_must_skip_never_starve_the_rows_behind_them(
     assert client.hget(Job.key_for(orphan.rq_job_id), "status") == b"queued"
 
 
-def test_a_job_queued_on_no_queue_is_enqueued_again_on_the_second_pass(
-    make_app, private_queues
-):
+def test_a_job_queued_on_no_queue_is_enqueued_again_on_the_second_pass(make_app, private_queues):
     """Redis handed the job to a worker killed a moment before: its hash says `queued`, but it
     is on no queue. The first pass only notes it (it may be in a worker's hands right now)."""
     app = make_app("echo")
@@ -393,3 +392,68 @@ def test_a_job_queued_on_no_queue_is_enqueued_again_on_the_second_pass(
     assert reconciler.reconcile().requeued == [str(task.id)]
     assert task.rq_job_id in queue("tasks-reconciler-test").get_job_ids()
     assert reconciler.reconcile().requeued == []  # now on its queue: left alone
+
+
+@pytest.fixture
+def tls_receiver(settings, tmp_path, dns):
+    """An HTTPS receiver on 127.0.0.1 with a certificate for `hooks.customer.example` from a
+    test CA that deliveries trust; it records the SNI name and the request of each connection."""
+    import ssl
+
+    import trustme
+
+    from tasks import webhook_http
+
+    ca = trustme.CA()
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    settings.CALLBACK_CA_BUNDLE = str(bundle)
+    webhook_http.pool_manager.cache_clear()
+    seen: dict[str, list] = {"sni": [], "requests": []}
+
+    def serve(name: str) -> RawReceiver:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert(name).configure_cert(context)
+        context.sni_callback = lambda sock, server_name, ctx: seen["sni"].append(server_name)
+
+        def handle(conn):
+            with context.wrap_socket(conn, server_side=True) as tls:
+                seen["requests"].append(read_request(tls))
+                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+        server = RawReceiver(handle)
+        dns["hooks.customer.example"] = [["127.0.0.1"]]
+        return server
+
+    servers: list[RawReceiver] = []
+
+    def start(name: str) -> RawReceiver:
+        servers.append(serve(name))
+        return servers[-1]
+
+    yield start, seen
+    for server in servers:
+        server.close()
+    settings.CALLBACK_CA_BUNDLE = ""
+    webhook_http.pool_manager.cache_clear()
+
+
+def test_tls_keeps_sni_certificate_check_and_host_on_the_name(make_app, tls_receiver):
+    start, seen = tls_receiver
+    server = start("hooks.customer.example")
+    app = make_app("echo", retry_schedule=[])
+    task = finished_task(app, f"https://hooks.customer.example:{server.port}/hook")
+    assert deliver(task) == "delivered", only_attempt(task).error
+    assert seen["sni"] == ["hooks.customer.example"]
+    head = seen["requests"][0].split(b"\r\n\r\n")[0].decode()
+    assert f"Host: hooks.customer.example:{server.port}" in head.split("\r\n")
+
+
+def test_tls_with_a_certificate_for_another_name_is_a_failed_attempt(make_app, tls_receiver):
+    start, _ = tls_receiver
+    server = start("someone-else.example")
+    app = make_app("echo", retry_schedule=[])
+    task = finished_task(app, f"https://hooks.customer.example:{server.port}/hook")
+    assert deliver(task) == "failed"
+    error = only_attempt(task).error
+    assert error.startswith("TLS error") and "hooks.customer.example" in error, error
