@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import threading
 import time
@@ -19,12 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import BASE_DIR, free_port, start_gunicorn
+from bench.common import BASE_DIR, free_port, start_gunicorn, write_report_section
 from bench.run import percentile
 
 CLIENTS = 150
 PROBE_SECONDS = 10
-REPORT = BASE_DIR / "docs" / "benchmarks.md"
 
 
 def main() -> None:
@@ -106,12 +104,7 @@ def write_report(health: list[float], poll: list[float], statuses: list[int]) ->
     lines += ["", f"Blocking submits answered meanwhile: {len(statuses)}, {answered_202} of them "
               "`202` (past the cap, or after their wait)."]  # fmt: skip
     section = "\n".join(lines) + "\n"
-    text = REPORT.read_text() if REPORT.exists() else "# Benchmarks\n"
-    if "\n## Blocking flood\n" in text:
-        text = re.sub(r"\n## Blocking flood\n.*?(?=\n## |\Z)", "\n" + section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    REPORT.write_text(text)
+    write_report_section("Blocking flood", section)
     print(section)
 
 

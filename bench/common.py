@@ -3,6 +3,7 @@ receiver and queued deliveries."""
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -86,3 +87,16 @@ def queue_due_callbacks(application, hook: str, count: int) -> None:
     )  # fmt: skip
     for task in tasks:
         schedule_first_delivery(task_id=task.id)
+
+
+def write_report_section(title: str, section: str) -> None:
+    """Put `## title` and its text into docs/benchmarks.md, in place of the previous one."""
+    report = BASE_DIR / "docs" / "benchmarks.md"
+    text = report.read_text() if report.exists() else "# Benchmarks\n"
+    heading = f"\n## {title}\n"
+    if heading in text:
+        pattern = re.escape(heading) + r".*?(?=\n## |\Z)"
+        text = re.sub(pattern, lambda _: "\n" + section, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    report.write_text(text)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import sys
 import threading
@@ -25,13 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import BASE_DIR, free_port, start_gunicorn, start_receiver
+from bench.common import BASE_DIR, free_port, start_gunicorn, start_receiver, write_report_section
 from bench.run import Processes, percentile
 
 DELIVERY_WORKER = "tasks.worker.TaskhookDeliveryWorker"
 RATE_PER_S = 50
 CALLBACKS = 200
-REPORT = BASE_DIR / "docs" / "benchmarks.md"
 
 
 def black_hole() -> tuple[socket.socket, str, threading.Event]:
@@ -192,13 +190,7 @@ def write_report(runs: dict[str, dict]) -> None:
             f"{r['received']}/{CALLBACKS} | {r['late']} | {r['black_hole_attempts']} |"
         )
     section = "\n".join(lines) + "\n"
-    text = REPORT.read_text() if REPORT.exists() else "# Benchmarks\n"
-    if "\n## Delivery isolation\n" in text:
-        text = re.sub(r"\n## Delivery isolation\n.*?(?=\n## |\Z)", "\n" + section, text,
-                      flags=re.S)  # fmt: skip
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    REPORT.write_text(text)
+    write_report_section("Delivery isolation", section)
     print(section)
 
 

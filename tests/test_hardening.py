@@ -8,7 +8,9 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
@@ -108,17 +110,8 @@ def test_a_flood_of_blocking_submits_leaves_threads_for_health_and_polls(make_ap
     blocking submits with a 6 s wait: only the capped few wait, the rest answer 202 at once,
     and /healthz and a poll are answered meanwhile."""
     app = make_app("echo", blocking_timeout_seconds=6, rate_limit_burst=1000)
-    port = free_port()
-    env = subprocess_env(GUNICORN_BIND=f"127.0.0.1:{port}", WEB_CONCURRENCY="1",
-                         GUNICORN_THREADS="8")  # fmt: skip
-    web = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "dashboard.wsgi", "-c", "dashboard/gunicorn.conf.py"],
-        cwd=BASE_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {app.api_key}", "Content-Type": "application/json"}
-    try:
-        wait_for(lambda: _up(f"{base}/healthz"), timeout=30, interval=0.1)
+    with gunicorn(GUNICORN_THREADS="8") as base:
         other = requests.post(f"{base}/api/applications/{app.application.id}/generate",
                               headers=headers, data=json.dumps(BODY), timeout=5).json()  # fmt: skip
 
@@ -142,6 +135,22 @@ def test_a_flood_of_blocking_submits_leaves_threads_for_health_and_polls(make_ap
         # BLOCKING_MAX_WAITS_PER_KEY = 8 // 4: two waited their 6 s, the others did not wait.
         waited = [took for _, took in results if took >= 5]
         assert len(waited) == 2, sorted(took for _, took in results)
+
+
+@contextmanager
+def gunicorn(**env: str) -> Iterator[str]:
+    """One gunicorn process with the project's config on the test database; yields its URL."""
+    port = free_port()
+    web = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "dashboard.wsgi", "-c", "dashboard/gunicorn.conf.py"],
+        cwd=BASE_DIR,
+        env=subprocess_env(GUNICORN_BIND=f"127.0.0.1:{port}", WEB_CONCURRENCY="1", **env),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _up(f"{base}/healthz"), timeout=30, interval=0.1)
+        yield base
     finally:
         web.terminate()
         web.wait(15)
@@ -159,22 +168,13 @@ def test_a_chunked_body_is_read_and_its_size_limit_holds(make_app, settings):
     """Transfer-Encoding: chunked, no Content-Length, through a real gunicorn: Django alone
     would read the body as empty."""
     app = make_app("echo")
-    port = free_port()
-    env = subprocess_env(GUNICORN_BIND=f"127.0.0.1:{port}", WEB_CONCURRENCY="1",
-                         MAX_BODY_BYTES="2000")  # fmt: skip
-    web = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "dashboard.wsgi", "-c", "dashboard/gunicorn.conf.py"],
-        cwd=BASE_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {app.api_key}", "Content-Type": "application/json"}
 
     def chunks(body: bytes):
         for start in range(0, len(body), 100):
             yield body[start : start + 100]
 
-    try:
-        wait_for(lambda: _up(f"{base}/healthz"), timeout=30, interval=0.1)
+    with gunicorn(MAX_BODY_BYTES="2000") as base:
         url = f"{base}/api/applications/{app.application.id}/generate"
         small = json.dumps({"inputs": {"q": "chunked"}, "response_mode": "async"}).encode()
         ok = requests.post(url, headers=headers, data=chunks(small), timeout=5)
@@ -185,6 +185,3 @@ def test_a_chunked_body_is_read_and_its_size_limit_holds(make_app, settings):
         assert too_large.status_code == 413
         assert too_large.json()["error"]["code"] == "payload_too_large"
         assert Task.objects.count() == 1
-    finally:
-        web.terminate()
-        web.wait(15)
