@@ -134,6 +134,17 @@ def worker(django_db_setup, django_db_blocker) -> Iterator[WorkerProcess]:
 
 
 @pytest.fixture
+def private_queues(settings) -> Iterator[None]:
+    """Queues no worker of the session listens on, so jobs stay where the code under test put
+    them."""
+    settings.TASK_QUEUE = "tasks-reconciler-test"
+    settings.CALLBACK_QUEUE = "callbacks-reconciler-test"
+    yield
+    for name in (settings.TASK_QUEUE, settings.CALLBACK_QUEUE):
+        Queue(name, connection=redis_client()).empty()
+
+
+@pytest.fixture
 def live_worker(worker, transactional_db) -> WorkerProcess:
     """The shared worker, for a test whose rows it must see (committed, not in a test txn)."""
     assert worker.process.poll() is None, worker.output()[-3000:]

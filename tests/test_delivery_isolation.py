@@ -41,7 +41,9 @@ def test_slots_are_capped_and_parked_deliveries_come_back_oldest_first():
     assert endpoints.endpoints_with_waiting() == []
 
 
-def test_a_slot_held_by_a_dead_worker_expires_and_the_reconciler_promotes(make_app, receiver):
+def test_a_slot_held_by_a_dead_worker_expires_and_the_reconciler_promotes(
+    make_app, receiver, private_queues
+):
     app = make_app("echo", endpoint_max_in_flight=1, callback_timeout_seconds=1)
     task = Task.objects.create(
         application=app.application, inputs={}, callback_url=receiver.url, status="succeeded",
@@ -62,9 +64,8 @@ def test_a_slot_held_by_a_dead_worker_expires_and_the_reconciler_promotes(make_a
     redis_client().zadd(endpoints.SLOTS_KEY.format(endpoint=endpoint), {"live-job": time.time()})
     report = reconciler.reconcile()
     assert report.promoted == 1
-    jobs = queue("callbacks").get_job_ids()
+    jobs = queue("callbacks-reconciler-test").get_job_ids()
     assert any(job_id.startswith("cb-manual-p") for job_id in jobs)
-    queue("callbacks").empty()
 
 
 def test_a_black_hole_endpoint_does_not_delay_a_healthy_one(make_app, live_worker, receiver):

@@ -106,12 +106,15 @@ def test_operators_keep_django_rq_actions():
 
 @pytest.mark.django_db(transaction=True)
 def test_a_flood_of_blocking_submits_leaves_threads_for_health_and_polls(make_app):
-    """One gunicorn process of 8 threads, no worker (every task stays pending), 40 concurrent
-    blocking submits with a 6 s wait: only the capped few wait, the rest answer 202 at once,
-    and /healthz and a poll are answered meanwhile."""
+    """One gunicorn process of 8 threads, 40 concurrent blocking submits with a 6 s wait: only
+    the capped few wait, the rest answer 202 at once, and /healthz and a poll are answered
+    meanwhile. Every task stays pending: this web process's Redis is unreachable (its submits
+    are committed and left for the reconciler, its waits poll the database), so no worker of
+    the session can finish one."""
     app = make_app("echo", blocking_timeout_seconds=6, rate_limit_burst=1000)
     headers = {"Authorization": f"Bearer {app.api_key}", "Content-Type": "application/json"}
-    with gunicorn(GUNICORN_THREADS="8") as base:
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    with gunicorn(GUNICORN_THREADS="8", REDIS_URL=nowhere) as base:
         other = requests.post(f"{base}/api/applications/{app.application.id}/generate",
                               headers=headers, data=json.dumps(BODY), timeout=5).json()  # fmt: skip
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from email.utils import format_datetime
 
@@ -298,16 +297,6 @@ def test_delivery_connects_to_the_checked_address_with_host_on_the_name(
 
 
 # --- the reconciler ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def private_queues(settings) -> Iterator[None]:
-    """Queues no worker of the session listens on, so jobs stay as the reconciler left them."""
-    settings.TASK_QUEUE = "tasks-reconciler-test"
-    settings.CALLBACK_QUEUE = "callbacks-reconciler-test"
-    yield
-    for name in (settings.TASK_QUEUE, settings.CALLBACK_QUEUE):
-        queue(name).empty()
 
 
 def stalled_callback(app, url: str, minutes_ago: int = 10) -> Task:
