@@ -1,4 +1,4 @@
-"""Operations endpoints: liveness, readiness and Prometheus metrics (DESIGN.md §8)."""
+"""Operations endpoints: liveness, readiness and Prometheus metrics (README: Operations)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The client API (DESIGN.md §2). Views parse, authenticate and answer; services do the work."""
+"""The client API (README: API). Views parse, authenticate and answer; services do the work."""
 
 from __future__ import annotations
 

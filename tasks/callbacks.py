@@ -1,4 +1,4 @@
-"""Callback delivery: scheduling, one attempt, its record, and what comes next (DESIGN.md §3).
+"""Callback delivery: scheduling, one attempt, its record, and what comes next (README: Callbacks).
 
 Deliveries run on their own RQ queue (`callbacks`), so a slow receiver never delays task
 execution; several callback workers keep one slow receiver from holding up the others. Retries

@@ -1,4 +1,4 @@
-"""Idempotency-Key: the one place for its window and what a repeat gets (DESIGN.md §2).
+"""Idempotency-Key: the one place for its window and what a repeat gets (README: API).
 
 Within IDEMPOTENCY_WINDOW_HOURS of the first submit, the same key from the same application
 returns the first task (the same body) or a conflict (a different body). The key outlives its

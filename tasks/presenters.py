@@ -1,4 +1,4 @@
-"""How tasks look on the wire: the poll body and the async submit answer (DESIGN.md §2)."""
+"""How tasks look on the wire: the poll body and the async submit answer (README: API)."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def result_fields(task: Task) -> dict[str, Any]:
 
 
 def callback_body(task: Task) -> dict[str, Any]:
-    """The webhook payload (DESIGN.md §3), in its documented key order."""
+    """The webhook payload (README: Callbacks), in its documented key order."""
     return {
         "event": "task.finished",
         "task_id": str(task.id),

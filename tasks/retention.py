@@ -1,4 +1,4 @@
-"""Retention: the one place that decides what has expired and removes it (DESIGN.md §5).
+"""Retention: the one place that decides what has expired and removes it (README: Retention).
 
 A finished task (succeeded, failed, cancelled) expires at `finished_at + retention_hours` of its
 application, and goes with its callback attempts, log lines and earlier runs. Unfinished tasks are

@@ -1,4 +1,4 @@
-"""Callback retry policy: when the next automatic attempt is due, if at all (DESIGN.md §3).
+"""Callback retry policy: when the next automatic attempt is due, if at all (README: Callbacks).
 
 The schedule lists the delays between attempts: `[10, 60, 300]` means the first attempt at once,
 then retries 10 s, 60 s and 300 s after each failure (4 attempts in all). A little jitter (up to

@@ -1,4 +1,4 @@
-"""Webhook signing: the one place that knows how a callback is signed (DESIGN.md §3).
+"""Webhook signing: the one place that knows how a callback is signed (README: Callbacks).
 
 - `X-Dify-Signature-V1`: lowercase hex HMAC-SHA256 of the exact body bytes, keyed with the
   current secret string's UTF-8 bytes (what existing Dify-style receivers compute).

@@ -51,7 +51,7 @@ class SubmitRequest:
 
 
 def parse_submit_body(body: Any) -> SubmitRequest:
-    """Validate a decoded JSON body against DESIGN.md §2; raises ValidationFailed."""
+    """Validate a decoded JSON body against the README's API rules; raises ValidationFailed."""
     if not isinstance(body, dict):
         raise ValidationFailed(None, "The request body must be a JSON object.")
     for name, value in body.items():  # anywhere in the body, known fields or not

@@ -1,4 +1,4 @@
-"""The client API (DESIGN.md §2): error matrix, async and blocking submits, poll, cancel."""
+"""The client API (README: API): error matrix, async and blocking submits, poll, cancel."""
 
 from __future__ import annotations
 

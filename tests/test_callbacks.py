@@ -1,4 +1,4 @@
-"""Signed callbacks (DESIGN.md §3) against real HTTP receivers and real RQ workers."""
+"""Signed callbacks (README: Callbacks) against real HTTP receivers and real RQ workers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fault injection (DESIGN.md §6): real processes are killed, Redis is lost, the web process is
+"""Fault injection (README: Guarantees): real processes are killed, Redis is lost, the web is
 restarted mid-load — and no accepted task is lost, none runs twice, every callback arrives."""
 
 from __future__ import annotations

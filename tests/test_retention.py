@@ -1,4 +1,4 @@
-"""Retention (DESIGN.md §5): TTL edges, what is kept, batches, the lock, RQ TTLs, the schedule."""
+"""Retention (README: Retention): TTL edges, what is kept, batches, lock, RQ TTLs, schedule."""
 
 from __future__ import annotations
 
