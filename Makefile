@@ -58,6 +58,7 @@ dev: dotenv migrate
 test: $(STAMP)
 	@bash .ci/ensure-chromium
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m dashboard.embedded_redis exec -- $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

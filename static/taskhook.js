@@ -7,13 +7,15 @@ document.addEventListener("htmx:beforeRequest", (event) => {
 document.addEventListener("visibilitychange", () => {
   if (!document.hidden) document.body.dispatchEvent(new Event("visible-again"));
 });
-// "Select all" checkboxes: <input type=checkbox data-select-all="name">.
+// "Select all" checkboxes: <input type=checkbox data-select-all="name" form="form-id"> checks
+// or clears the form's checkboxes of that name. form.elements also holds the controls outside
+// the <form> element that join it with form="form-id" (the task rows' checkboxes do).
 document.addEventListener("change", (event) => {
   const name = event.target.dataset && event.target.dataset.selectAll;
-  if (!name) return;
   const form = event.target.form;
-  for (const box of form.querySelectorAll(`input[type=checkbox][name="${name}"]`)) {
-    box.checked = event.target.checked;
+  if (!name || !form) return;
+  for (const box of form.elements) {
+    if (box.type === "checkbox" && box.name === name) box.checked = event.target.checked;
   }
 });
 // Confirmation for destructive buttons: <button data-confirm="…">.

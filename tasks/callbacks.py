@@ -10,6 +10,7 @@ Redis and survives worker restarts; the reconciler re-creates any that vanished 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import logging
 import math
 import secrets
@@ -41,7 +42,7 @@ from .webhook_http import Outcome
 
 logger = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
+VERSION = importlib.metadata.version("taskhook")  # pyproject.toml, via the installed package
 USER_AGENT = f"Taskhook/{VERSION}"
 DELIVERABLE_STATUSES = (TaskStatus.SUCCEEDED, TaskStatus.FAILED)
 

@@ -110,6 +110,7 @@ def check_value(value: Any, path: str) -> None:
         elif isinstance(item, dict | list | tuple):
             if depth >= MAX_DEPTH:
                 raise UnstorableJson(where, f"nested deeper than {MAX_DEPTH} levels")
+            children: list[tuple[Any, str, int]] = []
             if isinstance(item, dict):
                 for key, child in item.items():
                     if not isinstance(key, str):
@@ -117,10 +118,11 @@ def check_value(value: Any, path: str) -> None:
                     problem = _problem_in_text(key)
                     if problem:
                         raise UnstorableJson(where, f"a key {problem}")
-                    stack.append((child, f"{where}.{key}" if where else key, depth + 1))
+                    children.append((child, f"{where}.{key}" if where else key, depth + 1))
             else:
                 for index, child in enumerate(item):
-                    stack.append((child, f"{where}[{index}]", depth + 1))
+                    children.append((child, f"{where}[{index}]", depth + 1))
+            stack.extend(reversed(children))  # popped in document order: the first problem
         else:
             raise UnstorableJson(where, f"a {type(item).__name__} is not a JSON value")
 

@@ -1,4 +1,6 @@
-"""The OpenAPI 3.1 document of the client API, served from docs/openapi.json as written.
+"""The OpenAPI 3.1 document of the client API, served from docs/openapi.json as written, except
+that `info.version` is always the installed package's version (pyproject.toml's, written once);
+the copy in the file is kept equal to it by tests/test_dashboard_views.py.
 
 `make test` (tests/test_openapi.py) fuzzes a live server against it with schemathesis, so the
 document and the server cannot drift apart unnoticed.
@@ -7,6 +9,8 @@ document and the server cannot drift apart unnoticed.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import json
 from pathlib import Path
 
 from django.conf import settings
@@ -19,8 +23,10 @@ DOCUMENT_PATH = Path(settings.BASE_DIR) / "docs" / "openapi.json"
 
 @functools.cache
 def document_bytes() -> bytes:
-    """The file's bytes, read once per process."""
-    return DOCUMENT_PATH.read_bytes()
+    """The file, with the package's version, as the file is laid out; built once per process."""
+    document = json.loads(DOCUMENT_PATH.read_text(encoding="utf-8"))
+    document["info"]["version"] = importlib.metadata.version("taskhook")
+    return (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode()
 
 
 @api_view("GET")

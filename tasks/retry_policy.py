@@ -72,6 +72,8 @@ def next_delay(
     retry_after: float | None = None,
 ) -> float | None:
     """Seconds until automatic attempt `auto_attempt + 1`, or None when retries are over."""
+    if auto_attempt < 1:
+        raise ValueError("auto_attempt counts from 1")
     if status_code == 410:
         return None
     if auto_attempt > len(schedule):

@@ -75,6 +75,8 @@ def parse_callback_url(url: str) -> CallbackUrl:
     authority = url.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
     if parts.auth or "@" in authority:  # urllib3 drops an empty user part ("http://@host/")
         raise UnsafeCallbackUrl("callback_url must not carry credentials.")
+    if parts.port == 0:  # urllib3 would read it as "no port" and deliver to the default one
+        raise UnsafeCallbackUrl("callback_url port must be between 1 and 65535.")
     host = parts.host.strip("[]").lower()
     port = parts.port or DEFAULT_PORTS[scheme]
     shown_host = f"[{host}]" if ":" in host else host
@@ -86,11 +88,11 @@ def _refusal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | No
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         address = address.ipv4_mapped
     checks = (
+        ("unspecified", address.is_unspecified),
         ("loopback", address.is_loopback),
         ("link-local", address.is_link_local),
         ("private", address.is_private),
         ("multicast", address.is_multicast),
-        ("unspecified", address.is_unspecified),
         ("reserved", address.is_reserved),
         ("non-global", not address.is_global),
     )
@@ -138,6 +140,8 @@ def checked_target(url: str, *, allow_private: bool | None = None) -> Target:
         for raw in addresses:
             address = ipaddress.ip_address(raw.split("%", 1)[0])
             reason = _refusal(address)
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                address = address.ipv4_mapped  # name the address that was checked
             if reason:
                 raise UnsafeCallbackUrl(
                     f"callback_url host {parsed.host!r} resolves to a {reason} address "

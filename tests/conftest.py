@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -388,3 +390,65 @@ def read_request(conn: socket.socket) -> bytes:
     while len(body) < length:
         body += conn.recv(65536)
     return head + b"\r\n\r\n" + body
+
+
+# --- test layers: fast in-process tests first, then real processes, then the browser ----------
+
+# Modules whose every test starts real processes (stacks, supervisors, make run, deployments).
+PROCESS_MODULES = frozenset({
+    "test_supervisor", "test_faults", "test_deployment", "test_first_steps", "test_openapi",
+    "test_delivery_isolation",
+})  # fmt: skip
+# Fixtures that start (or hand out) a real RQ worker process.
+PROCESS_FIXTURES = frozenset({"worker", "live_worker"})
+# In other modules, a test whose own source starts a process is marked too.
+_STARTS_PROCESS = re.compile(
+    r"subprocess\.(?:Popen|run|call|check_call|check_output)\(|\bStack\(|\bWorkerProcess\("
+    r"|\bgunicorn\(|\bMakeRun\(|\bEmbeddedRedis\("
+)
+LAYERS = ("fast", "processes", "browser")
+
+
+MARKERS = {
+    "processes": "starts real processes (RQ workers, gunicorn, make run, redis-server)",
+    "browser": "drives a real Chromium through Playwright",
+}
+
+
+def pytest_configure(config) -> None:
+    declared = {line.split(":", 1)[0].strip() for line in config.getini("markers")}
+    for name, text in MARKERS.items():
+        if name not in declared:  # pyproject.toml declares them; this keeps --strict-markers
+            config.addinivalue_line("markers", f"{name}: {text}")
+
+
+def _starts_processes(item) -> bool:
+    module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+    if module in PROCESS_MODULES or PROCESS_FIXTURES & set(item.fixturenames):
+        return True
+    function = getattr(item, "function", None)
+    try:
+        source = inspect.getsource(function) if function else ""
+    except (OSError, TypeError):
+        source = ""
+    return bool(_STARTS_PROCESS.search(source))
+
+
+def layer_of(item) -> str:
+    """The layer a collected test runs in: "fast", "processes" or "browser"."""
+    if item.get_closest_marker("browser"):
+        return "browser"
+    return "processes" if item.get_closest_marker("processes") else "fast"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark every test that starts real processes `processes`, then run the fast ones first,
+    then `processes`, then `browser`, each group in collection order (a stable sort).
+
+    Deliberately neither tryfirst nor trylast: pytest-django's own reordering (tryfirst) has
+    run by now and is kept inside each group, and `-m` deselection (pytest's mark plugin,
+    registered before any conftest) runs after this and so sees the markers added here."""
+    for item in items:
+        if _starts_processes(item) and not item.get_closest_marker("processes"):
+            item.add_marker(pytest.mark.processes)
+    items.sort(key=lambda item: LAYERS.index(layer_of(item)))

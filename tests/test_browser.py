@@ -4,6 +4,7 @@ with a real RQ worker. Set TASKHOOK_SCREENSHOTS=1 to (re)write the README's scre
 from __future__ import annotations
 
 import os
+from urllib.parse import parse_qs
 
 import pytest
 from django.contrib.auth.models import User
@@ -125,6 +126,59 @@ def test_failed_callback_is_redelivered_without_reload(page, make_app, receiver)
     assert page.evaluate("window.__noReload") is True
     assert page.locator("#attempts tbody tr").count() == 2
     assert receiver.received[-1].headers["X-Taskhook-Attempt"] == "2"
+
+
+def test_select_all_checks_the_rows_and_the_bulk_form_posts_them(page, make_app):
+    from playwright.sync_api import expect
+
+    console_errors: list[str] = []
+    page.on("console", lambda msg: msg.type == "error" and console_errors.append(msg.text))
+    app = make_app("fail")
+    task_ids = [submit(app, {"message": f"boom {i}"}) for i in range(3)]
+    for task_id in task_ids:
+        wait_for_status(task_id, ("failed",))
+    page.goto("/tasks/?status=failed")
+    rows = page.locator("#results tbody input[type=checkbox][name=task]")
+    expect(rows).to_have_count(3)
+    select_all = page.locator("input[data-select-all=task]")
+    select_all.check()
+    assert [rows.nth(i).is_checked() for i in range(3)] == [True] * 3
+    select_all.uncheck()
+    assert [rows.nth(i).is_checked() for i in range(3)] == [False] * 3
+    # After an htmx swap of the results (filter) the new select-all works on the new rows.
+    page.evaluate("document.getElementById('results').dataset.old = 'yes'")
+    page.click("button:has-text('Filter')")
+    expect(page.locator("#results:not([data-old])")).to_have_count(1)
+    expect(page.locator("[id=results]")).to_have_count(1)  # replaced, not nested in the old
+    select_all.check()
+    assert [rows.nth(i).is_checked() for i in range(3)] == [True] * 3
+    retry_post = lambda r: r.method == "POST" and r.url.endswith("/tasks/retry")  # noqa: E731
+    with page.expect_request(retry_post) as sent:
+        page.click("#bulk-form button[value=selected]")
+    posted = parse_qs(sent.value.post_data)
+    assert posted["scope"] == ["selected"] and sorted(posted["task"]) == sorted(task_ids)
+    page.wait_for_selector(".messages li:has-text('3 of 3 selected')")
+    assert Task.objects.filter(pk__in=task_ids, run=2).count() == 3
+    assert not console_errors, console_errors
+
+
+def test_cancel_and_retry_swap_the_task_in_place(page, make_app):
+    app = make_app("sleep")
+    task_id = submit(app, {"seconds": 30})
+    wait_for_status(task_id, ("running",))
+    page.goto(f"/tasks/{task_id}/")
+    page.evaluate("window.__noReload = true")
+    page.on("dialog", lambda dialog: dialog.accept())  # "Cancel this task?"
+    page.click("button:has-text('Cancel')")
+    page.wait_for_selector("#action-note:has-text('Task cancelled.')")
+    page.wait_for_selector("#task-status:has-text('cancelled')")
+    page.click("button:has-text('Retry task')")
+    page.wait_for_selector("#action-note:has-text('A new run was started.')")
+    assert Task.objects.get(pk=task_id).run == 2
+    page.click("button:has-text('Cancel')")  # the new run too, so the worker is free again
+    page.wait_for_selector("#action-note:has-text('Task cancelled.')")
+    assert page.evaluate("window.__noReload") is True
+    assert wait_for_status(task_id, ("cancelled",)).run == 2
 
 
 def test_retention_is_edited_and_saved(page, make_app):

@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
+import re
+import tomllib
 import uuid
 from datetime import timedelta
+from html.parser import HTMLParser
+from urllib.parse import urljoin
 
 import pytest
 from django.contrib.auth.models import Permission, User
 from django.test import Client
+from django.urls import resolve
 from django.utils import timezone
 
-from tasks.models import Application, AuditEntry, BulkOperation, CallbackAttempt, Task
+from dashboard import ui_urls
+from tasks.models import (
+    ApiKey,
+    Application,
+    AuditEntry,
+    BulkOperation,
+    CallbackAttempt,
+    Task,
+)
 from tasks.selectors import TaskFilters, task_page, uuid_prefix_range
+from tests.conftest import BASE_DIR
 
 pytestmark = pytest.mark.django_db
 
@@ -46,34 +62,99 @@ def htmx(client: Client, url: str, method: str = "get", **data):
     return getattr(client, method)(url, data, HTTP_HX_REQUEST="true")
 
 
-PAGES = [
-    ("/", "Overview", 'id="live"'),
-    ("/tasks/", "Tasks", 'id="results"'),
-    ("/callbacks/failed/", "Failed callbacks", 'id="results"'),
-    ("/applications/", "Applications", None),
-    ("/audit/", "Audit log", 'id="entries"'),
-]
+# Every URL of dashboard/ui_urls.py, by name, in exactly one of the lists below (and ACTIONS
+# further down); test_every_dashboard_url_is_listed fails on a URL that is in none of them.
+# Paths take {task}, {app}, {key} and {operation} from the `ids` fixture.
+
+# Pages: the whole page, or for an HTMX request (from the same view) only the partial that
+# starts with the marker, which the page holds too.
+PAGES = {
+    "home": ("/", "Overview", '<section id="live"'),
+    "tasks": ("/tasks/", "Tasks", '<div id="results">'),
+    "task": ("/tasks/{task}/", "Task <code>", '<section id="task-live"'),
+    "failed-callbacks": ("/callbacks/failed/", "Failed callbacks", '<div id="results">'),
+    "applications": ("/applications/", "Applications", '<div id="create-form">'),
+    "application": ("/applications/{app}/", "Credentials", '<div id="settings">'),
+    "audit": ("/audit/", "Audit log", '<div id="entries">'),
+}
+# Fragments: only ever a partial, which a page polls.
+FRAGMENTS = {"bulk": ("/bulk/{operation}/", '<div class="operation" id="operation-')}
+# Not the dashboard's own: served to anyone.
+PUBLIC = {"favicon": "/favicon.ico"}
 
 
-@pytest.mark.parametrize(("url", "heading", "partial_marker"), PAGES)
-def test_pages_render_full_and_partial(viewer, app, url, heading, partial_marker):
-    make_task(app, status="failed", error="boom", callback_url="http://x.example/h",
-              callback_status="failed", finished_at=timezone.now())  # fmt: skip
-    page = viewer.get(url)
+@pytest.fixture
+def ids(app) -> dict:
+    """One of each object a dashboard URL names."""
+    task = make_task(app, status="failed", error="boom", callback_url="http://x.example/h",
+                     callback_status="failed", finished_at=timezone.now())  # fmt: skip
+    operation = BulkOperation.objects.create(kind="retry", status="running", created_by="op")
+    key = ApiKey.objects.get(application=app.application)
+    return {"task": task.id, "app": app.application.id, "key": key.pk, "operation": operation.pk}
+
+
+def test_every_dashboard_url_is_listed(ids):
+    """A URL added to dashboard/ui_urls.py fails here until it is in PAGES, FRAGMENTS, ACTIONS or
+    PUBLIC, so the page/partial and access tests cover it; each listed path is that URL's."""
+    names = [pattern.name for pattern in ui_urls.urlpatterns]
+    assert len(names) == len(set(names)) and None not in names, names
+    listed = {**PAGES, **FRAGMENTS, **ACTIONS, **PUBLIC}
+    assert len(listed) == len(PAGES) + len(FRAGMENTS) + len(ACTIONS) + len(PUBLIC)
+    assert set(names) == set(listed), (
+        f"not listed: {sorted(set(names) - set(listed))}, "
+        f"not a URL: {sorted(set(listed) - set(names))}"
+    )
+    for name, entry in listed.items():
+        path = entry if isinstance(entry, str) else entry[0]
+        assert resolve(path.format(**ids)).url_name == name, (name, path)
+
+
+@pytest.mark.parametrize("name", PAGES)
+def test_pages_render_full_and_partial(operator, ids, name):
+    path, heading, marker = PAGES[name]
+    url = path.format(**ids)
+    page = operator.get(url)
     assert page.status_code == 200
     html = page.content.decode()
     assert "<html" in html and heading in html and "htmx-2.0.11.min.js" in html
-    if partial_marker:
-        partial = htmx(viewer, url)
-        body = partial.content.decode()
-        assert partial.status_code == 200
-        assert "<html" not in body and partial_marker in body
+    assert marker in html  # the partial is part of the page
+    partial = htmx(operator, url)
+    body = partial.content.decode()
+    assert partial.status_code == 200
+    assert "<html" not in body and body.lstrip().startswith(marker), body[:200]
+    # A boosted navigation is a navigation: the whole page.
+    boosted = operator.get(url, HTTP_HX_REQUEST="true", HTTP_HX_BOOSTED="true")
+    assert "<html" in boosted.content.decode()
 
 
-def test_anonymous_is_sent_to_login(client):
-    for url, _, _ in PAGES:
-        response = client.get(url)
+@pytest.mark.parametrize("name", FRAGMENTS)
+def test_fragments_are_partials_for_every_request(operator, ids, name):
+    path, marker = FRAGMENTS[name]
+    for response in (operator.get(path.format(**ids)), htmx(operator, path.format(**ids))):
+        body = response.content.decode()
+        assert response.status_code == 200
+        assert "<html" not in body and body.lstrip().startswith(marker), body[:200]
+
+
+def test_anonymous_is_sent_to_login(client, ids):
+    for path, *_ in (*PAGES.values(), *FRAGMENTS.values()):
+        response = client.get(path.format(**ids))
         assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
+
+
+def _title(html: str) -> str:
+    return re.search(r"<title>(.*?)</title>", html, re.S).group(1).strip()
+
+
+def test_every_title_names_the_site_once(client, operator, ids):
+    titles = {"login": _title(client.get("/accounts/login/").content.decode())}
+    for name, (path, *_) in PAGES.items():
+        titles[name] = _title(operator.get(path.format(**ids)).content.decode())
+    assert titles["login"] == "Log in · Taskhook"
+    assert titles["tasks"] == "Tasks · Taskhook"
+    for name, title in titles.items():
+        assert title.count("Taskhook") == 1 and title.endswith(" · Taskhook"), (name, title)
+    assert len(set(titles.values())) == len(titles), titles  # each page names itself
 
 
 def test_non_staff_user_is_refused(client):
@@ -96,14 +177,95 @@ def test_task_detail_full_and_partial(viewer, app):
     assert viewer.get(f"/tasks/{uuid.uuid4()}/").status_code == 404
 
 
-def test_every_hx_get_link_has_an_href(viewer, app):
-    for _ in range(3):
-        make_task(app, status="failed", finished_at=timezone.now())
-    html = viewer.get("/tasks/?size=25").content.decode()
-    import re
+class _HxGets(HTMLParser):
+    """The start tags that carry hx-get, as (tag, attributes) with entities decoded."""
 
-    for anchor in re.findall(r"<a [^>]*hx-get[^>]*>", html):
-        assert "href=" in anchor, anchor
+    def __init__(self):
+        super().__init__()
+        self.found: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        attributes = {name: value or "" for name, value in attrs}
+        if "hx-get" in attributes:
+            self.found.append((tag, attributes))
+
+
+def hx_gets(html: str) -> list[tuple[str, dict]]:
+    parser = _HxGets()
+    parser.feed(html)
+    return parser.found
+
+
+def root_element(html: str) -> tuple[str, str]:
+    """The tag and id of a partial's first element."""
+    match = re.match(r'\s*<(\w+)\b[^>]*?\bid="([^"]*)"', html)
+    assert match, html[:200]
+    return match.group(1), match.group(2)
+
+
+def assert_swaps_its_target(client, url: str, attrs: dict) -> None:
+    """The HTMX answer is the element the swap replaces: hx-target's id, swapped outerHTML (an
+    innerHTML swap would nest a second element with that id inside the first)."""
+    swapped = htmx(client, url).content.decode()
+    assert "<html" not in swapped
+    assert root_element(swapped)[1] == attrs["hx-target"].removeprefix("#"), (url, attrs)
+    assert attrs.get("hx-swap") == "outerHTML", (url, attrs)
+
+
+def test_every_hx_get_link_has_an_href(operator, app):
+    """Each hx-get link works without JS too (its href is the same URL), each hx-get form is a
+    GET form to the same URL, and each poll answers with the element it replaces. Pages with
+    every kind: pagers on a filtered list, on its second page, the audit log, the live parts."""
+    now = timezone.now()
+    Task.objects.bulk_create(
+        Task(application=app.application, inputs={}, status="failed", error="boom",
+             callback_url="http://x.example/h", callback_status="failed", finished_at=now,
+             created_at=now - timedelta(seconds=i))
+        for i in range(60)
+    )  # fmt: skip
+    running = make_task(app, status="running", started_at=now)
+    AuditEntry.objects.bulk_create(
+        AuditEntry(username="op", action="task.retry", target_type="task") for _ in range(120)
+    )
+    BulkOperation.objects.create(kind="retry", status="running", created_by="op")
+    filtered = f"/tasks/?size=25&status=failed&application={app.application.id}"
+    pages = ["/", "/tasks/?size=25", filtered, "/callbacks/failed/?size=25", "/audit/",
+             f"/tasks/{running.id}/"]  # fmt: skip
+    seen: dict[str, list] = {"a": [], "form": [], "poll": []}
+    visited = set()
+    while pages:
+        url = pages.pop(0)
+        if url in visited:
+            continue
+        visited.add(url)
+        response = operator.get(url)
+        assert response.status_code == 200, url
+        for tag, attrs in hx_gets(response.content.decode()):
+            target = urljoin(url, attrs["hx-get"])
+            if tag == "a":
+                assert attrs.get("href") == attrs["hx-get"], (url, attrs)
+                seen["a"].append(target)
+                if len(visited) < 12:
+                    pages.append(target)  # the next page's links are checked too
+                assert "<html" in operator.get(target).content.decode()
+                assert_swaps_its_target(operator, target, attrs)
+            elif tag == "form":
+                assert attrs.get("method") == "get", (url, attrs)
+                assert attrs.get("action", "") == attrs["hx-get"], (url, attrs)
+                assert_swaps_its_target(operator, target, attrs)
+                seen["form"].append(target)
+            else:  # a live part that polls and replaces itself
+                assert "every " in attrs["hx-trigger"] and "data-poll" in attrs, (url, attrs)
+                assert attrs["hx-swap"] == "outerHTML", (url, attrs)
+                swapped = htmx(operator, target).content.decode()
+                assert root_element(swapped) == (tag, attrs["id"]), (url, attrs)
+                seen["poll"].append(target)
+    # Page 1 of each list links to page 2; page 2 to page 1 and page 3; older audit entries.
+    assert len(seen["a"]) >= 10, seen["a"]
+    assert any("cursor=" in link and "status=failed" in link for link in seen["a"]), seen["a"]
+    assert any("before=" in link for link in seen["a"]), seen["a"]
+    assert len(seen["form"]) >= 3, seen["form"]  # the filters, on each list page
+    assert len(seen["poll"]) >= 3, seen["poll"]  # overview, running task, bulk operation
 
 
 def test_xss_output_and_error_render_as_text(viewer, app):
@@ -119,33 +281,35 @@ def test_xss_output_and_error_render_as_text(viewer, app):
 # --- actions --------------------------------------------------------------------------------
 
 
-ACTIONS = [
-    ("/tasks/{task}/retry", {}),
-    ("/tasks/{task}/redeliver", {}),
-    ("/tasks/{task}/cancel", {}),
-    ("/tasks/retry", {"task": "{task}"}),
-    ("/callbacks/redeliver", {"task": "{task}"}),
-    ("/applications/{app}/rotate-key", {}),
-    ("/applications/{app}/rotate-secret", {}),
-    ("/applications/{app}/cleanup", {}),
-    ("/alerts/act", {"kind": "stuck_running", "application": "{app}", "action": "fail"}),
-]
+# POST-only actions for operators, by URL name: (path, form data).
+ACTIONS = {
+    "task-retry": ("/tasks/{task}/retry", {}),
+    "task-redeliver": ("/tasks/{task}/redeliver", {}),
+    "task-cancel": ("/tasks/{task}/cancel", {}),
+    "tasks-retry": ("/tasks/retry", {"task": "{task}"}),
+    "callbacks-redeliver": ("/callbacks/redeliver", {"task": "{task}"}),
+    "application-rotate": ("/applications/{app}/rotate-key", {}),
+    "api-key-revoke": ("/applications/{app}/keys/{key}/revoke", {}),
+    "application-cleanup": ("/applications/{app}/cleanup", {}),
+    "alert-action": ("/alerts/act", {"kind": "stuck_running", "application": "{app}",
+                                     "action": "fail"}),
+}  # fmt: skip
+# The other credential, through the same URL.
+ACTION_CASES = [*ACTIONS.values(), ("/applications/{app}/rotate-secret", {})]
 
 
-@pytest.mark.parametrize(("url", "data"), ACTIONS)
-def test_viewer_gets_403_on_every_action(viewer, app, url, data):
-    task = make_task(app, status="failed", finished_at=timezone.now())
-    fill = {"task": task.id, "app": app.application.id}
-    response = viewer.post(url.format(**fill), {k: v.format(**fill) for k, v in data.items()})
+@pytest.mark.parametrize(("url", "data"), ACTION_CASES)
+def test_viewer_gets_403_on_every_action(viewer, ids, url, data):
+    response = viewer.post(url.format(**ids), {k: v.format(**ids) for k, v in data.items()})
     assert response.status_code == 403
     assert AuditEntry.objects.count() == 0
-    assert Task.objects.get(pk=task.id).run == 1
+    assert Task.objects.get(pk=ids["task"]).run == 1
+    assert ApiKey.objects.get(pk=ids["key"]).revoked_at is None
 
 
-@pytest.mark.parametrize(("url", "data"), ACTIONS)
-def test_actions_refuse_get(operator, app, url, data):
-    task = make_task(app, status="failed")
-    assert operator.get(url.format(task=task.id, app=app.application.id)).status_code == 405
+@pytest.mark.parametrize(("url", "data"), ACTION_CASES)
+def test_actions_refuse_get(operator, ids, url, data):
+    assert operator.get(url.format(**ids)).status_code == 405
 
 
 def test_actions_need_csrf(app):
@@ -182,6 +346,44 @@ def test_operator_redeliver_via_htmx_returns_the_live_partial(operator, app):
     assert "Redelivery queued." in body and "hx-trigger" in body  # polls until delivered
     assert Task.objects.get(pk=task.id).callback_status == "pending"
     assert AuditEntry.objects.get().action == "task.redeliver"
+
+
+def _action_forms(html: str) -> dict[str, dict]:
+    """The task page's action forms, by their action URL's last part."""
+    forms = {}
+    for match in re.finditer(r"<form [^>]*>", html):
+        action = re.search(r'action="([^"]*)"', match.group(0))
+        if action and "/tasks/" in action.group(1):
+            attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', match.group(0)))
+            forms[action.group(1).rsplit("/", 1)[-1]] = attrs
+    return forms
+
+
+def test_task_actions_are_htmx_posts_that_also_work_as_plain_forms(operator, app):
+    running = make_task(app, status="running", started_at=timezone.now(),
+                        callback_url="http://127.0.0.1:9/h")  # fmt: skip
+    failed = make_task(app, status="failed", callback_url="http://127.0.0.1:9/h",
+                       callback_status="failed", finished_at=timezone.now())  # fmt: skip
+    forms = _action_forms(operator.get(f"/tasks/{running.id}/").content.decode())
+    forms |= _action_forms(operator.get(f"/tasks/{failed.id}/").content.decode())
+    assert set(forms) == {"cancel", "retry", "redeliver"}
+    for name, attrs in forms.items():
+        assert attrs["method"] == "post" and attrs["hx-post"] == attrs["action"], name
+        assert (attrs["hx-target"], attrs["hx-swap"]) == ("#task-live", "outerHTML"), name
+    # HTMX: the live part, swapped in place, with the outcome.
+    body = htmx(operator, f"/tasks/{running.id}/cancel", "post").content.decode()
+    assert body.lstrip().startswith('<section id="task-live"') and "Task cancelled." in body
+    assert Task.objects.get(pk=running.id).status == "cancelled"
+    body = htmx(operator, f"/tasks/{running.id}/retry", "post").content.decode()
+    assert body.lstrip().startswith('<section id="task-live"') and "A new run was started." in body
+    assert Task.objects.get(pk=running.id).run == 2
+    # Without JS: the same forms post and come back to the task page.
+    response = operator.post(f"/tasks/{running.id}/cancel")
+    assert response.status_code == 302 and response["Location"] == f"/tasks/{running.id}/"
+    response = operator.post(f"/tasks/{failed.id}/retry")
+    assert response.status_code == 302 and response["Location"] == f"/tasks/{failed.id}/"
+    assert [e.action for e in AuditEntry.objects.order_by("id")] == [
+        "task.cancel", "task.retry", "task.cancel", "task.retry"]  # fmt: skip
 
 
 def test_retry_selected_and_all_matching(operator, app):
@@ -475,3 +677,20 @@ def test_favicon_is_linked_and_served_to_anyone(client, viewer):
     html = viewer.get("/").content.decode()
     assert 'rel="icon"' in html and "favicon.svg" in html and "favicon.ico" in html
     assert client.get("/static/favicon.svg").status_code == 200
+
+
+# --- the version, written once (pyproject.toml) ------------------------------------------------
+
+
+def test_version_is_pyprojects_everywhere(client):
+    """pyproject.toml declares it; the code reads it from the installed package's metadata
+    (stale after a version bump until `pip install -e .` runs again, which `make` does)."""
+    from tasks import callbacks
+
+    declared = tomllib.loads((BASE_DIR / "pyproject.toml").read_text())["project"]["version"]
+    assert importlib.metadata.version("taskhook") == declared, "reinstall: pip install -e ."
+    assert callbacks.USER_AGENT.split("/") == ["Taskhook", declared]
+    served = client.get("/api/openapi.json")
+    assert served.status_code == 200 and served.json()["info"]["version"] == declared
+    document = json.loads((BASE_DIR / "docs" / "openapi.json").read_text(encoding="utf-8"))
+    assert document["info"]["version"] == declared, "docs/openapi.json: info.version"

@@ -104,8 +104,9 @@ def test_procfile_boots_and_runs_a_task_with_a_callback(make_app, receiver):
             == "delivered")  # fmt: skip
 
         def workers() -> float:
-            metrics = requests.get(f"{base}/metrics", timeout=5,
-                                   headers={"Authorization": "Bearer scrape-secret"}).text
+            metrics = requests.get(
+                f"{base}/metrics", timeout=5, headers={"Authorization": "Bearer scrape-secret"}
+            ).text
             return float(re.search(r"^taskhook_workers (\S+)$", metrics, re.M).group(1))
 
         # This stack's worker and callbacks processes (plus any others). The session's shared

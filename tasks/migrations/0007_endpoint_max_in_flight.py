@@ -5,15 +5,16 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('tasks', '0006_idempotency_records'),
+        ("tasks", "0006_idempotency_records"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='application',
-            name='endpoint_max_in_flight',
-            field=models.PositiveIntegerField(default=4, validators=[django.core.validators.MaxValueValidator(1000)]),
+            model_name="application",
+            name="endpoint_max_in_flight",
+            field=models.PositiveIntegerField(
+                default=4, validators=[django.core.validators.MaxValueValidator(1000)]
+            ),
         ),
     ]
