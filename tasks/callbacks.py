@@ -22,8 +22,7 @@ import redis
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
-from rq.exceptions import DuplicateJobError, NoSuchJobError
-from rq.job import Job
+from rq.exceptions import DuplicateJobError
 
 from . import credentials, endpoints, jsonsafety, rawsql, retry_policy, signing, ssrf, webhook_http
 from .applications import cached_application, current_application
@@ -37,7 +36,7 @@ from .models import (
     TaskStatus,
 )
 from .presenters import callback_body
-from .queueing import SUCCESSFUL_JOB_TTL, queue
+from .queueing import SUCCESSFUL_JOB_TTL, delete_job, queue
 from .webhook_http import Outcome
 
 logger = logging.getLogger(__name__)
@@ -147,18 +146,9 @@ def resume_delivery(*, task: Task) -> bool:
     return _enqueue_delivery(task=task, trigger=AttemptTrigger.AUTO, auto_attempt=auto_done + 1)
 
 
-LIVE_JOB_STATUSES = (b"queued", b"scheduled", b"started", b"deferred")
-
-
 def _drop_ended_job(job_id: str) -> None:
-    try:
-        client = queue(settings.CALLBACK_QUEUE).connection
-        status = client.hget(Job.key_for(job_id), "status")
-        if status is not None and status not in LIVE_JOB_STATUSES:
-            with contextlib.suppress(NoSuchJobError):
-                Job.fetch(job_id, connection=client).delete()
-    except redis.RedisError:
-        pass  # the enqueue that follows reports Redis trouble
+    with contextlib.suppress(redis.RedisError):  # the enqueue that follows reports Redis trouble
+        delete_job(job_id, unless_live=True)
 
 
 def redeliver(*, task_ids: list[uuid.UUID | str]) -> list[uuid.UUID]:

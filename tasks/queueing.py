@@ -162,3 +162,21 @@ def wait_for_finish(task_id: uuid.UUID | str, *, timeout: float, is_finished) ->
         if pubsub is not None:
             with contextlib.suppress(redis.RedisError):
                 pubsub.close()
+
+
+# Statuses of a job that may still run; any other job under an id is over and may be replaced.
+LIVE_JOB_STATUSES = (b"queued", b"scheduled", b"started", b"deferred")
+
+
+def delete_job(job_id: str, *, unless_live: bool = False) -> None:
+    """Remove a job so its id can be enqueued again: RQ's delete (registries included), then
+    the bare hash, which RQ refuses to load when it is partial and a unique enqueue would still
+    collide with. `unless_live`: leave a job that may still run."""
+    client = redis_client()
+    if unless_live:
+        status = client.hget(Job.key_for(job_id), "status")
+        if status is None or status in LIVE_JOB_STATUSES:
+            return
+    with contextlib.suppress(Exception):
+        Job.fetch(job_id, connection=client).delete()
+    client.delete(Job.key_for(job_id))

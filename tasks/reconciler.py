@@ -33,7 +33,7 @@ from . import callbacks, state
 from .execution import on_task_finished
 from .metrics import record_reconciler_corrections
 from .models import CallbackAttempt, CallbackStatus, Task, TaskStatus
-from .queueing import queue, redis_client
+from .queueing import delete_job, queue, redis_client
 from .submission import enqueue_pending_task
 from .worker import KNOWN_WORKERS_KEY, alive_key
 
@@ -127,7 +127,7 @@ def _requeue_orphaned_pending(client: redis.Redis, report: ReconcileReport) -> N
         if job_status == b"failed":
             # The job failed before the task started: the worker could not reach the database
             # (its retries spent). The task is still pending, so run it again.
-            _delete_job(client, task.rq_job_id)
+            delete_job(task.rq_job_id)
         elif job_status is not None:
             continue  # queued, scheduled, running or just finished: it will start the task
         if enqueue_pending_task(task=task):
@@ -138,14 +138,6 @@ def _requeue_orphaned_pending(client: redis.Redis, report: ReconcileReport) -> N
 # A queue longer than this is not read whole each pass; the in-transit rule then waits.
 MAX_QUEUE_SCAN = 100_000
 SUSPECT_KEY = "taskhook:reconcile:suspect:{job_id}"
-
-
-def _delete_job(client: redis.Redis, job_id: str) -> None:
-    """RQ's delete (registries included), and the bare hash in any case: RQ refuses to load a
-    partial one, and a unique enqueue would still collide with it."""
-    with contextlib.suppress(Exception):
-        Job.fetch(job_id, connection=client).delete()
-    client.delete(Job.key_for(job_id))
 
 
 def _queued_job_ids(client: redis.Redis) -> set[bytes] | None:
