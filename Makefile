@@ -59,7 +59,7 @@ test: $(STAMP)
 	@bash .ci/ensure-chromium
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m dashboard.embedded_redis exec -- $(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m dashboard.runtime.embedded_redis exec -- $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -70,8 +70,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
 	$(PY) bench/run.py
-	env -u DATABASE_URL -u REDIS_URL $(PY) -m dashboard.embedded_redis exec -- $(PY) bench/isolation.py
-	env -u DATABASE_URL -u REDIS_URL $(PY) -m dashboard.embedded_redis exec -- $(PY) bench/blocking.py
+	env -u DATABASE_URL -u REDIS_URL $(PY) -m dashboard.runtime.embedded_redis exec -- $(PY) bench/isolation.py
+	env -u DATABASE_URL -u REDIS_URL $(PY) -m dashboard.runtime.embedded_redis exec -- $(PY) bench/blocking.py
 
 clean:
 	rm -rf $(VENV) var

@@ -27,7 +27,7 @@ PROBE_SECONDS = 10
 
 def main() -> None:
     db = BASE_DIR / "var" / f"bench-blocking-{os.getpid()}.sqlite3"
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dashboard.settings")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dashboard.runtime.settings")
     os.environ.setdefault("DEBUG", "true")
     os.environ.setdefault("DATABASE_URL", f"sqlite:///{db}")
     import django

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -14,6 +13,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from dashboard.runtime.processes import web_argv
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -30,8 +31,7 @@ def start_gunicorn(port: int, env: dict[str, str], workers: int | None = None) -
     if workers is not None:
         env = env | {"WEB_CONCURRENCY": str(workers)}
     server = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "dashboard.wsgi", "-c",
-         str(BASE_DIR / "dashboard" / "gunicorn.conf.py")],
+        web_argv(),
         cwd=BASE_DIR,
         env=env | {"GUNICORN_BIND": f"127.0.0.1:{port}"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -76,7 +76,7 @@ def start_receiver(
 
 def queue_due_callbacks(application, hook: str, count: int) -> None:
     """`count` finished tasks with a callback to `hook` due, their first deliveries queued."""
-    from tasks.callbacks import schedule_first_delivery
+    from tasks.delivery.callbacks import schedule_first_delivery
     from tasks.models import Task
 
     now = datetime.now(UTC)

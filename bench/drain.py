@@ -23,10 +23,12 @@ from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dashboard.settings")
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dashboard.runtime.settings")
 os.environ.setdefault("DEBUG", "true")
 os.environ.setdefault("LOG_LEVEL", "WARNING")
 os.environ.setdefault("CALLBACK_ALLOW_PRIVATE_NETWORKS", "true")
+
+from dashboard.runtime.processes import DELIVERY_WORKER_CLASS, TASK_WORKER_CLASS  # noqa: E402
 
 
 def run_worker(queue_name: str, worker_class: str, profile: str | None = None) -> float:
@@ -49,7 +51,7 @@ def raw(count: int) -> float:
     from rq import Queue
     from rq.job import Job
 
-    from tasks.queueing import redis_client
+    from tasks.plumbing.queueing import redis_client
 
     queue = Queue("bench-raw", connection=redis_client())
     queue.empty()
@@ -83,7 +85,7 @@ def tasks(count: int, application) -> float:
     for _ in range(count):
         submit_task(application=application, request=request)
     WORKER_CPU["tasks"] = run_worker(
-        settings.TASK_QUEUE, "tasks.worker.TaskhookWorker", os.environ.get("PROFILE_OUT")
+        settings.TASK_QUEUE, TASK_WORKER_CLASS, os.environ.get("PROFILE_OUT")
     )
     rows = Task.objects.filter(application=application, status="succeeded")
     window = rows.aggregate(first=Min("started_at"), last=Max("finished_at"))
@@ -99,7 +101,7 @@ def callbacks(count: int, application) -> float:
     arrivals: list[float] = []
     server, hook = start_receiver(lambda body: arrivals.append(time.perf_counter()))
     queue_due_callbacks(application, hook, count)
-    worker_class = os.environ.get("BENCH_CALLBACK_WORKER", "tasks.worker.TaskhookDeliveryWorker")
+    worker_class = os.environ.get("BENCH_CALLBACK_WORKER", DELIVERY_WORKER_CLASS)
     WORKER_CPU["callbacks"] = run_worker(
         settings.CALLBACK_QUEUE, worker_class, os.environ.get("PROFILE_OUT")
     )
@@ -134,7 +136,7 @@ def main() -> None:
     from django.conf import settings
 
     drained = settings.TASK_QUEUE if what == "tasks" else settings.CALLBACK_QUEUE
-    startup = run_worker(drained, "tasks.worker.TaskhookWorker")
+    startup = run_worker(drained, TASK_WORKER_CLASS)
     result["worker_cpu_ms_per_job"] = round((WORKER_CPU[what] - startup) * 1000 / count, 2)
     print(json.dumps(result))
 

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import BASE_DIR, free_port, start_gunicorn, start_receiver, write_report_section
 from bench.run import Processes, percentile
+from dashboard.runtime.processes import worker_argv
 
-DELIVERY_WORKER = "tasks.worker.TaskhookDeliveryWorker"
 RATE_PER_S = 50
 CALLBACKS = 200
 
@@ -81,14 +81,11 @@ def run_once(*, with_black_hole: bool, cap: int, env: dict[str, str]) -> dict[st
 
     processes = Processes()
     port = free_port()
-    manage = [sys.executable, str(BASE_DIR / "manage.py"), "rqworker"]
     try:
         processes.items.append(start_gunicorn(port, env))
         for _ in range(2):
-            processes.start([*manage, "tasks", "maintenance", "--with-scheduler",
-                             "--worker-class", "tasks.worker.TaskhookWorker"], env)  # fmt: skip
-            processes.start([*manage, "callbacks", "maintenance", "--with-scheduler",
-                             "--worker-class", DELIVERY_WORKER], env)  # fmt: skip
+            processes.start(worker_argv("worker"), env)
+            processes.start(worker_argv("callbacks"), env)
         time.sleep(3)  # workers' start-up is not part of the figure
         session = requests.Session()
         base = f"http://127.0.0.1:{port}/api/applications"
@@ -140,7 +137,7 @@ def run_once(*, with_black_hole: bool, cap: int, env: dict[str, str]) -> dict[st
 
 
 def main() -> None:
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dashboard.settings")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dashboard.runtime.settings")
     os.environ.setdefault("DEBUG", "true")
     os.environ["CALLBACK_ALLOW_PRIVATE_NETWORKS"] = "true"
     db = BASE_DIR / "var" / f"bench-isolation-{os.getpid()}.sqlite3"
@@ -150,7 +147,7 @@ def main() -> None:
     django.setup()
     from django.core.management import call_command
 
-    from tasks.queueing import redis_client
+    from tasks.plumbing.queueing import redis_client
 
     call_command("migrate", verbosity=0)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dashboard.settings")
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dashboard.runtime.settings")
 os.environ.setdefault("DEBUG", "true")
 
 import django  # noqa: E402
@@ -33,7 +33,7 @@ django.setup()
 from bench.common import free_port, start_gunicorn  # noqa: E402
 from tasks.applications import create_application  # noqa: E402
 from tasks.models import Task  # noqa: E402
-from tasks.retention import run_cleanup  # noqa: E402
+from tasks.upkeep.retention import run_cleanup  # noqa: E402
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
 from bench.common import free_port, queue_due_callbacks, start_gunicorn, start_receiver  # noqa: E402
+from dashboard.runtime.processes import DELIVERY_WORKER_CLASS, TASK_WORKER_CLASS  # noqa: E402
 
 RAW_JOBS = int(os.environ.get("BENCH_RAW_JOBS", 2000))
 E2E_SUBMIT_SECONDS = int(os.environ.get("BENCH_E2E_SECONDS", 4))
@@ -139,7 +140,7 @@ def raw_worker_rate(redis_url: str, env: dict[str, str], worker_class: str, jobs
 
 
 def child() -> None:
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dashboard.settings")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dashboard.runtime.settings")
     import django
 
     django.setup()
@@ -201,7 +202,7 @@ def child() -> None:
         client.close()
 
         # Drain what the submit benchmarks queued, then end to end with one worker.
-        from tasks.queueing import queue
+        from tasks.plumbing.queueing import queue
 
         queue(settings.TASK_QUEUE).empty()
         Task.objects.filter(application=app.application).delete()
@@ -211,7 +212,7 @@ def child() -> None:
             "rqworker",
             settings.TASK_QUEUE,
             "--worker-class",
-            "tasks.worker.TaskhookWorker",
+            TASK_WORKER_CLASS,
         ]
         # End to end with one worker against raw RQ's SimpleWorker (same worker count), in
         # ROUNDS rounds bracketed by raw runs, as above.
@@ -277,8 +278,8 @@ def callbacks(app, url, headers, processes, env, settings) -> dict[str, float]:
         # model) against the delivery worker's threads (CALLBACK_CONCURRENCY, default 8).
         answer_after["seconds"] = SLOW_RECEIVER_SECONDS
         slow = {}
-        models = {"serial": "tasks.worker.TaskhookWorker",
-                  "threads": "tasks.worker.TaskhookDeliveryWorker"}  # fmt: skip
+        models = {"serial": TASK_WORKER_CLASS,
+                  "threads": DELIVERY_WORKER_CLASS}  # fmt: skip
         for label, worker_class in models.items():
             worker = processes.start(callback_worker(worker_class), env)
             time.sleep(2)
@@ -288,7 +289,7 @@ def callbacks(app, url, headers, processes, env, settings) -> dict[str, float]:
         answer_after["seconds"] = 0.0
 
         # A fast receiver: one, then two delivery workers.
-        delivery_worker = callback_worker("tasks.worker.TaskhookDeliveryWorker")
+        delivery_worker = callback_worker(DELIVERY_WORKER_CLASS)
         processes.start(delivery_worker, env)
         time.sleep(2)  # worker start-up is not part of the throughput
         capacity_1 = capacity()
@@ -410,7 +411,7 @@ def backends() -> list[tuple[str, dict[str, str]]]:
 
 
 def _redis_up(url: str) -> bool:
-    from dashboard.embedded_redis import is_reachable
+    from dashboard.runtime.embedded_redis import is_reachable
 
     if not is_reachable(url):
         print(
@@ -487,7 +488,7 @@ EMBEDDED_URL = ""
 
 def main() -> None:
     global EMBEDDED_URL
-    from dashboard.embedded_redis import EmbeddedRedis
+    from dashboard.runtime.embedded_redis import EmbeddedRedis
 
     embedded = EmbeddedRedis(BASE_DIR / "var" / "bench-redis", port=free_port(), persist=False)
     EMBEDDED_URL = embedded.start()
@@ -555,8 +556,8 @@ def write_report(columns: list[tuple[str, dict]]) -> None:
         "raw RQ figures measured right before and right after it, and the table shows the "
         "medians and the range of the ratios: the machine's speed drifts within minutes (the "
         "raw enqueue rate alone swung 1,500-4,000/s within an hour). "
-        "Task workers are `tasks.worker.TaskhookWorker` (RQ's SimpleWorker plus a liveness "
-        "thread), callback workers `tasks.worker.TaskhookDeliveryWorker` (the same, running up "
+        f"Task workers are `{TASK_WORKER_CLASS}` (RQ's SimpleWorker plus a liveness "
+        f"thread), callback workers `{DELIVERY_WORKER_CLASS}` (the same, running up "
         "to CALLBACK_CONCURRENCY = 8 deliveries at once in threads); "
         f"the web is gunicorn as `make run` starts it ({2 * (os.cpu_count() or 1)} processes x 8 "
         "threads); raw RQ and Taskhook workers both log at "

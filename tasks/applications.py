@@ -14,9 +14,10 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from . import credentials, retry_policy
-from .models import ApiKey, Application
-from .runners import resolve_runner
+from tasks import credentials
+from tasks.delivery import retry_policy
+from tasks.execution.runners import resolve_runner
+from tasks.models import ApiKey, Application
 
 MAX_GRACE_HOURS = 365 * 24
 

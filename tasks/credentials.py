@@ -18,7 +18,7 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
-from .models import ApiKey, Application
+from tasks.models import ApiKey, Application
 
 API_KEY_PREFIX = "thk_"
 WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret

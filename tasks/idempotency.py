@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.utils import timezone
 
-from .models import Application, IdempotencyRecord, Task
+from tasks.models import Application, IdempotencyRecord, Task
 
 
 class IdempotencyConflict(Exception):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from rq import get_current_job
 
-from . import bulk, callbacks
-from .execution import execute_task
+from tasks.delivery import callbacks
+from tasks.execution.executor import execute_task
+from tasks.upkeep import bulk
 
 
 def run_task(task_id: str, run: int) -> str:

@@ -10,7 +10,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from .queueing import task_job_id
+from tasks.plumbing.queueing import task_job_id
 
 
 def default_retry_schedule() -> list[int]:
@@ -40,7 +40,7 @@ class Application(models.Model):
         default=10.0, validators=[MinValueValidator(0.5), MaxValueValidator(60)]
     )
     # Deliveries in flight at once per callback origin, across all callback workers (0 = no
-    # cap): a hung receiver holds at most this many delivery threads (tasks.endpoints).
+    # cap): a hung receiver holds at most this many delivery threads (tasks.delivery.endpoints).
     endpoint_max_in_flight = models.PositiveIntegerField(
         default=4, validators=[MaxValueValidator(1000)]
     )
@@ -60,7 +60,7 @@ class Application(models.Model):
     run_threshold_seconds = models.PositiveIntegerField(default=1800)
 
     # Per-key token bucket.
-    # 0 = unlimited: tasks.ratelimit skips the bucket.
+    # 0 = unlimited: tasks.api.ratelimit skips the bucket.
     rate_limit_per_second = models.FloatField(default=20.0, validators=[MinValueValidator(0)])
     rate_limit_burst = models.PositiveIntegerField(default=40, validators=[MinValueValidator(1)])
 

@@ -9,7 +9,7 @@ from typing import Any
 from django.urls import reverse
 from django.utils import timezone
 
-from .models import IdempotencyRecord, Task
+from tasks.models import IdempotencyRecord, Task
 
 
 def iso(value: datetime | None) -> str | None:

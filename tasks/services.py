@@ -18,11 +18,11 @@ from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 
-from . import state
-from .execution import on_task_finished
-from .models import Task, TaskStatus
-from .queueing import publish_finished, redis_client
-from .submission import enqueue_pending_task
+from tasks import state
+from tasks.execution.executor import on_task_finished
+from tasks.models import Task, TaskStatus
+from tasks.plumbing.queueing import publish_finished, redis_client
+from tasks.submission import enqueue_pending_task
 
 logger = logging.getLogger(__name__)
 

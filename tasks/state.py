@@ -20,8 +20,8 @@ from django.db import connection, transaction
 from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
-from . import rawsql
-from .models import CallbackStatus, Task, TaskRunHistory, TaskStatus
+from tasks.models import CallbackStatus, Task, TaskRunHistory, TaskStatus
+from tasks.plumbing import rawsql
 
 S = TaskStatus
 ALLOWED: dict[str, frozenset[str]] = {

@@ -11,9 +11,11 @@ from typing import Any
 
 from django.db import IntegrityError, connection, transaction
 
-from . import idempotency, jsonsafety, rawsql, ssrf
-from .models import Application, IdempotencyRecord, Task
-from .queueing import enqueue_task_run
+from tasks import idempotency, jsonsafety
+from tasks.delivery import ssrf
+from tasks.models import Application, IdempotencyRecord, Task
+from tasks.plumbing import rawsql
+from tasks.plumbing.queueing import enqueue_task_run
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,10 +25,11 @@ from django.test import client as test_client
 from rq import Queue
 from rq.registry import ScheduledJobRegistry
 
-from dashboard.wsgi import is_api, with_api_middleware
+from dashboard.runtime.processes import TASK_WORKER_CLASS, worker_argv
+from dashboard.runtime.wsgi import is_api, with_api_middleware
 from tasks.applications import CreatedApplication, create_application
 from tasks.models import Application, Task
-from tasks.queueing import redis_client
+from tasks.plumbing.queueing import redis_client
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 QUEUES = (settings.TASK_QUEUE, settings.CALLBACK_QUEUE, settings.MAINTENANCE_QUEUE)
@@ -73,24 +73,16 @@ class WorkerProcess:
         *,
         name: str,
         env: dict[str, str] | None = None,
-        worker_class: str = "tasks.worker.TaskhookWorker",
+        worker_class: str = TASK_WORKER_CLASS,
     ) -> None:
         self.queues = queues
         self.log_path = BASE_DIR / "var" / f"test-{name}-{os.getpid()}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                str(BASE_DIR / "manage.py"),
-                "rqworker",
-                *queues,
-                "--with-scheduler",
-                "--worker-class",
-                worker_class,
-                "--name",
-                f"{name}-{os.getpid()}",
-            ],
+            worker_argv(
+                "worker", queues=queues, worker_class=worker_class, name=f"{name}-{os.getpid()}"
+            ),
             env=env or subprocess_env(),
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -156,7 +148,7 @@ def live_worker(worker, transactional_db) -> WorkerProcess:
 
 class ServedClientHandler(test_client.ClientHandler):  # Django's, subclassed before the patch
     """The test client's handler, routing /api/ through settings.API_MIDDLEWARE as
-    dashboard.wsgi does in production, so API tests see the API's own middleware chain."""
+    dashboard.runtime.wsgi does in production, so API tests see the API's own middleware chain."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -8,13 +8,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import requests
 
-from dashboard.embedded_redis import EmbeddedRedis
+from dashboard.runtime.embedded_redis import EmbeddedRedis
+from dashboard.runtime.processes import TASK_WORKER_CLASS, cron_argv, web_argv
 from tests.conftest import BASE_DIR, WorkerProcess, subprocess_env, wait_for
 
 
@@ -61,8 +61,7 @@ class Stack:
     def start_web(self, workers: int = 2, **env: str) -> None:
         log = (self.tmp_path / "web.log").open("ab")
         self.web = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "dashboard.wsgi", "-c",
-             str(BASE_DIR / "dashboard" / "gunicorn.conf.py")],
+            web_argv(),
             cwd=BASE_DIR,
             env=self.env
             | {"GUNICORN_BIND": f"127.0.0.1:{self.web_port}", "WEB_CONCURRENCY": str(workers)}
@@ -86,7 +85,7 @@ class Stack:
         self,
         name: str,
         queues: tuple[str, ...],
-        worker_class: str = "tasks.worker.TaskhookWorker",
+        worker_class: str = TASK_WORKER_CLASS,
         **env: str,
     ) -> WorkerProcess:
         worker = WorkerProcess(queues, name=f"{name}-{len(self.workers)}", env=self.env | env,
@@ -96,7 +95,7 @@ class Stack:
 
     def start_cron(self) -> None:
         self.cron = subprocess.Popen(
-            [sys.executable, str(BASE_DIR / "manage.py"), "taskhookcron", "tasks.cron"],
+            cron_argv(),
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip

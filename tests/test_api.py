@@ -312,7 +312,7 @@ class TestWithWorker:
         assert task.error == "model overloaded"
         assert "Traceback (most recent call last)" in task.traceback
         assert 'raise RunnerError(str(inputs.get("message")' in task.traceback
-        assert "tasks/runners.py" in task.traceback
+        assert "tasks/execution/runners.py" in task.traceback
 
     def test_blocking_success_answers_like_a_poll(self, client, live_worker, app):
         response = submit(client, app.application.id, app.api_key, {"inputs": {"a": 1}})
@@ -392,10 +392,10 @@ def test_rotated_api_key_keeps_working_for_its_grace_period(client, app):
 def wsgi_call(
     method: str, path: str, body: bytes = b"", content_type: str = "application/json", **headers
 ):
-    """One request through dashboard.wsgi.application, the callable gunicorn serves."""
+    """One request through dashboard.runtime.wsgi.application, the callable gunicorn serves."""
     from wsgiref.util import setup_testing_defaults
 
-    from dashboard.wsgi import application
+    from dashboard.runtime.wsgi import application
 
     environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "CONTENT_LENGTH": str(len(body)),
                "CONTENT_TYPE": content_type, "wsgi.input": io.BytesIO(body)}  # fmt: skip

@@ -15,10 +15,10 @@ from rq.worker import BaseWorker
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from tasks import callbacks, ssrf
 from tasks.applications import rotate_webhook_secret
+from tasks.delivery import callbacks, ssrf
 from tasks.models import Application, CallbackAttempt, Task
-from tasks.queueing import redis_client
+from tasks.plumbing.queueing import redis_client
 from tests.conftest import WorkerProcess, api_submit, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)

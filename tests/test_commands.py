@@ -74,7 +74,7 @@ def test_createapplication_rejects_bad_input(args):
 
 def test_production_settings_refuse_to_start_without_secret_key():
     env = {k: v for k, v in os.environ.items() if k not in ("SECRET_KEY",)}
-    env.update(DEBUG="false", DJANGO_SETTINGS_MODULE="dashboard.settings")
+    env.update(DEBUG="false", DJANGO_SETTINGS_MODULE="dashboard.runtime.settings")
     result = subprocess.run(
         [sys.executable, "-c", "import django; django.setup()"],
         cwd=BASE_DIR,
@@ -210,7 +210,7 @@ def _set(app_id, *args) -> str:
 
 @pytest.mark.django_db
 def test_setapplication_changes_every_setting_of_the_form_and_bumps_updated_at(make_app):
-    from dashboard.forms import ApplicationForm
+    from dashboard.ui.forms import ApplicationForm
     from tasks.applications import SETTINGS
 
     app = make_app("echo")
@@ -359,7 +359,7 @@ def test_createapplication_shell_output_sets_the_three_variables_in_bash():
 
 @pytest.mark.django_db
 def test_rate_limit_zero_skips_the_bucket(make_app, monkeypatch):
-    from tasks import ratelimit
+    from tasks.api import ratelimit
 
     limited = make_app("echo", rate_limit_per_second=1, rate_limit_burst=1)
     free = make_app("echo", rate_limit_per_second=0, rate_limit_burst=1)
@@ -462,8 +462,8 @@ def test_rotatekey_grace_hours(make_app):
 
 
 def test_webhookreceiver_prints_verified_callbacks_and_refuses_bad_signatures(tmp_path):
-    from tasks import signing
     from tasks.credentials import new_webhook_secret
+    from tasks.delivery import signing
 
     secret, port = new_webhook_secret(), free_port()
     log = (tmp_path / "receiver.out").open("w+b")

@@ -17,7 +17,7 @@ from django.test import Client
 from django.urls import resolve
 from django.utils import timezone
 
-from dashboard import ui_urls
+from dashboard.ui import urls as ui_urls
 from tasks.models import (
     ApiKey,
     Application,
@@ -26,7 +26,7 @@ from tasks.models import (
     CallbackAttempt,
     Task,
 )
-from tasks.selectors import TaskFilters, task_page, uuid_prefix_range
+from tasks.selectors.task_lists import TaskFilters, task_page, uuid_prefix_range
 from tests.conftest import BASE_DIR
 
 pytestmark = pytest.mark.django_db
@@ -62,7 +62,7 @@ def htmx(client: Client, url: str, method: str = "get", **data):
     return getattr(client, method)(url, data, HTTP_HX_REQUEST="true")
 
 
-# Every URL of dashboard/ui_urls.py, by name, in exactly one of the lists below (and ACTIONS
+# Every URL of dashboard/ui/urls.py, by name, in exactly one of the lists below (and ACTIONS
 # further down); test_every_dashboard_url_is_listed fails on a URL that is in none of them.
 # Paths take {task}, {app}, {key} and {operation} from the `ids` fixture.
 
@@ -94,7 +94,7 @@ def ids(app) -> dict:
 
 
 def test_every_dashboard_url_is_listed(ids):
-    """A URL added to dashboard/ui_urls.py fails here until it is in PAGES, FRAGMENTS, ACTIONS or
+    """A URL added to dashboard/ui/urls.py fails here until it is in PAGES, FRAGMENTS, ACTIONS or
     PUBLIC, so the page/partial and access tests cover it; each listed path is that URL's."""
     names = [pattern.name for pattern in ui_urls.urlpatterns]
     assert len(names) == len(set(names)) and None not in names, names
@@ -401,7 +401,7 @@ def test_retry_selected_and_all_matching(operator, app):
 
 
 def test_bulk_operation_runs_in_batches(app):
-    from tasks import bulk
+    from tasks.upkeep import bulk
 
     tasks = [make_task(app, status="failed", finished_at=timezone.now()) for _ in range(450)]
     operation = bulk.start(kind="retry", filters=TaskFilters(application=str(app.application.id)),
@@ -496,7 +496,7 @@ def test_filters_combine(app, make_app):
 
 
 def test_stuck_alerts_use_each_applications_thresholds_and_cap_the_count(make_app):
-    from tasks import selectors
+    from tasks.selectors import alerts as selectors
 
     now = timezone.now()
     strict = make_app("echo", queue_threshold_seconds=60, run_threshold_seconds=60)
@@ -521,7 +521,7 @@ def test_stuck_alerts_use_each_applications_thresholds_and_cap_the_count(make_ap
 
 
 def test_stuck_counts_cover_more_applications_than_one_statement_holds(make_app):
-    from tasks import selectors
+    from tasks.selectors import alerts as selectors
 
     now = timezone.now()
     stuck = make_app("echo", queue_threshold_seconds=60)
@@ -536,17 +536,17 @@ def test_stuck_counts_cover_more_applications_than_one_statement_holds(make_app)
 
 
 def test_overview_counts_and_alerts(viewer, app):
-    from tasks import selectors
+    from tasks.selectors import alerts, overview
 
     Task.objects.create(application=app.application, inputs={}, status="pending",
                         created_at=timezone.now() - timedelta(minutes=30))  # fmt: skip
-    found = {alert.kind for alert in selectors.alerts()}
+    found = {alert.kind for alert in alerts.alerts()}
     assert "stuck_pending" in found  # default queue threshold is 300 s
     task = make_task(app, status="succeeded", finished_at=timezone.now())
     CallbackAttempt.objects.create(task=task, run=1, number=1, trigger="auto",
                                    started_at=timezone.now(), url="http://x", status_code=200,
                                    delivered=True)  # fmt: skip
-    data = selectors.overview()
+    data = overview.overview()
     assert data.status_counts["succeeded"] == 1 and data.callback_success_rate == 100.0
 
 
@@ -685,7 +685,7 @@ def test_favicon_is_linked_and_served_to_anyone(client, viewer):
 def test_version_is_pyprojects_everywhere(client):
     """pyproject.toml declares it; the code reads it from the installed package's metadata
     (stale after a version bump until `pip install -e .` runs again, which `make` does)."""
-    from tasks import callbacks
+    from tasks.delivery import callbacks
 
     declared = tomllib.loads((BASE_DIR / "pyproject.toml").read_text())["project"]["version"]
     assert importlib.metadata.version("taskhook") == declared, "reinstall: pip install -e ."

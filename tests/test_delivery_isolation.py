@@ -9,9 +9,11 @@ import time
 import pytest
 from django.utils import timezone
 
-from tasks import callbacks, endpoints, reconciler
+from dashboard.runtime.processes import DELIVERY_WORKER_CLASS
+from tasks.delivery import callbacks, endpoints
 from tasks.models import CallbackAttempt, Task
-from tasks.queueing import queue, redis_client
+from tasks.plumbing.queueing import queue, redis_client
+from tasks.upkeep import reconciler
 from tests.conftest import QUEUES, WorkerProcess, api_submit, read_request, subprocess_env, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -85,7 +87,7 @@ def test_a_black_hole_endpoint_does_not_delay_a_healthy_one(make_app, live_worke
     delivery = WorkerProcess(
         (QUEUES[1],), name="isolation",
         env=subprocess_env(CALLBACK_CONCURRENCY="4"),
-        worker_class="tasks.worker.TaskhookDeliveryWorker",
+        worker_class=DELIVERY_WORKER_CLASS,
     )  # fmt: skip
     try:
         dead = make_app("echo", retry_schedule=[1], callback_timeout_seconds=2,

@@ -16,8 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
+from dashboard.runtime.processes import DELIVERY_WORKER_CLASS
 from tasks.models import CallbackAttempt, Task, TaskLog
-from tasks.queueing import redis_client
+from tasks.plumbing.queueing import redis_client
 from tests.conftest import api_submit, wait_for, wait_for_status
 from tests.stack import Stack
 
@@ -81,7 +82,7 @@ def test_killed_worker_task_fails_fast_and_its_callback_is_sent(stack, make_app,
     assert detected_after < 120  # the promised bound; here: TTL 3 s + reconcile every 2 s
     wait_for(lambda: Task.objects.get(pk=task_id).callback_status == "delivered", timeout=30)
     assert receiver.received[0].json()["status"] == "failed"
-    # Workers write their counters about once a second (tasks.counters).
+    # Workers write their counters about once a second (tasks.telemetry.counters).
     wait_for(lambda: int(redis_client().hget("taskhook:reconciler:corrections", "lost") or 0) >= 1,
              timeout=5)  # fmt: skip
 
@@ -303,8 +304,8 @@ def test_reconciler_reruns_a_pending_task_whose_job_failed(stack, make_app):
 
     from rq.job import Job, JobStatus
 
-    from tasks.queueing import queue
-    from tasks.reconciler import reconcile
+    from tasks.plumbing.queueing import queue
+    from tasks.upkeep.reconciler import reconcile
 
     app = make_app("echo")
     task_id = submit_in_process(app, {"inputs": {"n": 1}, "response_mode": "async"})
@@ -366,9 +367,6 @@ class InFlightReceiver:
         self.server.server_close()
 
 
-DELIVERY_WORKER = "tasks.worker.TaskhookDeliveryWorker"
-
-
 def rq_worker_state(name: str) -> str | None:
     from rq.worker import Worker
 
@@ -383,7 +381,7 @@ def deliveries_in_flight(stack, make_app, receiver, *, concurrency: int, tasks: 
     waiting on the receiver. Returns the delivery worker and the task ids."""
     app = make_app("echo")
     stack.start_worker("tasks", ("tasks",))
-    worker = stack.start_worker("deliveries", ("callbacks",), DELIVERY_WORKER,
+    worker = stack.start_worker("deliveries", ("callbacks",), DELIVERY_WORKER_CLASS,
                                 CALLBACK_CONCURRENCY=str(concurrency))  # fmt: skip
     body = {"inputs": {}, "response_mode": "async", "callback_url": receiver.url}
     ids = [submit_in_process(app, body) for _ in range(tasks)]
@@ -423,7 +421,7 @@ def test_delivery_worker_finishes_deliveries_in_flight_on_sigterm(stack, make_ap
         assert delivered.count() == 3  # the three in flight, recorded before the exit
         assert CallbackAttempt.objects.filter(task_id__in=ids).count() == 3
         # The other two wait on the queue for the next worker.
-        stack.start_worker("deliveries-2", ("callbacks",), DELIVERY_WORKER)
+        stack.start_worker("deliveries-2", ("callbacks",), DELIVERY_WORKER_CLASS)
         wait_for(lambda: Task.objects.filter(pk__in=ids, callback_status="delivered").count()
                  == 5, timeout=30)  # fmt: skip
         assert len(receiver.ids) == len(set(receiver.ids)) == 5

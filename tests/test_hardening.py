@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,8 +18,9 @@ from django.contrib.auth.models import Permission, User
 from django.test import Client
 from django.utils import timezone
 
+from dashboard.runtime.processes import web_argv
 from tasks.models import IdempotencyRecord, Task
-from tasks.retention import run_cleanup
+from tasks.upkeep.retention import run_cleanup
 from tests.conftest import BASE_DIR, subprocess_env, wait_for
 from tests.stack import free_port
 
@@ -145,7 +145,7 @@ def gunicorn(**env: str) -> Iterator[str]:
     """One gunicorn process with the project's config on the test database; yields its URL."""
     port = free_port()
     web = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "dashboard.wsgi", "-c", "dashboard/gunicorn.conf.py"],
+        web_argv(),
         cwd=BASE_DIR,
         env=subprocess_env(GUNICORN_BIND=f"127.0.0.1:{port}", WEB_CONCURRENCY="1", **env),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -10,7 +10,7 @@ import pytest
 from django.contrib.auth.models import User
 from django.test import Client
 
-from tasks.execution import execute_task
+from tasks.execution.executor import execute_task
 from tasks.jsonsafety import MAX_DEPTH
 from tasks.models import Task
 

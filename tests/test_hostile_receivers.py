@@ -18,9 +18,10 @@ import pytest
 from django.utils import timezone
 from rq.job import Job
 
-from tasks import callbacks, reconciler
+from tasks.delivery import callbacks
 from tasks.models import CallbackAttempt, Task
-from tasks.queueing import queue, redis_client
+from tasks.plumbing.queueing import queue, redis_client
+from tasks.upkeep import reconciler
 from tests.conftest import RawReceiver, api_submit, read_request, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -391,7 +392,7 @@ def tls_receiver(settings, tmp_path, dns):
 
     import trustme
 
-    from tasks import webhook_http
+    from tasks.delivery import webhook_http
 
     ca = trustme.CA()
     bundle = tmp_path / "ca.pem"

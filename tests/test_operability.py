@@ -15,11 +15,11 @@ import redis
 from django.test import Client
 from prometheus_client.parser import text_string_to_metric_families
 
-from dashboard.embedded_redis import EmbeddedRedis
-from dashboard.logging import JsonFormatter, TextFormatter, redact
-from tasks import counters
+from dashboard.runtime.embedded_redis import EmbeddedRedis
+from dashboard.runtime.logging import JsonFormatter, TextFormatter, redact
 from tasks.models import Task
-from tasks.queueing import redis_client
+from tasks.plumbing.queueing import redis_client
+from tasks.telemetry import counters
 from tests.conftest import api_submit, wait_for, wait_for_status
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -61,7 +61,7 @@ def test_metrics_after_real_work(make_app, live_worker, receiver):
     wait_for(lambda: Task.objects.filter(application=failing.application, status="failed").exists())
     name = app.application.name
     delivered = ("taskhook_callback_attempts_total", (("app", name), ("outcome", "delivered")))
-    # Workers write their counters about once a second (tasks.counters).
+    # Workers write their counters about once a second (tasks.telemetry.counters).
     samples = wait_for(lambda: (s := scrape(Client())).get(delivered) == 3 and s, timeout=5)
     assert samples[("taskhook_tasks_total", (("app", name), ("status", "succeeded")))] == 3
     assert samples[("taskhook_tasks_total", (("app", failing.application.name),
@@ -213,8 +213,8 @@ def test_formatters():
 
 def test_redis_sentinel_is_followed(settings, tmp_path, make_app):
     """A real Sentinel (the same redis-server binary in sentinel mode) in front of a real Redis."""
-    from dashboard.embedded_redis import server_binary
-    from tasks.queueing import queue
+    from dashboard.runtime.embedded_redis import server_binary
+    from tasks.plumbing.queueing import queue
     from tests.stack import free_port
 
     master_port, sentinel_port = free_port(), free_port()

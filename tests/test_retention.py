@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 from datetime import timedelta
 from io import StringIO
@@ -17,11 +16,12 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from rq.job import Job
 
-from tasks import retention
+from dashboard.runtime.processes import cron_argv
 from tasks.models import AuditEntry, CallbackAttempt, CleanupRun, Task, TaskLog, TaskRunHistory
-from tasks.queueing import redis_client, task_job_id
+from tasks.plumbing.queueing import redis_client, task_job_id
 from tasks.submission import enqueue_pending_task
-from tests.conftest import BASE_DIR, subprocess_env, wait_for
+from tasks.upkeep import retention
+from tests.conftest import subprocess_env, wait_for
 
 pytestmark = pytest.mark.django_db
 
@@ -200,7 +200,7 @@ def test_scheduled_cleanup_runs_under_rq_cron(make_app, live_worker):
     app = make_app("echo")
     expired = finished(app, hours_ago=30)
     cron = subprocess.Popen(
-        [sys.executable, str(BASE_DIR / "manage.py"), "taskhookcron", "tasks.cron"],
+        cron_argv(),
         env=subprocess_env(CLEANUP_INTERVAL="1", RECONCILE_INTERVAL="3600"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from tasks.execution import execute_task
+from tasks.execution.executor import execute_task
+from tasks.execution.runners import RunnerError, resolve_runner
 from tasks.models import Task
-from tasks.runners import RunnerError, resolve_runner
 
 pytestmark = pytest.mark.django_db
 

@@ -15,11 +15,11 @@ import psutil
 import pytest
 import requests
 
-from dashboard.embedded_redis import is_reachable
+from dashboard.runtime.embedded_redis import is_reachable
+from tasks.execution.worker import KNOWN_WORKERS_KEY, alive_key
 from tasks.models import Task
-from tasks.queueing import redis_client
-from tasks.reconciler import reconcile
-from tasks.worker import KNOWN_WORKERS_KEY, alive_key
+from tasks.plumbing.queueing import redis_client
+from tasks.upkeep.reconciler import reconcile
 from tests.conftest import Receiver, api_submit, wait_for, wait_for_status
 from tests.makerun import MakeRun, free_port
 from tests.stack import Stack

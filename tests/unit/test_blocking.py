@@ -1,4 +1,4 @@
-"""tasks.blocking.wait_slot: the per-process and per-key caps on blocking submits."""
+"""tasks.api.blocking.wait_slot: the per-process and per-key caps on blocking submits."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from contextlib import ExitStack
 
 import pytest
 
-from tasks import blocking
+from tasks.api import blocking
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""tasks.endpoints: per-endpoint slots and the parked queue, against the suite's real Redis.
+"""tasks.delivery.endpoints: per-endpoint slots and the parked queue, against the real Redis.
 Expiry is tested by writing scores in the past, never by sleeping."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import uuid
 import pytest
 import redis
 
-from tasks import endpoints
-from tasks.queueing import redis_client
+from tasks.delivery import endpoints
+from tasks.plumbing.queueing import redis_client
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""tasks.ratelimit: the token bucket script against the suite's real (embedded) Redis."""
+"""tasks.api.ratelimit: the token bucket script against the suite's real (embedded) Redis."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import uuid
 
 import pytest
 
-from tasks import ratelimit
+from tasks.api import ratelimit
 from tasks.models import ApiKey, Application
-from tasks.queueing import redis_client
+from tasks.plumbing.queueing import redis_client
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The hand-written statements (tasks.rawsql and its callers) give exactly what the ORM
+"""The hand-written statements (tasks.plumbing.rawsql and its callers) give exactly what the ORM
 statements they replace give, on whichever backend the suite runs on."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from django.db import connection
 from django.forms.models import model_to_dict
 from django.utils import timezone
 
-from tasks import callbacks, rawsql, state
+from tasks import state
+from tasks.delivery import callbacks
 from tasks.models import (
     Application,
     AttemptTrigger,
@@ -20,6 +21,7 @@ from tasks.models import (
     Task,
     TaskStatus,
 )
+from tasks.plumbing import rawsql
 
 pytestmark = pytest.mark.django_db
 

@@ -1,4 +1,4 @@
-"""tasks.retry_policy: the schedule, each delay, jitter, Retry-After and 410 (no I/O)."""
+"""tasks.delivery.retry_policy: the schedule, each delay, jitter, Retry-After and 410 (no I/O)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from email.utils import format_datetime
 
 import pytest
 
-from tasks import retry_policy as rp
+from tasks.delivery import retry_policy as rp
 
 
 @pytest.mark.parametrize(

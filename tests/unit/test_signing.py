@@ -1,4 +1,4 @@
-"""tasks.signing: both signatures, checked by independent code (hmac, standardwebhooks)."""
+"""tasks.delivery.signing: both signatures, checked by independent code (hmac, standardwebhooks)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from tasks import signing
+from tasks.delivery import signing
 
 
 def new_secret() -> str:

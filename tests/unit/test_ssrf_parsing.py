@@ -1,4 +1,4 @@
-"""tasks.ssrf: the one URL parse and the address check, on literal IPs only (no DNS)."""
+"""tasks.delivery.ssrf: the one URL parse and the address check, on literal IPs only (no DNS)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from tasks import ssrf
+from tasks.delivery import ssrf
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +29,8 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from dashboard.embedded_redis import EmbeddedRedis, is_reachable
+from dashboard.runtime import processes
+from dashboard.runtime.embedded_redis import EmbeddedRedis, is_reachable
 
 STOP_GRACE_SECONDS = 10
 RESTART_FIRST_SECONDS = 1.0
@@ -122,34 +122,19 @@ class Command(BaseCommand):
             child = Child("redis", lambda: (redis.start(), redis.process)[1], redis.process)
             child.started_at = time.monotonic()
             self.children.append(child)
-        manage = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py")]
-        port = options["port"]
         if options["dev"]:
-            self._spawn("web", [*manage, "runserver", f"127.0.0.1:{port}"], env)
+            port = options["port"]
+            self._spawn("web", [*processes.manage_argv(), "runserver", f"127.0.0.1:{port}"], env)
         else:
-            web_env = env | {"GUNICORN_BIND": f"127.0.0.1:{port}"}
-            self._spawn(
-                "web",
-                [sys.executable, "-m", "gunicorn", "dashboard.wsgi",
-                 "-c", str(Path(settings.BASE_DIR) / "dashboard" / "gunicorn.conf.py")],
-                web_env,
-            )  # fmt: skip
-        worker_class = env.get("RQ_WORKER_CLASS", "tasks.worker.TaskhookWorker")
+            web_env = env | {"GUNICORN_BIND": f"127.0.0.1:{options['port']}"}
+            self._spawn("web", processes.web_argv(), web_env)
+        worker_class = env.get("RQ_WORKER_CLASS")  # the benchmarks' raw-RQ comparison
         for index in range(max(1, options["task_workers"])):
-            self._spawn(
-                f"task-worker-{index + 1}",
-                [*manage, "rqworker", settings.TASK_QUEUE, settings.MAINTENANCE_QUEUE,
-                 "--worker-class", worker_class, "--with-scheduler"],
-                env,
-            )  # fmt: skip
+            argv = processes.worker_argv("worker", worker_class=worker_class)
+            self._spawn(f"task-worker-{index + 1}", argv, env)
         for index in range(max(1, options["callback_workers"])):
-            self._spawn(
-                f"callback-worker-{index + 1}",
-                [*manage, "rqworker", settings.CALLBACK_QUEUE, settings.MAINTENANCE_QUEUE,
-                 "--worker-class", "tasks.worker.TaskhookDeliveryWorker", "--with-scheduler"],
-                env,
-            )  # fmt: skip
-        self._spawn("cron", [*manage, "taskhookcron", "tasks.cron"], env)
+            self._spawn(f"callback-worker-{index + 1}", processes.worker_argv("callbacks"), env)
+        self._spawn("cron", processes.cron_argv(), env)
 
     def _print_banner(self, port: int, redis_url: str) -> None:
         names = ", ".join(child.name for child in self.children if child.name != "redis")

@@ -3,7 +3,7 @@ import uuid
 from django.core.management.base import BaseCommand, CommandError
 
 from tasks.models import Application, CleanupRun
-from tasks.retention import run_cleanup
+from tasks.upkeep.retention import run_cleanup
 
 
 class Command(BaseCommand):

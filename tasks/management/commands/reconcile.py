@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand
 
-from tasks.reconciler import reconcile
+from tasks.upkeep.reconciler import reconcile
 
 
 class Command(BaseCommand):

@@ -1,4 +1,4 @@
-"""`manage.py taskhookcron`: RQ's cron scheduler for tasks.cron, riding out Redis outages.
+"""`manage.py taskhookcron`: RQ's cron scheduler for tasks.upkeep.cron, riding out Redis outages.
 
 RQ's CronScheduler.start() ends with an exception on the first Redis error (while enqueueing,
 or in its heartbeat), and django-rq's `rqcron` exits with it. This runs the same scheduler, with
@@ -15,14 +15,14 @@ from django.core.management.base import BaseCommand
 from django_rq.cron import DjangoCronScheduler
 from rq.exceptions import StopRequested
 
-from tasks.worker import REDIS_ERRORS, RedisOutage, wait_for_redis
+from tasks.execution.worker import REDIS_ERRORS, RedisOutage, wait_for_redis
 
 
 class Command(BaseCommand):
-    help = "RQ's cron scheduler (tasks.cron), reconnecting to Redis with backoff after an outage."
+    help = "RQ's cron scheduler (tasks.upkeep.cron), reconnecting to Redis after outages."
 
     def add_arguments(self, parser):
-        parser.add_argument("config_path", nargs="?", default="tasks.cron")
+        parser.add_argument("config_path", nargs="?", default="tasks.upkeep.cron")
         parser.add_argument(
             "--logging-level",
             "-l",

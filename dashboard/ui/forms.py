@@ -1,0 +1,178 @@
+"""Dashboard forms: task filters and application settings."""
+
+from __future__ import annotations
+
+from django import forms
+
+from tasks import applications
+from tasks.applications import InvalidApplication, validate_runner
+from tasks.delivery import retry_policy
+from tasks.models import Application, CallbackStatus, TaskStatus
+from tasks.selectors.task_lists import TaskFilters
+
+RETENTION_PRESETS = [("24", "1 day"), ("72", "3 days"), ("168", "7 days"), ("custom", "Custom")]
+# How long the old API key / webhook secret keeps working after a rotation.
+GRACE_CHOICES = [("0", "none (stops at once)"), ("1", "1 h"), ("24", "24 h"), ("168", "7 days")]
+DEFAULT_GRACE_HOURS = 24
+
+
+class TaskFilterForm(forms.Form):
+    application = forms.ModelChoiceField(
+        queryset=Application.objects.only("id", "name"), required=False, empty_label="All apps"
+    )
+    status = forms.ChoiceField(choices=[("", "Any status"), *TaskStatus.choices], required=False)
+    callback_status = forms.ChoiceField(
+        choices=[("", "Any callback"), *CallbackStatus.choices], required=False
+    )
+    created_from = forms.DateTimeField(
+        required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"})
+    )
+    created_to = forms.DateTimeField(
+        required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"})
+    )
+    q = forms.CharField(
+        required=False,
+        max_length=255,
+        widget=forms.TextInput(attrs={"placeholder": "task id (or prefix) or user"}),
+    )
+
+    def filters(self) -> TaskFilters:
+        """The valid filters (invalid fields are ignored, and shown as errors)."""
+        self.is_valid()  # fills cleaned_data with the fields that are valid
+        data = self.cleaned_data
+        application = data.get("application")
+        return TaskFilters(
+            application=str(application.pk) if application else "",
+            status=data.get("status") or "",
+            callback_status=data.get("callback_status") or "",
+            created_from=data.get("created_from"),
+            created_to=data.get("created_to"),
+            q=(data.get("q") or "").strip(),
+        )
+
+
+class ApplicationForm(forms.ModelForm):
+    retry_schedule_text = forms.CharField(
+        label="Retry schedule (s)",
+        help_text="Seconds between callback retries, e.g. 10,60,300. Empty: no retries.",
+        required=False,
+    )
+    runner_config = forms.JSONField(required=False, initial=dict)
+    retention_preset = forms.ChoiceField(label="Retention", choices=RETENTION_PRESETS)
+    retention_custom_hours = forms.IntegerField(
+        label="Custom retention (hours)", required=False, min_value=1, max_value=365 * 24
+    )
+
+    class Meta:
+        model = Application
+        fields = [
+            "name", "runner", "runner_config", "callback_timeout_seconds",
+            "blocking_timeout_seconds", "job_timeout_seconds", "task_retries", "max_concurrency",
+            "queue_threshold_seconds", "run_threshold_seconds", "rate_limit_per_second",
+            "rate_limit_burst", "endpoint_max_in_flight",
+        ]  # fmt: skip
+        help_texts = {
+            "rate_limit_per_second": "Requests per second per API key; 0 = unlimited.",
+            "rate_limit_burst": "Requests a key may make at once before the rate applies.",
+            "max_concurrency": "Tasks queued or running at once; empty or 0 = no cap.",
+            "blocking_timeout_seconds": "Empty: BLOCKING_TIMEOUT.",
+            "endpoint_max_in_flight": "Deliveries in flight at once per callback origin, across "
+            "all callback workers; more wait their turn without holding a thread. 0 = no cap.",
+        }
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        app = self.instance
+        schedule = app.retry_schedule if app.pk else list(retry_policy.DEFAULT_SCHEDULE)
+        self.fields["retry_schedule_text"].initial = ",".join(str(s) for s in schedule)
+        hours = app.retention_hours if app.pk else 24
+        preset = str(hours) if str(hours) in {"24", "72", "168"} else "custom"
+        self.fields["retention_preset"].initial = preset
+        self.fields["retention_custom_hours"].initial = hours if preset == "custom" else None
+        # Left out of a POST (an older page, a script): the current value, not an error.
+        self.fields["endpoint_max_in_flight"].required = False
+
+    def clean_endpoint_max_in_flight(self) -> int:
+        value = self.cleaned_data.get("endpoint_max_in_flight")
+        if value is None:
+            return self.instance.endpoint_max_in_flight
+        return value
+
+    def clean_runner(self) -> str:
+        runner = self.cleaned_data["runner"].strip()
+        try:
+            validate_runner(runner)
+        except InvalidApplication as exc:
+            raise forms.ValidationError(exc.message) from exc
+        return runner
+
+    def clean_runner_config(self):
+        value = self.cleaned_data.get("runner_config")
+        if value in (None, ""):
+            return {}
+        if not isinstance(value, dict):
+            raise forms.ValidationError("Runner config must be a JSON object.")
+        return value
+
+    def clean_retry_schedule_text(self) -> list[int]:
+        try:
+            return retry_policy.parse_schedule(self.cleaned_data.get("retry_schedule_text") or "")
+        except retry_policy.InvalidSchedule as exc:
+            raise forms.ValidationError(str(exc)) from exc
+
+    def clean(self):
+        cleaned = super().clean()
+        preset = cleaned.get("retention_preset")
+        if preset == "custom":
+            hours = cleaned.get("retention_custom_hours")
+            if not hours:
+                self.add_error("retention_custom_hours", "Give the retention in hours (1 to 8760).")
+            else:
+                cleaned["retention_hours"] = hours
+        elif preset:
+            cleaned["retention_hours"] = int(preset)
+        return cleaned
+
+    def _post_clean(self) -> None:
+        super()._post_clean()  # the model's validators, on the fields above
+        if self.errors:
+            return
+        # Then the service's own check, the one `setapplication` runs, so both accept the same.
+        try:
+            applications.clean_settings(self.settings())
+        except InvalidApplication as exc:
+            self.add_error(self._form_field(exc.field), exc.message)
+
+    def _form_field(self, setting: str) -> str | None:
+        if setting == "retry_schedule":
+            return "retry_schedule_text"
+        if setting == "retention_hours":
+            custom = self.cleaned_data.get("retention_preset") == "custom"
+            return "retention_custom_hours" if custom else "retention_preset"
+        return setting if setting in self.fields else None
+
+    def settings(self) -> dict:
+        """The cleaned settings as keyword arguments of the application services."""
+        data = self.cleaned_data
+        return {name: data[name] for name in self.Meta.fields} | {
+            "retry_schedule": data["retry_schedule_text"],
+            "retention_hours": data["retention_hours"],
+        }
+
+    def save(self, commit: bool = True) -> Application:
+        """Update the application through the service (validated again, `updated_at` bumped).
+        Creating goes through applications.create_application(**form.settings())."""
+        if not self.instance.pk:
+            raise ValueError("ApplicationForm.save() updates; create with create_application")
+        return applications.update_application(application_id=self.instance.pk, **self.settings())
+
+
+class RotateForm(forms.Form):
+    grace_hours = forms.TypedChoiceField(
+        label="old one valid for",
+        choices=GRACE_CHOICES,
+        coerce=int,
+        required=False,
+        empty_value=DEFAULT_GRACE_HOURS,  # a POST without the field keeps the old behaviour
+        initial=str(DEFAULT_GRACE_HOURS),
+    )

@@ -1,0 +1,37 @@
+from django.urls import path
+
+from dashboard.ui import views
+
+app_name = "dashboard"
+
+urlpatterns = [
+    path("", views.overview, name="home"),
+    path("alerts/act", views.alert_action, name="alert-action"),
+    path("tasks/", views.task_list, name="tasks"),
+    path("tasks/retry", views.tasks_retry, name="tasks-retry"),
+    path("tasks/<uuid:task_id>/", views.task_detail, name="task"),
+    path("tasks/<uuid:task_id>/retry", views.task_retry, name="task-retry"),
+    path("tasks/<uuid:task_id>/redeliver", views.task_redeliver, name="task-redeliver"),
+    path("tasks/<uuid:task_id>/cancel", views.task_cancel, name="task-cancel"),
+    path("callbacks/failed/", views.failed_callbacks, name="failed-callbacks"),
+    path("callbacks/redeliver", views.callbacks_redeliver, name="callbacks-redeliver"),
+    path("bulk/<int:operation_id>/", views.bulk_progress, name="bulk"),
+    path("applications/", views.application_list, name="applications"),
+    path("applications/<uuid:app_id>/", views.application_detail, name="application"),
+    path(
+        "applications/<uuid:app_id>/rotate-<str:what>",
+        views.application_rotate,
+        name="application-rotate",
+    ),
+    path(
+        "applications/<uuid:app_id>/keys/<int:key_id>/revoke",
+        views.api_key_revoke,
+        name="api-key-revoke",
+    ),
+    path(
+        "applications/<uuid:app_id>/cleanup", views.application_cleanup, name="application-cleanup"
+    ),
+    path("audit/", views.audit_log, name="audit"),
+    # Browsers ask for it on every page whatever the page links; answer instead of a 404 each.
+    path("favicon.ico", views.favicon, name="favicon"),
+]

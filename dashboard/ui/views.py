@@ -1,0 +1,422 @@
+"""Operator dashboard. Each view renders a page, or for an HTMX request the named partial of
+the same template (`template.html#partial`). Actions are CSRF-protected POSTs for operators and
+are written to the audit log; services do the work."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.contrib import messages
+from django.contrib.staticfiles import finders
+from django.db import transaction
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.http import require_GET
+from django_htmx.http import HttpResponseClientRedirect
+
+from dashboard.ui.access import is_operator, operator_required, staff_required
+from dashboard.ui.charts import line_chart
+from dashboard.ui.forms import GRACE_CHOICES, ApplicationForm, RotateForm, TaskFilterForm
+from tasks import applications, audit, credentials, services
+from tasks.delivery import callbacks, endpoints
+from tasks.models import (
+    ApiKey,
+    Application,
+    AuditEntry,
+    BulkOperation,
+    CallbackStatus,
+    Task,
+    TaskStatus,
+)
+from tasks.selectors import alerts as alerting
+from tasks.selectors import overview as stats
+from tasks.selectors import task_lists
+from tasks.telemetry import stats_history
+from tasks.upkeep import bulk, retention
+
+PAGE_SIZES = (25, 50, 100)
+NAV = {
+    "dashboard/overview.html": "overview",
+    "dashboard/tasks.html": "tasks",
+    "dashboard/task_detail.html": "tasks",
+    "dashboard/failed_callbacks.html": "callbacks",
+    "dashboard/applications.html": "applications",
+    "dashboard/application_detail.html": "applications",
+    "dashboard/audit.html": "audit",
+}
+
+
+def page_or_partial(request: HttpRequest, template: str, partial: str, context: dict):
+    """The whole page, or for an HTMX request (not a boosted navigation) just the partial."""
+    context.setdefault("is_operator", is_operator(request.user))
+    context.setdefault("nav", NAV.get(template))
+    if request.htmx and not request.htmx.boosted:
+        return render(request, f"{template}#{partial}", context)
+    return render(request, template, context)
+
+
+def back(request: HttpRequest, fallback: str) -> HttpResponse:
+    """After an action: HTMX clients follow HX-Redirect, plain forms a 303. `next` is followed
+    only to this host: never `//host` or `/\\host`, which browsers take for another site."""
+    target = request.POST.get("next") or fallback
+    if not url_has_allowed_host_and_scheme(
+        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        target = fallback
+    if request.htmx:
+        return HttpResponseClientRedirect(target)
+    return redirect(target)
+
+
+# --- overview ----------------------------------------------------------------------------------
+
+
+@staff_required
+def overview(request: HttpRequest) -> HttpResponse:
+    data = stats.overview()
+    context = {"overview": data, "alerts": alerting.alerts(data)}
+    if not data.redis_error:
+        finished = stats_history.finished_per_minute(60)
+        depth = stats_history.queue_depth_history()
+        context.update(
+            throughput=line_chart([count for _, count in finished]),
+            throughput_total=sum(count for _, count in finished),
+            depth_chart=line_chart([sample.get("tasks", 0) for sample in depth]),
+            depth_samples=len(depth),
+        )
+    return page_or_partial(request, "dashboard/overview.html", "live", context)
+
+
+@operator_required
+def alert_action(request: HttpRequest) -> HttpResponse:
+    kind = request.POST.get("kind", "")
+    app_id = request.POST.get("application", "")
+    action = request.POST.get("action", "")
+    if kind not in ("stuck_pending", "stuck_running") or action not in ("retry", "fail"):
+        return HttpResponse("Unknown alert action.", status=400)
+    try:
+        ids = alerting.stuck_task_ids(application_id=app_id, kind=kind)
+    except (Application.DoesNotExist, ValueError):
+        return HttpResponse("Unknown application.", status=400)
+    done = 0
+    for task_id in ids:
+        if action == "fail":
+            done += services.mark_failed(task_id=task_id, error="marked failed by an operator")
+        else:
+            done += services.requeue_pending(task_id=task_id)
+    audit.record(user=request.user, action=f"alert.{action}", target_type="application",
+                 target_id=app_id, detail={"kind": kind, "tasks": done})  # fmt: skip
+    messages.success(request, f"{action}: {done} task(s).")
+    return back(request, reverse("dashboard:home"))
+
+
+# --- tasks -------------------------------------------------------------------------------------
+
+
+def _page_size(request: HttpRequest) -> int:
+    try:
+        size = int(request.GET.get("size", 50))
+    except ValueError:
+        return 50
+    return size if size in PAGE_SIZES else 50
+
+
+def _task_list(request: HttpRequest, *, template: str, fixed: dict | None = None):
+    form = TaskFilterForm(request.GET or None)
+    filters = form.filters() if request.GET else task_lists.TaskFilters()
+    for name, value in (fixed or {}).items():
+        setattr(filters, name, value)
+    page = task_lists.task_page(
+        filters=filters, cursor=request.GET.get("cursor", ""), size=_page_size(request)
+    )
+    params = request.GET.copy()
+    params.pop("cursor", None)
+    context = {
+        "form": form,
+        "page": page,
+        "filters": filters,
+        "query": params.urlencode(),
+        "first_page": not request.GET.get("cursor"),
+        "operations": BulkOperation.objects.all()[:3],
+    }
+    return page_or_partial(request, template, "results", context)
+
+
+@staff_required
+def task_list(request: HttpRequest) -> HttpResponse:
+    return _task_list(request, template="dashboard/tasks.html")
+
+
+@staff_required
+def failed_callbacks(request: HttpRequest) -> HttpResponse:
+    return _task_list(
+        request,
+        template="dashboard/failed_callbacks.html",
+        fixed={"callback_status": CallbackStatus.FAILED},
+    )
+
+
+def _selected_ids(request: HttpRequest) -> list[uuid.UUID]:
+    ids = []
+    for raw in request.POST.getlist("task")[:500]:
+        try:
+            ids.append(uuid.UUID(raw))
+        except ValueError:
+            continue
+    return ids
+
+
+def _filters_from_post(request: HttpRequest) -> task_lists.TaskFilters:
+    form = TaskFilterForm(request.POST)
+    return form.filters()
+
+
+def _bulk_action(request: HttpRequest, *, kind: str, act, noun: str, back_to: str):
+    """Selected rows now, or every row matching the filter in the background (audited)."""
+    if request.POST.get("scope") == "matching":
+        operation = bulk.start(
+            kind=kind, filters=_filters_from_post(request), username=request.user.username
+        )
+        audit.record(user=request.user, action=f"{kind}.matching", target_type="bulk",
+                     target_id=operation.pk, detail=operation.filters)  # fmt: skip
+        messages.success(request, f"{kind.title()}: every matching {noun} in the background.")
+    else:
+        ids = _selected_ids(request)
+        with transaction.atomic():
+            done = act(task_ids=ids)
+        audit.record(user=request.user, action=f"{kind}.selected", target_type="task",
+                     detail={"done": [str(i) for i in done]})  # fmt: skip
+        messages.success(request, f"{kind.title()}: {len(done)} of {len(ids)} selected {noun}(s).")
+    return back(request, reverse(back_to))
+
+
+@operator_required
+def tasks_retry(request: HttpRequest) -> HttpResponse:
+    return _bulk_action(request, kind=BulkOperation.Kind.RETRY, act=services.retry_tasks,
+                        noun="failed task", back_to="dashboard:tasks")  # fmt: skip
+
+
+@operator_required
+def callbacks_redeliver(request: HttpRequest) -> HttpResponse:
+    return _bulk_action(request, kind=BulkOperation.Kind.REDELIVER, act=callbacks.redeliver,
+                        noun="failed callback", back_to="dashboard:failed-callbacks")  # fmt: skip
+
+
+@staff_required
+def bulk_progress(request: HttpRequest, operation_id: int) -> HttpResponse:
+    operation = get_object_or_404(BulkOperation, pk=operation_id)
+    return render(request, "dashboard/tasks.html#bulk-operation", {"operation": operation})
+
+
+def _task_context(task_id: uuid.UUID) -> dict:
+    task = get_object_or_404(Task.objects.select_related("application"), pk=task_id)
+    return {
+        "task": task,
+        "attempts": task.callback_attempt_rows.order_by("-run", "-number")[:200],
+        "logs": task.logs.order_by("-id")[:500][::-1],
+        "past_runs": task.past_runs.order_by("-run")[:50],
+        "can_retry": task.status in (TaskStatus.FAILED, TaskStatus.CANCELLED),
+        "can_redeliver": bool(task.callback_url) and task.status in callbacks.DELIVERABLE_STATUSES,
+        "can_cancel": not task.is_finished,
+        "live": not task.is_finished
+        or task.callback_status in (CallbackStatus.PENDING, CallbackStatus.DELIVERING),
+    }
+
+
+@staff_required
+def task_detail(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
+    return page_or_partial(request, "dashboard/task_detail.html", "live", _task_context(task_id))
+
+
+def _task_action(request: HttpRequest, task_id: uuid.UUID, action: str, ok: bool, note: str):
+    audit.record(user=request.user, action=action, target_type="task", target_id=task_id,
+                 detail={"done": ok})  # fmt: skip
+    if request.htmx:
+        # Swap the live part in place: it keeps polling until the action has played out.
+        context = _task_context(task_id) | {"is_operator": True, "note": note}
+        return render(request, "dashboard/task_detail.html#live", context)
+    (messages.success if ok else messages.warning)(request, note)
+    return back(request, reverse("dashboard:task", args=[task_id]))
+
+
+@operator_required
+def task_retry(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
+    with transaction.atomic():
+        ok = bool(services.retry_tasks(task_ids=[task_id]))
+    note = "A new run was started." if ok else "Only failed or cancelled tasks can be retried."
+    return _task_action(request, task_id, "task.retry", ok, note)
+
+
+@operator_required
+def task_redeliver(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
+    ok = bool(callbacks.redeliver(task_ids=[task_id]))
+    note = "Redelivery queued." if ok else "This task has no finished result to deliver."
+    return _task_action(request, task_id, "task.redeliver", ok, note)
+
+
+@operator_required
+def task_cancel(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
+    get_object_or_404(Task, pk=task_id)
+    ok = services.cancel_task(task_id=task_id).cancelled
+    note = "Task cancelled." if ok else "The task had already finished."
+    return _task_action(request, task_id, "task.cancel", ok, note)
+
+
+# --- applications ------------------------------------------------------------------------------
+
+
+@staff_required
+def application_list(request: HttpRequest) -> HttpResponse:
+    form = ApplicationForm()
+    created = None
+    if request.method == "POST":
+        if not is_operator(request.user):
+            return HttpResponse("This action needs the operate permission.", status=403)
+        form = ApplicationForm(request.POST)
+        if form.is_valid():
+            created = _create_application(request, form)
+            form = ApplicationForm()
+    context = {"applications": Application.objects.all()[:500], "form": form, "created": created}
+    return page_or_partial(request, "dashboard/applications.html", "create-form", context)
+
+
+def _create_application(request: HttpRequest, form: ApplicationForm):
+    with transaction.atomic():
+        created = applications.create_application(**form.settings())
+        audit.record(
+            user=request.user,
+            action="application.create",
+            target_type="application",
+            target_id=created.application.pk,
+            detail={"name": created.application.name},
+        )
+    return created
+
+
+@staff_required
+def application_detail(request: HttpRequest, app_id: uuid.UUID) -> HttpResponse:
+    app = get_object_or_404(Application, pk=app_id)
+    form = ApplicationForm(instance=app)
+    saved = False
+    if request.method == "POST":
+        if not is_operator(request.user):
+            return HttpResponse("This action needs the operate permission.", status=403)
+        form = ApplicationForm(request.POST, instance=app)
+        if form.is_valid():
+            changed = form.changed_data
+            form.save()
+            audit.record(user=request.user, action="application.update",
+                         target_type="application", target_id=app.pk,
+                         detail={"changed": changed})  # fmt: skip
+            saved = True
+    context = {
+        "app": app,
+        "form": form,
+        "saved": saved,
+        "health": stats.app_health(app),
+        "deliveries_waiting": endpoints.waiting_count(application_id=app.pk),
+        "api_keys": app.api_keys.order_by("-created_at")[:20],
+        "now": timezone.now(),
+        # Two rotate forms on the page: distinct element ids, the same field name.
+        "rotate_key_form": RotateForm(auto_id="id_key_%s"),
+        "rotate_secret_form": RotateForm(auto_id="id_secret_%s"),
+    }
+    context.update(_cleanup_context(app))
+    return page_or_partial(request, "dashboard/application_detail.html", "settings", context)
+
+
+def _cleanup_context(app: Application) -> dict:
+    return {
+        "cleanup_preview": retention.preview(application_id=app.pk),
+        "cleanup_runs": retention.recent_runs(limit=5),
+    }
+
+
+@operator_required
+def application_rotate(request: HttpRequest, app_id: uuid.UUID, what: str) -> HttpResponse:
+    app = get_object_or_404(Application, pk=app_id)
+    if what not in ("key", "secret"):
+        raise Http404("Unknown credential.")
+    form = RotateForm(request.POST)
+    if not form.is_valid():
+        return HttpResponse("Choose a grace period from the list.", status=400)
+    grace = form.cleaned_data["grace_hours"]
+    if what == "key":
+        value = applications.rotate_api_key(application_id=app.pk, grace_hours=grace)
+        label = "API key"
+        stopped = "The previous key stopped working (within a few seconds on every web process)."
+    else:
+        value = applications.rotate_webhook_secret(application_id=app.pk, grace_hours=grace)
+        label = "webhook secret"
+        stopped = "The previous secret no longer signs."
+    audit.record(user=request.user, action=f"application.rotate_{what}",
+                 target_type="application", target_id=app.pk,
+                 detail={"grace_hours": grace})  # fmt: skip
+    period = dict(GRACE_CHOICES)[str(grace)]
+    note = f"The previous one stays valid for {period}." if grace else stopped
+    return render(request, "dashboard/application_detail.html#secret-once",
+                  {"label": label, "value": value, "app": app, "note": note})  # fmt: skip
+
+
+@operator_required
+def api_key_revoke(request: HttpRequest, app_id: uuid.UUID, key_id: int) -> HttpResponse:
+    key = get_object_or_404(ApiKey, pk=key_id, application_id=app_id)
+    result = credentials.revoke_api_keys(application_id=app_id, key_id=key.pk)
+    audit.record(user=request.user, action="application.revoke_key",
+                 target_type="application", target_id=app_id,
+                 detail={"key": f"{key.prefix}…", "revoked": bool(result.revoked)})  # fmt: skip
+    if result.revoked:
+        messages.success(request, f"API key {key.prefix}… revoked: refused from now on "
+                                  "(within a few seconds on every web process).")  # fmt: skip
+    else:
+        messages.warning(request, f"API key {key.prefix}… was already revoked.")
+    return back(request, reverse("dashboard:application", args=[app_id]))
+
+
+@operator_required
+def application_cleanup(request: HttpRequest, app_id: uuid.UUID) -> HttpResponse:
+    app = get_object_or_404(Application, pk=app_id)
+    run = retention.run_cleanup(trigger="manual", application_id=app.pk)
+    audit.record(
+        user=request.user,
+        action="retention.cleanup",
+        target_type="application",
+        target_id=app.pk,
+        detail={"removed": run.removed if run else None},
+    )
+    if run is None:
+        messages.warning(request, "Another cleanup is running; try again in a moment.")
+    else:
+        messages.success(request, f"Cleanup removed {run.total_removed} task(s).")
+    return back(request, reverse("dashboard:application", args=[app.pk]))
+
+
+# --- favicon ----------------------------------------------------------------------------------
+
+
+@require_GET
+def favicon(request: HttpRequest) -> HttpResponse:
+    """static/favicon.ico at the path browsers ask for, to anyone (no login: it is public)."""
+    path = finders.find("favicon.ico")
+    if not path:
+        raise Http404("No favicon.")
+    response = FileResponse(open(path, "rb"), content_type="image/x-icon")  # noqa: SIM115
+    response["Cache-Control"] = "public, max-age=86400"
+    return response
+
+
+# --- audit -------------------------------------------------------------------------------------
+
+
+@staff_required
+def audit_log(request: HttpRequest) -> HttpResponse:
+    entries = AuditEntry.objects.all()
+    before = request.GET.get("before")
+    if before and before.isdigit():
+        entries = entries.filter(id__lt=int(before))
+    rows = list(entries.order_by("-id")[:101])
+    context = {"entries": rows[:100], "next_before": rows[99].id if len(rows) > 100 else None}
+    return page_or_partial(request, "dashboard/audit.html", "entries", context)

@@ -1,0 +1,1 @@
+"""Execution: runners, the RQ worker classes and the code that runs one task inside a job."""

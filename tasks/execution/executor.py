@@ -1,0 +1,171 @@
+"""Running one run of a task inside a worker, and what happens when a task finishes."""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+import uuid
+from typing import Any
+
+from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
+from rq.timeouts import JobTimeoutException
+
+from tasks import jsonsafety, state
+from tasks.applications import cached_application
+from tasks.execution.runners import RunnerError, TaskCancelled, resolve_runner
+from tasks.models import Application, TaskLog
+from tasks.plumbing.queueing import publish_finished
+from tasks.telemetry.metrics import observe_task_duration
+from tasks.telemetry.stats_history import count_finished
+
+logger = logging.getLogger(__name__)
+
+MAX_LOG_MESSAGE = 10_000
+
+
+class TaskContext:
+    """The `ctx` a runner receives: progress, log lines, its application's runner_config."""
+
+    def __init__(self, *, task_id: uuid.UUID | str, run: int, config: dict[str, Any]) -> None:
+        self.task_id = task_id
+        self.run = run
+        self.config = config
+
+    def progress(self, percent: int) -> None:
+        if not state.set_progress(task_id=self.task_id, run=self.run, progress=percent):
+            raise TaskCancelled(f"task {self.task_id} run {self.run} is no longer running")
+
+    def log(self, message: str, level: str = "info") -> None:
+        TaskLog.objects.create(
+            task_id=self.task_id,
+            run=self.run,
+            level=jsonsafety.clean_text(str(level))[:10],
+            message=jsonsafety.clean_text(str(message))[:MAX_LOG_MESSAGE],
+        )
+
+
+def execute_task(*, task_id: str, run: int, worker_name: str = "") -> str:
+    """Run one run of a task; returns the status it ended in (or why nothing was done)."""
+    started_run = state.start_returning(task_id=task_id, run=run, worker_name=worker_name)
+    if started_run is None:
+        # Cancelled before it started, already taken by another worker, superseded by a newer
+        # run, or gone (expired and cleaned up): in every case this job has nothing to do.
+        return "not-started"
+    task_uuid = uuid.UUID(str(task_id))
+    has_callback = bool(started_run.callback_url)
+    log_extra = {"task_id": str(task_uuid), "app_id": str(started_run.application_id), "run": run}
+    logger.debug("task started", extra=log_extra)
+
+    application = cached_application(started_run.application_id)
+    started = time.monotonic()
+    ctx = TaskContext(task_id=task_uuid, run=run, config=dict(application.runner_config or {}))
+    try:
+        runner = resolve_runner(application.runner)
+        output = runner(dict(started_run.inputs), ctx)
+        _check_output(output)  # a result that cannot be stored or served fails the task
+    except TaskCancelled:
+        logger.info("task stopped: cancelled", extra=log_extra)
+        return "cancelled"
+    except JobTimeoutException:
+        error = f"timed out after {application.job_timeout_seconds} s"
+        won = _fail(task_uuid, run, error, traceback.format_exc())
+        outcome = "failed"
+    except Exception as exc:
+        error = str(exc) if isinstance(exc, RunnerError) else f"{type(exc).__name__}: {exc}"
+        won = _fail(task_uuid, run, error, traceback.format_exc())
+        outcome = "failed"
+    else:
+        try:
+            won = _store_result(task_uuid, run, output, has_callback)
+            outcome = "succeeded"
+        except Exception as exc:
+            if isinstance(exc, DatabaseError) and _database_down(exc):
+                raise  # still unreachable after the retries: the job is retried (queueing)
+            # The database refused this result (too large for a column, a type it rejects):
+            # the task ends failed with that reason instead of running until the job timeout.
+            won = _fail(task_uuid, run, f"the result could not be stored: {exc}", "")
+            outcome = "failed"
+    if not won:
+        return "discarded"  # cancelled (or re-run) while the runner worked: its end is dropped
+    logger.info("task %s", outcome, extra=log_extra)
+    on_task_finished(
+        task_uuid,
+        run=run,
+        application=application,
+        has_callback=has_callback,
+        callback_url=started_run.callback_url,
+        # Only a blocking submit waits on the notification; pollers read the database.
+        wake_waiters=started_run.response_mode == "blocking",
+        run_seconds=time.monotonic() - started,
+    )
+    return outcome
+
+
+def _check_output(output: Any) -> None:
+    try:
+        jsonsafety.check_value(output, "output")
+    except jsonsafety.UnstorableJson as exc:
+        raise RunnerError(f"the runner's output cannot be stored as JSON: {exc}") from None
+
+
+# A finished runner's result is worth waiting for: a database blip (restart, failover) must not
+# throw away minutes of LLM work.
+STORE_RETRY_DELAYS = (0.5, 1, 2, 4, 8)
+
+
+def _store_result(task_id: uuid.UUID, run: int, output: Any, has_callback: bool) -> bool:
+    for delay in (*STORE_RETRY_DELAYS, None):
+        try:
+            return state.succeed(task_id=task_id, run=run, output=output, has_callback=has_callback)
+        except DatabaseError as exc:
+            if delay is None or not _database_down(exc):
+                raise
+            logger.warning("database unreachable storing a result; retrying in %s s", delay)
+            close_old_connections()
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _fail(task_id: uuid.UUID, run: int, error: str, trace: str) -> bool:
+    # Exception texts may carry NUL or lone surrogates (from inputs, receivers, C libraries).
+    return state.fail(
+        task_id=task_id,
+        run=run,
+        error=jsonsafety.clean_text(error)[:5000],
+        traceback=jsonsafety.clean_text(trace),
+    )
+
+
+def _database_down(exc: DatabaseError) -> bool:
+    return isinstance(exc, OperationalError | InterfaceError)
+
+
+def on_task_finished(
+    task_id: uuid.UUID | str,
+    *,
+    run: int | None = None,
+    application: Application | None = None,
+    has_callback: bool = True,
+    callback_url: str = "",
+    wake_waiters: bool = True,
+    run_seconds: float | None = None,
+) -> None:
+    """Side effects of reaching succeeded/failed: wake blocking clients, count it for the charts
+    and metrics (batched in workers), and schedule the callback if the task has one.
+
+    The worker passes the run and application it already holds, so nothing is read again.
+    """
+    from tasks.delivery.callbacks import (
+        schedule_first_delivery,  # callbacks imports execution's models
+    )
+
+    if wake_waiters:
+        publish_finished(task_id)
+    count_finished()
+    if run_seconds is not None and application is not None:
+        observe_task_duration(application_id=application.id, seconds=run_seconds)
+    if has_callback:
+        schedule_first_delivery(
+            task_id=task_id, run=run, application=application, callback_url=callback_url
+        )

@@ -1,0 +1,112 @@
+"""The overview page's numbers and the per-application health: last hour, bounded."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import redis
+from django.db.models import Count, Q
+from django.utils import timezone
+
+from tasks.models import Application, CallbackAttempt, Task, TaskStatus
+from tasks.selectors.queues import QueueStats, WorkerInfo, queue_stats, workers
+
+# --- overview ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Overview:
+    status_counts: dict[str, int]
+    callback_attempts: int
+    callback_delivered: int
+    queues: list[QueueStats]
+    workers: list[WorkerInfo]
+    redis_error: str = ""
+
+    @property
+    def callback_success_rate(self) -> float | None:
+        if not self.callback_attempts:
+            return None
+        return 100.0 * self.callback_delivered / self.callback_attempts
+
+
+def overview(now: datetime | None = None) -> Overview:
+    now = now or timezone.now()
+    hour_ago = now - timedelta(hours=1)
+    counts = dict(
+        Task.objects.filter(created_at__gte=hour_ago)
+        .order_by()
+        .values_list("status")
+        .annotate(n=Count("id"))
+        .values_list("status", "n")
+    )
+    attempts = CallbackAttempt.objects.filter(started_at__gte=hour_ago).aggregate(
+        total=Count("id"), delivered=Count("id", filter=Q(delivered=True))
+    )
+    result = Overview(
+        status_counts={status: counts.get(status, 0) for status in TaskStatus.values},
+        callback_attempts=attempts["total"],
+        callback_delivered=attempts["delivered"],
+        queues=[],
+        workers=[],
+    )
+    try:
+        result.queues = queue_stats()
+        result.workers = workers()
+    except redis.RedisError as exc:
+        result.redis_error = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+# --- per-application health --------------------------------------------------------------------
+
+
+@dataclass
+class AppHealth:
+    finished: int
+    succeeded: int
+    p50_ms: int | None
+    p95_ms: int | None
+    callback_attempts: int
+    callback_failed: int
+
+    @property
+    def success_rate(self) -> float | None:
+        return 100.0 * self.succeeded / self.finished if self.finished else None
+
+    @property
+    def callback_failure_rate(self) -> float | None:
+        if not self.callback_attempts:
+            return None
+        return 100.0 * self.callback_failed / self.callback_attempts
+
+
+def app_health(application: Application, now: datetime | None = None) -> AppHealth:
+    """Last hour: success rate, run-time percentiles (over the newest 5,000), callback failures."""
+    hour_ago = (now or timezone.now()) - timedelta(hours=1)
+    finished = Task.objects.filter(
+        application=application,
+        status__in=(TaskStatus.SUCCEEDED, TaskStatus.FAILED),
+        created_at__gte=hour_ago,
+    )
+    rows = list(
+        finished.order_by("-created_at").values_list("status", "started_at", "finished_at")[:5000]
+    )
+    durations = sorted(
+        int((end - start).total_seconds() * 1000) for _, start, end in rows if start and end
+    )
+    attempts = CallbackAttempt.objects.filter(
+        task__application=application, started_at__gte=hour_ago
+    ).aggregate(total=Count("id"), failed=Count("id", filter=Q(delivered=False)))
+    return AppHealth(
+        finished=len(rows),
+        succeeded=sum(1 for status, _, _ in rows if status == TaskStatus.SUCCEEDED),
+        p50_ms=int(statistics.median(durations)) if durations else None,
+        p95_ms=durations[min(len(durations) - 1, int(len(durations) * 0.95))]
+        if durations
+        else None,
+        callback_attempts=attempts["total"],
+        callback_failed=attempts["failed"],
+    )

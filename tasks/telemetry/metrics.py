@@ -1,0 +1,143 @@
+"""Prometheus metrics, derived at scrape time from the database and Redis.
+
+Nothing lives in one process's memory for long, so the numbers are right with any number of web
+processes and with workers on other machines: events are counted in Redis hashes (HINCRBY, atomic
+across processes; a worker batches its increments for up to a second, see
+tasks.telemetry.counters), states are read from the database and Redis when scraped.
+
+- taskhook_tasks_total{app,status}        tasks stored now, by application and status (gauge;
+                                           finished tasks leave it when retention removes them)
+- taskhook_queue_depth{queue}             jobs waiting on each RQ queue
+- taskhook_callback_attempts_total{app,outcome}   delivery attempts, outcome delivered|failed
+- taskhook_task_duration_seconds{app}     histogram of run time of finished runs
+- taskhook_workers                        registered RQ workers
+- taskhook_reconciler_corrections_total{kind}
+- taskhook_cleanup_removed_total          tasks removed by retention
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections import defaultdict
+
+from django.conf import settings
+from django.db.models import Count
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+from rq import Queue
+from rq.worker import BaseWorker
+
+from tasks.models import Application, Task
+from tasks.plumbing.queueing import redis_client
+from tasks.telemetry import counters
+
+CALLBACK_KEY = "taskhook:metrics:callback_attempts"
+DURATION_KEY = "taskhook:metrics:task_duration"
+CLEANUP_KEY = "taskhook:metrics:cleanup_removed"
+RECONCILER_KEY = "taskhook:reconciler:corrections"
+BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, math.inf)
+
+
+def _bucket_label(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+def record_callback_attempt(*, application_id: uuid.UUID | str, delivered: bool) -> None:
+    outcome = "delivered" if delivered else "failed"
+    counters.add(CALLBACK_KEY, field=f"{application_id}|{outcome}")
+
+
+def observe_task_duration(*, application_id: uuid.UUID | str, seconds: float) -> None:
+    """Add one run time to the histogram."""
+    bound = next(b for b in BUCKETS if seconds <= b)
+    counters.add(DURATION_KEY, field=f"{application_id}|{_bucket_label(bound)}")
+    counters.add(DURATION_KEY, float(seconds), field=f"{application_id}|sum")
+
+
+def record_cleanup(removed: int) -> None:
+    if removed:
+        counters.add(CLEANUP_KEY, removed)
+
+
+def record_reconciler_corrections(counts: dict[str, int]) -> None:
+    for kind, count in counts.items():
+        if count:
+            counters.add(RECONCILER_KEY, count, field=kind)
+
+
+def _decode(raw: dict) -> dict[str, str]:
+    return {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
+            for k, v in raw.items()}  # fmt: skip
+
+
+class TaskhookCollector(Collector):
+    def collect(self):
+        names = {str(pk): name for pk, name in Application.objects.values_list("pk", "name")}
+
+        def app_label(app_id: str) -> str:
+            return names.get(app_id, app_id)
+
+        tasks = GaugeMetricFamily(
+            "taskhook_tasks_total", "Tasks stored, by application and status.",
+            labels=["app", "status"],
+        )  # fmt: skip
+        rows = (
+            Task.objects.order_by().values_list("application_id", "status").annotate(n=Count("pk"))
+        )
+        for app_id, status, count in rows:
+            tasks.add_metric([app_label(str(app_id)), status], count)
+        yield tasks
+
+        client = redis_client()
+        depth = GaugeMetricFamily(
+            "taskhook_queue_depth", "Jobs waiting on each RQ queue.", labels=["queue"]
+        )
+        for name in (settings.TASK_QUEUE, settings.CALLBACK_QUEUE, settings.MAINTENANCE_QUEUE):
+            depth.add_metric([name], client.llen(Queue(name, connection=client).key))
+        yield depth
+
+        yield GaugeMetricFamily(
+            "taskhook_workers", "Registered RQ workers.", value=len(BaseWorker.all(client))
+        )
+
+        attempts = CounterMetricFamily(
+            "taskhook_callback_attempts", "Callback delivery attempts.", labels=["app", "outcome"]
+        )
+        for field, value in _decode(client.hgetall(CALLBACK_KEY)).items():
+            app_id, outcome = field.rsplit("|", 1)
+            attempts.add_metric([app_label(app_id), outcome], int(value))
+        yield attempts
+
+        yield self._durations(_decode(client.hgetall(DURATION_KEY)), app_label)
+
+        corrections = CounterMetricFamily(
+            "taskhook_reconciler_corrections", "Corrections made by the reconciler.",
+            labels=["kind"],
+        )  # fmt: skip
+        for kind, value in _decode(client.hgetall(RECONCILER_KEY)).items():
+            corrections.add_metric([kind], int(value))
+        yield corrections
+
+        yield CounterMetricFamily(
+            "taskhook_cleanup_removed", "Tasks removed by retention cleanup.",
+            value=int(client.get(CLEANUP_KEY) or 0),
+        )  # fmt: skip
+
+    @staticmethod
+    def _durations(raw: dict[str, str], app_label) -> HistogramMetricFamily:
+        histogram = HistogramMetricFamily(
+            "taskhook_task_duration_seconds", "Run time of finished task runs.", labels=["app"]
+        )
+        per_app: dict[str, dict[str, float]] = defaultdict(dict)
+        for field, value in raw.items():
+            app_id, key = field.rsplit("|", 1)
+            per_app[app_id][key] = float(value)
+        for app_id, values in sorted(per_app.items()):
+            cumulative, buckets = 0.0, []
+            for bound in BUCKETS:
+                label = _bucket_label(bound)
+                cumulative += values.get(label, 0.0)
+                buckets.append((label, cumulative))
+            histogram.add_metric([app_label(app_id)], buckets, values.get("sum", 0.0))
+        return histogram

@@ -1,0 +1,3 @@
+"""Upkeep: the reconciler, retention cleanup, bulk operator actions and the periodic jobs that run
+them.
+"""

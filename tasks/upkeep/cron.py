@@ -1,0 +1,38 @@
+"""RQ cron configuration, run by `manage.py taskhookcron` (started by `make run`, and the
+Procfile's `cron` process): RQ's cron scheduler with these registrations, which waits out a Redis
+outage instead of exiting. `manage.py rqcron tasks.upkeep.cron` loads the same file.
+
+Intervals come from settings (CLEANUP_INTERVAL, RECONCILE_INTERVAL), which read the environment.
+"""
+
+from django.conf import settings
+from rq import cron
+
+from tasks.upkeep.maintenance import cleanup_job, reconcile_job, sample_stats_job
+
+cron.register(
+    reconcile_job,
+    settings.MAINTENANCE_QUEUE,
+    interval=settings.RECONCILE_INTERVAL,
+    job_timeout=300,
+    result_ttl=3600,
+    name="reconcile",
+)
+
+cron.register(
+    sample_stats_job,
+    settings.MAINTENANCE_QUEUE,
+    interval=10,
+    job_timeout=60,
+    result_ttl=60,
+    name="sample-stats",
+)
+
+cron.register(
+    cleanup_job,
+    settings.MAINTENANCE_QUEUE,
+    interval=settings.CLEANUP_INTERVAL,
+    job_timeout=3600,
+    result_ttl=3600,
+    name="cleanup",
+)

@@ -1,0 +1,30 @@
+"""Periodic jobs, registered with RQ's cron by `tasks/upkeep/cron.py`, run on the maintenance
+queue."""
+
+from __future__ import annotations
+
+from tasks.telemetry.stats_history import sample_queue_depth
+from tasks.upkeep.reconciler import reconcile
+
+
+def reconcile_job() -> dict[str, int | bool]:
+    report = reconcile()
+    return {
+        "skipped": report.skipped,
+        "requeued": len(report.requeued),
+        "lost": len(report.lost),
+        "rerun": len(report.rerun),
+        "callbacks_rescheduled": len(report.callbacks_rescheduled),
+    }
+
+
+def sample_stats_job() -> dict[str, int]:
+    return sample_queue_depth()
+
+
+def cleanup_job() -> int | None:
+    from tasks.models import CleanupRun
+    from tasks.upkeep.retention import run_cleanup
+
+    run = run_cleanup(trigger=CleanupRun.Trigger.SCHEDULED)
+    return run.total_removed if run else None

@@ -1,0 +1,158 @@
+"""Retention: the one place that decides what has expired and removes it (README: Retention).
+
+A finished task (succeeded, failed, cancelled) expires at `finished_at + retention_hours` of its
+application, and goes with its callback attempts, log lines and earlier runs. Unfinished tasks are
+never removed, whatever their age, and neither is a task whose callback is still being delivered.
+Deletion runs in small batches (BATCH_SIZE ids per transaction, picked by the
+(application, finished_at) index), so it never holds long locks nor loads rows into memory, and
+submits keep flowing meanwhile. A Redis lock with a TTL keeps two cleanups from overlapping.
+RQ's own job data expires on the same clock: task jobs keep their result, and failed jobs their
+entry, for the application's retention (see `submission.enqueue_pending_task` and `callbacks`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import redis
+from django.db import transaction
+from django.db.models import Min, QuerySet
+from django.utils import timezone
+
+from tasks import idempotency
+from tasks.models import (
+    FINISHED_STATUSES,
+    Application,
+    CallbackAttempt,
+    CallbackStatus,
+    CleanupRun,
+    Task,
+    TaskLog,
+    TaskRunHistory,
+)
+from tasks.plumbing.queueing import redis_client
+from tasks.telemetry.metrics import record_cleanup
+
+logger = logging.getLogger(__name__)
+
+BATCH_SIZE = 1000
+LOCK_KEY = "taskhook:lock:cleanup"
+LOCK_TTL_SECONDS = 1800
+PREVIEW_CAP = 10_000
+
+
+def expired_tasks(application: Application, now: datetime | None = None) -> QuerySet[Task]:
+    cutoff = (now or timezone.now()) - timedelta(hours=application.retention_hours)
+    return (
+        Task.objects.filter(
+            application=application, status__in=FINISHED_STATUSES, finished_at__lt=cutoff
+        )
+        # A callback still being delivered keeps its task until delivery ends.
+        .exclude(callback_status__in=(CallbackStatus.PENDING, CallbackStatus.DELIVERING))
+    )
+
+
+@dataclass(frozen=True)
+class Preview:
+    application: Application
+    count: int
+    capped: bool
+    oldest_finished_at: datetime | None
+
+
+def preview(*, application_id: uuid.UUID | str | None = None) -> list[Preview]:
+    """How many tasks a cleanup would remove now (counted up to PREVIEW_CAP), oldest first."""
+    apps = Application.objects.all()
+    if application_id:
+        apps = apps.filter(pk=application_id)
+    result = []
+    for app in apps:
+        expired = expired_tasks(app)
+        count = expired.order_by().values("pk")[:PREVIEW_CAP].count()
+        oldest = expired.aggregate(oldest=Min("finished_at"))["oldest"] if count else None
+        result.append(Preview(app, count, count >= PREVIEW_CAP, oldest))
+    return result
+
+
+def _delete_batch(expired: QuerySet[Task], ids: list[uuid.UUID]) -> int:
+    with transaction.atomic():
+        # Re-check under row locks: an operator's retry in between makes a task unfinished.
+        ids = list(expired.filter(pk__in=ids).select_for_update().values_list("pk", flat=True))
+        idempotency.keep_keys_of(ids)  # a key outlives its task (its window is 24 h)
+        # Children first by plain DELETE ... WHERE task_id IN (...): nothing is loaded.
+        CallbackAttempt.objects.filter(task_id__in=ids).delete()
+        TaskLog.objects.filter(task_id__in=ids).delete()
+        TaskRunHistory.objects.filter(task_id__in=ids).delete()
+        Task.objects.filter(pk__in=ids).only("pk").delete()
+    return len(ids)
+
+
+def purge_application(
+    application: Application, *, dry_run: bool = False, batch_size: int = BATCH_SIZE
+) -> int:
+    """Remove (or, dry run, count) one application's expired tasks; returns how many."""
+    now = timezone.now()
+    expired = expired_tasks(application, now)
+    if dry_run:
+        return expired.count()  # the command's dry run gives the exact figure
+    removed = 0
+    while True:
+        ids = list(expired.order_by("finished_at").values_list("pk", flat=True)[:batch_size])
+        if not ids:
+            return removed
+        removed += _delete_batch(expired, ids)
+
+
+def run_cleanup(
+    *,
+    trigger: str,
+    application_id: uuid.UUID | str | None = None,
+    dry_run: bool = False,
+    batch_size: int = BATCH_SIZE,
+) -> CleanupRun | None:
+    """One retention pass over every application (or one); None if another pass holds the lock."""
+    lock = None
+    if not dry_run:
+        try:
+            lock = redis_client().lock(LOCK_KEY, timeout=LOCK_TTL_SECONDS, blocking=False)
+            if not lock.acquire(blocking=False):
+                logger.info("cleanup skipped: another run holds the lock")
+                return None
+        except redis.RedisError:
+            logger.warning("cleanup lock unavailable (Redis); running without it")
+            lock = None
+    run = CleanupRun.objects.create(trigger=trigger, dry_run=dry_run)
+    apps = Application.objects.all()
+    if application_id:
+        apps = apps.filter(pk=application_id)
+    removed: dict[str, dict] = {}
+    try:
+        for app in apps:
+            count = purge_application(app, dry_run=dry_run, batch_size=batch_size)
+            removed[str(app.pk)] = {"name": app.name, "tasks": count}
+        if not dry_run:
+            idempotency.purge_expired_records()
+    except Exception as exc:
+        run.error = f"{type(exc).__name__}: {exc}"
+        logger.exception("cleanup failed")
+        raise
+    finally:
+        run.removed = removed
+        run.total_removed = sum(entry["tasks"] for entry in removed.values())
+        run.finished_at = timezone.now()
+        run.save(update_fields=["removed", "total_removed", "finished_at", "error"])
+        if lock is not None:
+            with contextlib.suppress(redis.exceptions.LockError):
+                lock.release()
+    if not dry_run:
+        record_cleanup(run.total_removed)
+    logger.info("cleanup (%s) removed %s task(s)", trigger, run.total_removed)
+    return run
+
+
+def recent_runs(*, limit: int = 10) -> list[CleanupRun]:
+    return list(CleanupRun.objects.order_by("-started_at")[:limit])
