@@ -11,6 +11,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from tasks.plumbing.queueing import task_job_id
+from tasks.statuses import CallbackStatus, TaskStatus, is_finished
 
 
 def default_retry_schedule() -> list[int]:
@@ -92,26 +93,6 @@ class ApiKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.prefix}…"
-
-
-class TaskStatus(models.TextChoices):
-    PENDING = "pending"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-FINISHED_STATUSES = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
-UNFINISHED_STATUSES = (TaskStatus.PENDING, TaskStatus.RUNNING)
-
-
-class CallbackStatus(models.TextChoices):
-    NONE = "none"
-    PENDING = "pending"
-    DELIVERING = "delivering"
-    DELIVERED = "delivered"
-    FAILED = "failed"
 
 
 class Task(models.Model):
@@ -197,7 +178,7 @@ class Task(models.Model):
 
     @property
     def is_finished(self) -> bool:
-        return self.status in FINISHED_STATUSES
+        return is_finished(self.status)
 
     @property
     def rq_job_id(self) -> str:

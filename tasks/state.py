@@ -1,40 +1,50 @@
-"""The task state machine: the one place where a task's status changes.
+"""Every change of a task's status or of its callback's status: the only writes of either.
 
-    pending -> running -> succeeded | failed
-    pending | running -> cancelled        pending -> failed (never started: worker lost, bad runner)
-    failed | cancelled -> pending          a new run (operator retry), run + 1
-    running -> pending                     a new run after a lost worker, when the app allows it
+The machines themselves (statuses, transitions, named sets) are declared in `tasks.statuses`;
+each function here asks it whether its transition is allowed before it builds the statement, so
+a write the table does not allow raises IllegalTransition instead of reaching the database.
 
 Every change is one guarded `UPDATE ... WHERE id = ? AND status IN (expected) [AND run = ?]`, so
 of two workers, or a worker and an operator, exactly one wins; the loser sees `False` and must
-not act on the transition (no callback, no second result).
+not act on the transition (no callback, no second result). Plain values go out as one
+precompiled statement (`tasks.plumbing.rawsql`), expressions through the ORM: the same UPDATE.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any
 
-from django.db import connection, transaction
-from django.db.models import Case, F, Value, When
+from django.db import transaction
+from django.db.models import Case, Expression, F, Value, When
 from django.utils import timezone
 
-from tasks.models import CallbackStatus, Task, TaskRunHistory, TaskStatus
+from tasks import sql
+from tasks.models import Task, TaskRunHistory
 from tasks.plumbing import rawsql
+from tasks.sql import ClaimedAttempt, StartedRun
+from tasks.statuses import (
+    CALLBACK_AUTO_CLAIMABLE,
+    DELIVERABLE,
+    RETRYABLE,
+    IllegalTransition,
+    callback_transition,
+    task_transition,
+)
+from tasks.statuses import CallbackStatus as C
+from tasks.statuses import TaskStatus as S
 
-S = TaskStatus
-ALLOWED: dict[str, frozenset[str]] = {
-    S.PENDING: frozenset({S.RUNNING, S.CANCELLED, S.FAILED}),
-    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.PENDING}),
-    S.FAILED: frozenset({S.PENDING}),
-    S.CANCELLED: frozenset({S.PENDING}),
-    S.SUCCEEDED: frozenset(),
-}
+__all__ = ["ClaimedAttempt", "IllegalTransition", "StartedRun"]
 
 
-class IllegalTransition(ValueError):
-    pass
+def _update(where: dict[str, Any], values: dict[str, Any]) -> int:
+    """`Task.objects.filter(**where).update(**values)`, where a tuple value means IN."""
+    if any(isinstance(value, Expression | F) for value in values.values()):
+        lookups = {f"{k}__in" if isinstance(v, tuple) else k: v for k, v in where.items()}
+        return Task.objects.filter(**lookups).update(**values)
+    # The worker's hot path: the same UPDATE without the ORM's per-call compilation.
+    return rawsql.execute(rawsql.update_statement(Task, where=where, values=values))
 
 
 def _guarded_update(
@@ -45,25 +55,21 @@ def _guarded_update(
     expected_run: int | None = None,
     **fields: Any,
 ) -> bool:
-    expected = tuple(expected)
-    for status in expected:
-        if to not in ALLOWED[status]:
-            raise IllegalTransition(f"{status} -> {to} is not a task transition")
-    rows = Task.objects.filter(pk=task_id, status__in=expected)
+    where: dict[str, Any] = {"id": uuid.UUID(str(task_id))}
+    where["status"] = task_transition(to=to, expected=expected)
     if expected_run is not None:
-        rows = rows.filter(run=expected_run)
-    return rows.update(status=to, **fields) == 1
+        where["run"] = expected_run
+    return _update(where, {"status": to, **fields}) == 1
 
 
 def _callback_due(has_callback: bool | None = None) -> Case | str:
     """A finished task with a callback URL has a delivery pending; without one there is none.
-    The caller may already know (the worker does); otherwise the database decides."""
+    The caller may already know (the worker does); otherwise the database decides. Whatever the
+    callback was, a run that finishes has had its callback reset to none when it started."""
+    callback_transition(to=C.PENDING, expected=[C.NONE])
     if has_callback is not None:
-        return CallbackStatus.PENDING if has_callback else CallbackStatus.NONE
-    return Case(
-        When(callback_url="", then=Value(CallbackStatus.NONE)),
-        default=Value(CallbackStatus.PENDING),
-    )
+        return C.PENDING if has_callback else C.NONE
+    return Case(When(callback_url="", then=Value(C.NONE)), default=Value(C.PENDING))
 
 
 def start(*, task_id: uuid.UUID | str, run: int, worker_name: str = "") -> bool:
@@ -71,65 +77,31 @@ def start(*, task_id: uuid.UUID | str, run: int, worker_name: str = "") -> bool:
     return start_returning(task_id=task_id, run=run, worker_name=worker_name) is not None
 
 
-START_RETURNING = (
-    "UPDATE {table} SET status = %s, started_at = %s, worker_name = %s, progress = 0 "
-    "WHERE id = %s AND status = %s AND run = %s "
-    "RETURNING inputs, callback_url, application_id, response_mode"
-)
-
-
-class StartedRun(NamedTuple):
-    inputs: Any
-    callback_url: str
-    application_id: uuid.UUID
-    response_mode: str
-
-
 def start_returning(
     *, task_id: uuid.UUID | str, run: int, worker_name: str = ""
 ) -> StartedRun | None:
     """`start`, and what the worker needs to run the task, in one round trip (the worker's hot
-    path); None when the transition lost.
-
-    UPDATE ... RETURNING is PostgreSQL and SQLite >= 3.35; the ORM has no spelling for it.
-    """
-    table = rawsql.quote(Task._meta.db_table)
-    pk = Task._meta.pk.get_db_prep_value(uuid.UUID(str(task_id)), connection)
-    row = rawsql.fetchone(rawsql.Statement(
-        START_RETURNING.format(table=table),
-        [S.RUNNING, timezone.now(), worker_name[:255], pk, S.PENDING, run],
-    ))  # fmt: skip
-    if row is None:
-        return None
-    fields = (Task._meta.get_field(name)
-              for name in ("inputs", "callback_url", "application", "response_mode"))  # fmt: skip
-    return StartedRun(
-        *(rawsql.from_db(field, value) for field, value in zip(fields, row, strict=True))
-    )
+    path, `tasks.sql.start_run`); None when the transition lost."""
+    (expected,) = task_transition(to=S.RUNNING, expected=[S.PENDING])
+    return sql.start_run(
+        task_id=uuid.UUID(str(task_id)), run=run, worker_name=worker_name[:255],
+        now=timezone.now(), to=S.RUNNING, expected=expected,
+    )  # fmt: skip
 
 
 def succeed(
     *, task_id: uuid.UUID | str, run: int, output: Any, has_callback: bool | None = None
 ) -> bool:
-    if has_callback is None:
-        return _guarded_update(
-            task_id,
-            to=S.SUCCEEDED,
-            expected=[S.RUNNING],
-            expected_run=run,
-            output=output,
-            progress=100,
-            finished_at=timezone.now(),
-            callback_status=_callback_due(),
-        )
-    # The worker's hot path: the same guarded update without the ORM's per-call query
-    # compilation (about a third of a millisecond per task).
-    return rawsql.execute(rawsql.update_statement(
-        Task,
-        where={"id": uuid.UUID(str(task_id)), "status": S.RUNNING, "run": run},
-        values={"status": S.SUCCEEDED, "output": output, "progress": 100,
-                "finished_at": timezone.now(), "callback_status": _callback_due(has_callback)},
-    )) == 1  # fmt: skip
+    return _guarded_update(
+        task_id,
+        to=S.SUCCEEDED,
+        expected=[S.RUNNING],
+        expected_run=run,
+        output=output,
+        progress=100,
+        finished_at=timezone.now(),
+        callback_status=_callback_due(has_callback),
+    )
 
 
 def fail(
@@ -166,13 +138,14 @@ def cancel(*, task_id: uuid.UUID | str) -> bool:
 def set_progress(*, task_id: uuid.UUID | str, run: int, progress: int) -> bool:
     """Record progress; False when the run is no longer running (cancelled, lost, re-run)."""
     progress = max(0, min(100, int(progress)))
-    return Task.objects.filter(pk=task_id, run=run, status=S.RUNNING).update(progress=progress) == 1
+    return _update({"id": uuid.UUID(str(task_id)), "run": run, "status": S.RUNNING},
+                   {"progress": progress}) == 1  # fmt: skip
 
 
 def start_new_run(
     *,
     task_id: uuid.UUID | str,
-    expected: Iterable[str] = (S.FAILED, S.CANCELLED),
+    expected: Iterable[str] = RETRYABLE,
     lost_reason: str = "",
 ) -> int | None:
     """Begin run N+1 of a finished (or lost) task; keep run N's outcome in TaskRunHistory.
@@ -216,7 +189,7 @@ def start_new_run(
             finished_at=None,
             worker_name="",
             cancel_requested=False,
-            callback_status=CallbackStatus.NONE,
+            callback_status=_callback_reset(),
             callback_attempts=0,
             callback_last_status_code=None,
             callback_next_attempt_at=None,
@@ -225,3 +198,66 @@ def start_new_run(
             transaction.set_rollback(True)
             return None
         return task.run + 1
+
+
+def _callback_reset() -> str:
+    """A new run has no callback yet, whatever the last run's was."""
+    callback_transition(to=C.NONE)
+    return C.NONE
+
+
+# --- the callback -------------------------------------------------------------------------------
+
+
+def claim_delivery(*, task_id: uuid.UUID | str, run: int, automatic: bool) -> ClaimedAttempt | None:
+    """-> delivering, reserving the next attempt number, for a finished run with a callback URL:
+    one atomic UPDATE ... RETURNING (`tasks.sql.claim_attempt`), so two deliveries of the same
+    run never share a number. An automatic attempt runs only while the callback is unsettled
+    (and clears its schedule); a manual one runs from any status the table allows. None when
+    there is nothing to deliver."""
+    expected = callback_transition(
+        to=C.DELIVERING, expected=CALLBACK_AUTO_CLAIMABLE if automatic else None
+    )
+    return sql.claim_attempt(
+        task_id=uuid.UUID(str(task_id)), run=run, to=C.DELIVERING, expected=expected,
+        task_statuses=DELIVERABLE, clear_next_attempt=automatic,
+    )  # fmt: skip
+
+
+def delivery_outcome(
+    *, task_id: uuid.UUID | str, run: int, to: str | None, **fields: Any
+) -> rawsql.Statement:
+    """The statement that records an attempt's outcome on the task: delivering -> `to`
+    (delivered, failed) when given, else only `fields` (a retry is scheduled, or a manual attempt
+    failed). Returned, not run: the caller commits it with the attempt's own row."""
+    where: dict[str, Any] = {"id": uuid.UUID(str(task_id)), "run": run}
+    values = dict(fields)
+    if to is not None:
+        where["callback_status"] = callback_transition(to=to, expected=[C.DELIVERING])
+        values["callback_status"] = to
+    return rawsql.update_statement(Task, where=where, values=values)
+
+
+def settle_failed_manual_delivery(*, task_id: uuid.UUID | str, run: int) -> bool:
+    """A failed manual attempt settles the callback as failed, unless an automatic retry is
+    still due (it decides)."""
+    expected = callback_transition(to=C.FAILED, expected=[C.DELIVERING])
+    return (
+        Task.objects.filter(
+            pk=task_id, run=run, callback_status__in=expected, callback_next_attempt_at__isnull=True
+        ).update(callback_status=C.FAILED)
+        == 1
+    )
+
+
+def reopen_delivery(*, task_id: uuid.UUID | str, run: int) -> bool:
+    """An operator's redelivery: a settled (or never started) callback is pending again; one
+    being delivered is left as it is (its attempt will record the outcome)."""
+    expected = callback_transition(to=C.PENDING)
+    return (
+        _update(
+            {"id": uuid.UUID(str(task_id)), "run": run, "callback_status": expected},
+            {"callback_status": C.PENDING},
+        )
+        == 1
+    )

@@ -521,6 +521,7 @@ def test_stuck_alerts_use_each_applications_thresholds_and_cap_the_count(make_ap
 
 
 def test_stuck_counts_cover_more_applications_than_one_statement_holds(make_app):
+    from tasks import sql
     from tasks.selectors import alerts as selectors
 
     now = timezone.now()
@@ -531,8 +532,9 @@ def test_stuck_counts_cover_more_applications_than_one_statement_holds(make_app)
     # the application with a stuck task comes last.
     others = [Application(pk=uuid.uuid4(), queue_threshold_seconds=60, run_threshold_seconds=60)
               for _ in range(selectors.STUCK_PARTS_PER_STATEMENT * 2)]  # fmt: skip
-    counts = selectors._stuck_counts([*others, stuck.application], now=now)
-    assert counts == {(str(stuck.application.pk), "pending"): 1}
+    counts = sql.stuck_counts([*others, stuck.application], now=now, cap=100,
+                              per_statement=selectors.STUCK_PARTS_PER_STATEMENT)  # fmt: skip
+    assert counts == {(str(stuck.application.pk), "stuck_pending"): 1}
 
 
 def test_overview_counts_and_alerts(viewer, app):

@@ -134,6 +134,6 @@ def test_worker_statements_are_prepared_once_per_connection(make_app, settings, 
     with connection.cursor() as cursor:
         cursor.execute("SELECT statement FROM pg_prepared_statements")
         statements = [row[0] for row in cursor.fetchall()]
-    starts = [sql for sql in statements if sql.startswith("UPDATE") and "RETURNING inputs" in sql]
+    starts = [sql for sql in statements if sql.startswith("UPDATE") and 'RETURNING "inputs"' in sql]
     finishes = [sql for sql in statements if 'SET "status" = $1, "output"' in sql]
     assert (len(starts), len(finishes)) == ((1, 1) if prepared else (0, 0))

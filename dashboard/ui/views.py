@@ -29,11 +29,11 @@ from tasks.models import (
     BulkOperation,
     CallbackStatus,
     Task,
-    TaskStatus,
 )
 from tasks.selectors import alerts as alerting
 from tasks.selectors import overview as stats
 from tasks.selectors import task_lists
+from tasks.statuses import CALLBACK_IN_FLIGHT, DELIVERABLE, RETRYABLE, STUCK_RULES
 from tasks.telemetry import stats_history
 from tasks.upkeep import bulk, retention
 
@@ -95,7 +95,7 @@ def alert_action(request: HttpRequest) -> HttpResponse:
     kind = request.POST.get("kind", "")
     app_id = request.POST.get("application", "")
     action = request.POST.get("action", "")
-    if kind not in ("stuck_pending", "stuck_running") or action not in ("retry", "fail"):
+    if kind not in STUCK_RULES or action not in ("retry", "fail"):
         return HttpResponse("Unknown alert action.", status=400)
     try:
         ids = alerting.stuck_task_ids(application_id=app_id, kind=kind)
@@ -218,11 +218,10 @@ def _task_context(task_id: uuid.UUID) -> dict:
         "attempts": task.callback_attempt_rows.order_by("-run", "-number")[:200],
         "logs": task.logs.order_by("-id")[:500][::-1],
         "past_runs": task.past_runs.order_by("-run")[:50],
-        "can_retry": task.status in (TaskStatus.FAILED, TaskStatus.CANCELLED),
-        "can_redeliver": bool(task.callback_url) and task.status in callbacks.DELIVERABLE_STATUSES,
+        "can_retry": task.status in RETRYABLE,
+        "can_redeliver": bool(task.callback_url) and task.status in DELIVERABLE,
         "can_cancel": not task.is_finished,
-        "live": not task.is_finished
-        or task.callback_status in (CallbackStatus.PENDING, CallbackStatus.DELIVERING),
+        "live": not task.is_finished or task.callback_status in CALLBACK_IN_FLIGHT,
     }
 
 

@@ -16,7 +16,7 @@ from django.views.decorators.csrf import csrf_exempt
 from tasks import credentials, jsonsafety
 from tasks.api import blocking, ratelimit
 from tasks.idempotency import IdempotencyConflict
-from tasks.models import FINISHED_STATUSES, ApiKey, IdempotencyRecord, Task
+from tasks.models import ApiKey, IdempotencyRecord, Task
 from tasks.plumbing.queueing import wait_for_finish
 from tasks.presenters import (
     accepted_body,
@@ -27,6 +27,7 @@ from tasks.presenters import (
 )
 from tasks.selectors.polling import task_for_client
 from tasks.services import cancel_task
+from tasks.statuses import FINISHED
 from tasks.submission import (
     ValidationFailed,
     parse_submit_body,
@@ -223,9 +224,7 @@ def generate(request: HttpRequest, app_id: str) -> JsonResponse:
             wait_for_finish(
                 task.id,
                 timeout=timeout,
-                is_finished=lambda: Task.objects.filter(
-                    pk=task.id, status__in=FINISHED_STATUSES
-                ).exists(),
+                is_finished=lambda: Task.objects.filter(pk=task.id, status__in=FINISHED).exists(),
             )
     task.refresh_from_db()
     if task.is_finished:

@@ -20,11 +20,11 @@ from datetime import UTC, datetime, timedelta
 
 import redis
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 from rq.exceptions import DuplicateJobError
 
-from tasks import credentials, jsonsafety
+from tasks import credentials, jsonsafety, state
 from tasks.applications import cached_application, current_application
 from tasks.delivery import endpoints, retry_policy, signing, ssrf, webhook_http
 from tasks.delivery.webhook_http import Outcome
@@ -34,18 +34,17 @@ from tasks.models import (
     CallbackAttempt,
     CallbackStatus,
     Task,
-    TaskStatus,
 )
 from tasks.plumbing import rawsql
 from tasks.plumbing.queueing import SUCCESSFUL_JOB_TTL, delete_job, queue
 from tasks.presenters import callback_body
+from tasks.statuses import DELIVERABLE
 from tasks.telemetry.metrics import record_callback_attempt
 
 logger = logging.getLogger(__name__)
 
 VERSION = importlib.metadata.version("taskhook")  # pyproject.toml, via the installed package
 USER_AGENT = f"Taskhook/{VERSION}"
-DELIVERABLE_STATUSES = (TaskStatus.SUCCEEDED, TaskStatus.FAILED)
 
 
 # --- scheduling -------------------------------------------------------------------------------
@@ -124,7 +123,7 @@ def schedule_first_delivery(
         task = (
             Task.objects.select_related("application")
             .filter(pk=task_id, callback_status=CallbackStatus.PENDING,
-                    status__in=DELIVERABLE_STATUSES)
+                    status__in=DELIVERABLE)
             .first()
         )  # fmt: skip
     if task is None:
@@ -158,14 +157,12 @@ def redeliver(*, task_ids: list[uuid.UUID | str]) -> list[uuid.UUID]:
     whatever its automatic state. Returns the ids that were enqueued."""
     tasks = (
         Task.objects.select_related("application")
-        .filter(pk__in=task_ids, status__in=DELIVERABLE_STATUSES)
+        .filter(pk__in=task_ids, status__in=DELIVERABLE)
         .exclude(callback_url="")
     )
     enqueued: list[uuid.UUID] = []
     for task in tasks:
-        Task.objects.filter(pk=task.pk, run=task.run).exclude(
-            callback_status=CallbackStatus.DELIVERING
-        ).update(callback_status=CallbackStatus.PENDING)
+        state.reopen_delivery(task_id=task.pk, run=task.run)
         if _enqueue_delivery(task=task, trigger=AttemptTrigger.MANUAL):
             enqueued.append(task.id)
     return enqueued
@@ -174,48 +171,19 @@ def redeliver(*, task_ids: list[uuid.UUID | str]) -> list[uuid.UUID]:
 # --- one attempt ------------------------------------------------------------------------------
 
 
-# The fields a delivery needs (the payload, the URL), returned by the claim itself.
-CLAIMED_FIELDS = (
-    "id", "run", "application", "status", "output", "error", "user",
-    "created_at", "started_at", "finished_at", "callback_url", "callback_attempts",
-)  # fmt: skip
-CLAIM_SQL = (
-    "UPDATE {task} SET callback_attempts = callback_attempts + 1, callback_status = %s{extra} "
-    "WHERE id = %s AND run = %s AND status IN (%s, %s) AND callback_url <> ''{only_due} "
-    "RETURNING {columns}, "
-    "(SELECT updated_at FROM {application} WHERE {application}.id = {task}.application_id)"
-)
-
-
 def _claim_attempt(task_id: uuid.UUID | str, run: int, trigger: str) -> Task | None:
-    """Reserve the next attempt number for this run, mark the callback as delivering and read
-    what the delivery needs: one atomic UPDATE ... RETURNING, so two deliveries of the same run
-    never share a number. None when there is nothing to deliver (task gone or re-run, no
-    callback, or, for an automatic attempt, the callback already settled).
-
-    The application comes from a per-process cache checked against its `updated_at`, returned
-    by the same statement: a rotated secret signs the very next delivery.
-    """
-    auto = trigger == AttemptTrigger.AUTO
-    params = [CallbackStatus.DELIVERING,
-              Task._meta.pk.get_db_prep_value(uuid.UUID(str(task_id)), connection), run,
-              *DELIVERABLE_STATUSES]  # fmt: skip
-    if auto:
-        params += [CallbackStatus.PENDING, CallbackStatus.DELIVERING]
-    fields, columns = rawsql.columns(Task, CLAIMED_FIELDS)
-    sql = CLAIM_SQL.format(
-        task=rawsql.quote(Task._meta.db_table),
-        application=rawsql.quote(Application._meta.db_table),
-        extra=", callback_next_attempt_at = NULL" if auto else "",
-        only_due=" AND callback_status IN (%s, %s)" if auto else "",
-        columns=columns,
+    """Claim the next attempt (tasks.state.claim_delivery). The application comes from a
+    per-process cache checked against its `updated_at`, returned by the same statement: a
+    rotated secret signs the very next delivery."""
+    claimed = state.claim_delivery(
+        task_id=task_id, run=run, automatic=trigger == AttemptTrigger.AUTO
     )
-    row = rawsql.fetchone(rawsql.Statement(sql, params))
-    if row is None:
+    if claimed is None:
         return None
-    task = rawsql.instance(Task, fields, row)
-    updated_at = rawsql.from_db(Application._meta.get_field("updated_at"), row[-1])
-    task.application = current_application(task.application_id, updated_at=updated_at)
+    task = claimed.task
+    task.application = current_application(
+        task.application_id, updated_at=claimed.application_updated_at
+    )
     return task
 
 
@@ -332,11 +300,13 @@ def _deliver_now(*, task_id: str, run: int, trigger: str, auto_attempt: int | No
         outcome = Outcome(error=jsonsafety.clean_text(f"{type(exc).__name__}: {exc}")[:2000])
     auto_attempt = auto_attempt or 1
     delay = None
+    settle_as: str | None = None  # the callback's new status, if the attempt settles it
+    fields: dict = {}
     if outcome.delivered:
-        result, fields = "delivered", {"callback_status": CallbackStatus.DELIVERED}
+        result, settle_as = "delivered", CallbackStatus.DELIVERED
     elif not auto:
         # A manual attempt schedules nothing; an automatic retry already scheduled still runs.
-        result, fields = "failed", {}
+        result = "failed"
     else:
         delay = retry_policy.next_delay(
             schedule=list(task.application.retry_schedule),
@@ -345,7 +315,7 @@ def _deliver_now(*, task_id: str, run: int, trigger: str, auto_attempt: int | No
             retry_after=outcome.retry_after,
         )
         if delay is None:
-            result, fields = "failed", {"callback_status": CallbackStatus.FAILED}
+            result, settle_as = "failed", CallbackStatus.FAILED
         else:
             next_at = timezone.now() + timedelta(seconds=delay)
             result, fields = "retrying", {"callback_next_attempt_at": next_at}
@@ -363,17 +333,14 @@ def _deliver_now(*, task_id: str, run: int, trigger: str, auto_attempt: int | No
         delivered=outcome.delivered,
     ))  # fmt: skip
     fields["callback_last_status_code"] = outcome.status_code
-    callback_state = rawsql.update_statement(Task, where={"id": task.id, "run": run}, values=fields)
+    callback_state = state.delivery_outcome(task_id=task.id, run=run, to=settle_as, **fields)
     if auto or outcome.delivered:
         rawsql.execute_together(attempt, callback_state)  # the attempt and the state: one commit
     else:
         with transaction.atomic():
             rawsql.execute(attempt)
             rawsql.execute(callback_state)
-            # A failed manual attempt settles the callback unless an automatic retry is due.
-            Task.objects.filter(pk=task.id, run=run, callback_next_attempt_at__isnull=True).update(
-                callback_status=CallbackStatus.FAILED
-            )
+            state.settle_failed_manual_delivery(task_id=task.id, run=run)
     record_callback_attempt(application_id=task.application_id, delivered=outcome.delivered)
     log_extra = {"task_id": str(task.id), "app_id": str(task.application_id), "attempt": number}
     if outcome.delivered:

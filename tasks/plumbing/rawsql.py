@@ -81,24 +81,32 @@ def insert_statement(instance: Model) -> Statement:
 def update_statement(
     model: type[Model], *, where: dict[str, Any], values: dict[str, Any]
 ) -> Statement:
-    """`model.objects.filter(**where).update(**values)` for equality filters."""
-    sql, fields = _update_sql(model, tuple(values), tuple(where))
+    """`model.objects.filter(**where).update(**values)` for filters of equality, or of
+    membership when the filter's value is a tuple (`status__in`)."""
+    shape = tuple((name, len(v) if isinstance(v, tuple) else None) for name, v in where.items())
+    sql, fields = _update_sql(model, tuple(values), shape)
     assigned, matched = fields[: len(values)], fields[len(values) :]
     params = [field.get_db_prep_save(value, connection)
               for field, value in zip(assigned, values.values(), strict=True)]  # fmt: skip
-    params += [field.get_db_prep_value(value, connection)
-               for field, value in zip(matched, where.values(), strict=True)]  # fmt: skip
+    for field, value in zip(matched, where.values(), strict=True):
+        for one in value if isinstance(value, tuple) else (value,):
+            params.append(field.get_db_prep_value(one, connection))
     return Statement(sql, params)
 
 
 @functools.cache
 def _update_sql(
-    model: type[Model], assigned: tuple[str, ...], matched: tuple[str, ...]
+    model: type[Model], assigned: tuple[str, ...], matched: tuple[tuple[str, int | None], ...]
 ) -> tuple[str, tuple[Field, ...]]:
     meta = model._meta
-    fields = tuple(meta.get_field(name) for name in (*assigned, *matched))
+    fields = tuple(meta.get_field(name) for name in (*assigned, *(name for name, _ in matched)))
     assignments = ", ".join(f"{quote(field.column)} = %s" for field in fields[: len(assigned)])
-    conditions = " AND ".join(f"{quote(field.column)} = %s" for field in fields[len(assigned) :])
+    conditions = " AND ".join(
+        f"{quote(field.column)} = %s"
+        if count is None
+        else f"{quote(field.column)} IN ({', '.join(['%s'] * count)})"
+        for field, (_, count) in zip(fields[len(assigned) :], matched, strict=True)
+    )
     return f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {conditions}", fields  # noqa: S608
 
 

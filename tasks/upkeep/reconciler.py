@@ -35,6 +35,7 @@ from tasks.execution.executor import on_task_finished
 from tasks.execution.worker import KNOWN_WORKERS_KEY, alive_key
 from tasks.models import CallbackAttempt, CallbackStatus, Task, TaskStatus
 from tasks.plumbing.queueing import delete_job, queue, redis_client
+from tasks.statuses import DELIVERABLE
 from tasks.submission import enqueue_pending_task
 from tasks.telemetry.metrics import record_reconciler_corrections
 
@@ -225,7 +226,7 @@ def _reschedule_callbacks(client: redis.Redis, report: ReconcileReport) -> None:
     now = timezone.now()
     due = (
         Task.objects.select_related("application")
-        .filter(status__in=(TaskStatus.SUCCEEDED, TaskStatus.FAILED))
+        .filter(status__in=DELIVERABLE)
         .filter(
             # never scheduled (or its first job vanished)
             Q(callback_status=CallbackStatus.PENDING, finished_at__lt=now - CALLBACK_GRACE)

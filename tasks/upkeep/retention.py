@@ -25,16 +25,15 @@ from django.utils import timezone
 
 from tasks import idempotency
 from tasks.models import (
-    FINISHED_STATUSES,
     Application,
     CallbackAttempt,
-    CallbackStatus,
     CleanupRun,
     Task,
     TaskLog,
     TaskRunHistory,
 )
 from tasks.plumbing.queueing import redis_client
+from tasks.statuses import CALLBACK_IN_FLIGHT, FINISHED
 from tasks.telemetry.metrics import record_cleanup
 
 logger = logging.getLogger(__name__)
@@ -48,11 +47,9 @@ PREVIEW_CAP = 10_000
 def expired_tasks(application: Application, now: datetime | None = None) -> QuerySet[Task]:
     cutoff = (now or timezone.now()) - timedelta(hours=application.retention_hours)
     return (
-        Task.objects.filter(
-            application=application, status__in=FINISHED_STATUSES, finished_at__lt=cutoff
-        )
+        Task.objects.filter(application=application, status__in=FINISHED, finished_at__lt=cutoff)
         # A callback still being delivered keeps its task until delivery ends.
-        .exclude(callback_status__in=(CallbackStatus.PENDING, CallbackStatus.DELIVERING))
+        .exclude(callback_status__in=CALLBACK_IN_FLIGHT)
     )
 
 

@@ -1,5 +1,5 @@
-"""The hand-written statements (tasks.plumbing.rawsql and its callers) give exactly what the ORM
-statements they replace give, on whichever backend the suite runs on."""
+"""The hand-written statements (tasks.sql, and tasks.plumbing.rawsql's builders) give exactly
+what the ORM statements they replace give, on whichever backend the suite runs on."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from django.db import connection
 from django.forms.models import model_to_dict
 from django.utils import timezone
 
-from tasks import state
+from tasks import sql, state
 from tasks.delivery import callbacks
 from tasks.models import (
     Application,
@@ -169,7 +169,7 @@ def test_claim_attempt_returns_what_its_docstring_says(application):
     assert stored.callback_status == CallbackStatus.DELIVERING
     assert stored.callback_next_attempt_at is None
     # What the delivery needs, loaded as the ORM loads it; everything else deferred.
-    for name in callbacks.CLAIMED_FIELDS:
+    for name in sql.CLAIMED_FIELDS:
         attname = Task._meta.get_field(name).attname
         assert getattr(claimed, attname) == getattr(stored, attname), name
     assert claimed.get_deferred_fields() >= {"inputs", "traceback", "callback_status"}
@@ -224,3 +224,71 @@ def test_claim_attempt_of_a_failed_task_and_a_manual_after_settling(application)
     assert callbacks._claim_attempt(failed.id, 1, AttemptTrigger.AUTO) is None
     manual = callbacks._claim_attempt(failed.id, 1, AttemptTrigger.MANUAL)
     assert manual.callback_attempts == 2
+
+
+# --- every statement of tasks.sql against its ORM twin --------------------------------------
+
+
+def test_start_run_and_its_orm_twin_agree(application):
+    raw, orm = task(application), task(application)
+    now = timezone.now()
+    common = {"run": 1, "worker_name": "w", "now": now, "to": "running", "expected": "pending"}
+    assert sql.start_run(task_id=raw.id, **common) == sql.start_run_orm(task_id=orm.id, **common)
+    assert row(raw.pk) == row(orm.pk)
+    # Both lose alike (no longer pending).
+    assert sql.start_run(task_id=raw.id, **common) is sql.start_run_orm(task_id=orm.id, **common)
+
+
+@pytest.mark.parametrize("callback", list(CallbackStatus))
+@pytest.mark.parametrize("automatic", [True, False])
+def test_claim_attempt_and_its_orm_twin_agree(application, callback, automatic):
+    now = timezone.now()
+    same = {"callback_status": callback, "callback_attempts": 1, "callback_next_attempt_at": now,
+            "started_at": now - timedelta(seconds=2), "finished_at": now}  # fmt: skip
+    raw, orm = finished(application, **same), finished(application, **same)
+    expected = ("pending", "delivering") if automatic else ("pending", "delivering", "failed")
+    common = {"run": 1, "to": "delivering", "expected": expected,
+              "task_statuses": ("succeeded", "failed"),
+              "clear_next_attempt": automatic}  # fmt: skip
+    got_raw = sql.claim_attempt(task_id=raw.id, **common)
+    got_orm = sql.claim_attempt_orm(task_id=orm.id, **common)
+    assert (got_raw is None) == (got_orm is None) == (callback not in expected)
+    assert row(raw.pk) == row(orm.pk)
+    if got_raw is not None:
+        for name in sql.CLAIMED_FIELDS:
+            if name != "id":
+                attname = Task._meta.get_field(name).attname
+                assert getattr(got_raw.task, attname) == getattr(got_orm.task, attname), name
+        assert got_raw.application_updated_at == got_orm.application_updated_at
+
+
+def test_poll_and_its_orm_twin_agree(application):
+    stored = finished(application, callback_last_status_code=500)
+    raw = sql.poll(task_id=stored.id, application_id=application.id)
+    orm = sql.poll_orm(task_id=stored.id, application_id=application.id)
+    for name in sql.POLL_FIELDS:
+        attname = Task._meta.get_field(name).attname
+        assert getattr(raw, attname) == getattr(orm, attname), name
+    assert raw.get_deferred_fields() == orm.get_deferred_fields()
+    other = Application.objects.create(name="other", runner="echo", webhook_secret="whsec_y")
+    assert sql.poll(task_id=stored.id, application_id=other.id) is None
+    assert sql.poll_orm(task_id=stored.id, application_id=other.id) is None
+
+
+def test_stuck_counts_and_their_orm_twin_agree(application):
+    now = timezone.now()
+    strict = Application.objects.create(
+        name="strict", runner="echo", webhook_secret="whsec_s",
+        queue_threshold_seconds=10, run_threshold_seconds=10,
+    )  # fmt: skip
+    for app in (application, strict):
+        for minutes in (0, 1, 30, 60 * 24):
+            task(app, created_at=now - timedelta(minutes=minutes))
+            task(app, status="running", created_at=now - timedelta(minutes=minutes),
+                 started_at=now - timedelta(minutes=minutes))  # fmt: skip
+        task(app, status="succeeded", created_at=now - timedelta(days=2))
+    apps = [application, strict]
+    for cap in (1, 2, 100):
+        raw = sql.stuck_counts(apps, now=now, cap=cap, per_statement=1)
+        assert raw == sql.stuck_counts_orm(apps, now=now, cap=cap)
+        assert raw[str(strict.pk), "stuck_pending"] == min(cap, 3)
