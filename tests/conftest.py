@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 from django.db import connection
-from django.test import Client
+from django.test import Client as DjangoClient
 from django.test import client as test_client
 from rq import Queue
 from rq.registry import ScheduledJobRegistry
 
+from dashboard.runtime.handlers import ApiMiddlewareMixin, is_api
 from dashboard.runtime.processes import TASK_WORKER_CLASS, worker_argv
-from dashboard.runtime.wsgi import is_api, with_api_middleware
 from tasks.applications import CreatedApplication, create_application
 from tasks.models import Application, Task
 from tasks.plumbing.queueing import redis_client
@@ -146,23 +146,34 @@ def live_worker(worker, transactional_db) -> WorkerProcess:
     return worker
 
 
-class ServedClientHandler(test_client.ClientHandler):  # Django's, subclassed before the patch
+class ApiClientHandler(ApiMiddlewareMixin, test_client.ClientHandler):
+    """The test client's handler with the API's middleware chain."""
+
+
+class ServedClientHandler(test_client.ClientHandler):
     """The test client's handler, routing /api/ through settings.API_MIDDLEWARE as
-    dashboard.runtime.wsgi does in production, so API tests see the API's own middleware chain."""
+    dashboard.runtime.handlers.RoutingHandler does in production."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.api = with_api_middleware(ServedClientHandler.__base__, *args, **kwargs)
+        self.api = ApiClientHandler(*args, **kwargs)
 
     def __call__(self, environ):
         return self.api(environ) if is_api(environ) else super().__call__(environ)
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _clients_route_as_served() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(test_client, "ClientHandler", ServedClientHandler)
-        yield
+class Client(DjangoClient):
+    """Django's test client, served as production serves requests (the suite's only client:
+    tests/unit/test_seams.py fails on a test module that imports Django's own)."""
+
+    def __init__(self, enforce_csrf_checks: bool = False, **defaults) -> None:
+        super().__init__(enforce_csrf_checks, **defaults)
+        self.handler = ServedClientHandler(enforce_csrf_checks)
+
+
+@pytest.fixture
+def client() -> Client:
+    return Client()
 
 
 @pytest.fixture(autouse=True)

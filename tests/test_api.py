@@ -7,10 +7,9 @@ import json
 import uuid
 
 import pytest
-from django.test import Client
 
 from tasks.models import Task, TaskLog
-from tests.conftest import wait_for, wait_for_status
+from tests.conftest import Client, wait_for, wait_for_status
 
 pytestmark = pytest.mark.django_db
 

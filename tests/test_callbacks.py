@@ -9,7 +9,6 @@ import socket
 from datetime import timedelta
 
 import pytest
-from django.test import Client
 from django.utils import timezone
 from rq.worker import BaseWorker
 from standardwebhooks import Webhook
@@ -19,7 +18,7 @@ from tasks.applications import rotate_webhook_secret
 from tasks.delivery import callbacks, ssrf
 from tasks.models import Application, CallbackAttempt, Task
 from tasks.plumbing.queueing import redis_client
-from tests.conftest import WorkerProcess, api_submit, wait_for
+from tests.conftest import Client, WorkerProcess, api_submit, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -377,7 +377,7 @@ def test_rate_limit_zero_skips_the_bucket(make_app, monkeypatch):
 
 @pytest.mark.django_db
 def test_unlimited_key_is_never_answered_429_over_the_api(make_app):
-    from django.test import Client
+    from tests.conftest import Client
 
     app = make_app("echo", rate_limit_per_second=0, rate_limit_burst=1)
     client = Client()

@@ -13,7 +13,6 @@ from urllib.parse import urljoin
 
 import pytest
 from django.contrib.auth.models import Permission, User
-from django.test import Client
 from django.urls import resolve
 from django.utils import timezone
 
@@ -27,7 +26,7 @@ from tasks.models import (
     Task,
 )
 from tasks.selectors.task_lists import TaskFilters, task_page, uuid_prefix_range
-from tests.conftest import BASE_DIR
+from tests.conftest import BASE_DIR, Client
 
 pytestmark = pytest.mark.django_db
 

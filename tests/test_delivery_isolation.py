@@ -121,9 +121,9 @@ def test_a_black_hole_endpoint_does_not_delay_a_healthy_one(make_app, live_worke
 def test_the_cap_is_set_from_the_command_line_and_shown_on_the_application_page(make_app):
     from django.contrib.auth.models import User
     from django.core.management import call_command
-    from django.test import Client
 
     from tasks.models import Application
+    from tests.conftest import Client
 
     app = make_app("echo")
     call_command("setapplication", str(app.application.id), "--endpoint-max-in-flight", "7")

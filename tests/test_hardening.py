@@ -15,13 +15,12 @@ from datetime import timedelta
 import pytest
 import requests
 from django.contrib.auth.models import Permission, User
-from django.test import Client
 from django.utils import timezone
 
 from dashboard.runtime.processes import web_argv
 from tasks.models import IdempotencyRecord, Task
 from tasks.upkeep.retention import run_cleanup
-from tests.conftest import BASE_DIR, subprocess_env, wait_for
+from tests.conftest import BASE_DIR, Client, subprocess_env, wait_for
 from tests.stack import free_port
 
 BODY = {"inputs": {"q": "report"}, "response_mode": "async"}

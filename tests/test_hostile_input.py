@@ -8,11 +8,11 @@ import json
 
 import pytest
 from django.contrib.auth.models import User
-from django.test import Client
 
 from tasks.execution.executor import execute_task
 from tasks.jsonsafety import MAX_DEPTH
 from tasks.models import Task
+from tests.conftest import Client
 
 pytestmark = pytest.mark.django_db
 

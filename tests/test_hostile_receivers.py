@@ -234,7 +234,7 @@ def test_rebinding_to_loopback_after_the_submit_check_is_refused(
     dns["hooks.customer.example"] = [["93.184.216.34"], ["127.0.0.1"]]
     app = make_app("echo", retry_schedule=[])
     url = f"http://hooks.customer.example:{server.port}/hook"
-    from django.test import Client
+    from tests.conftest import Client
 
     response = Client().post(
         f"/api/applications/{app.application.id}/generate",

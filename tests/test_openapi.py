@@ -15,7 +15,6 @@ import jsonschema_rs
 import pytest
 import requests
 import schemathesis
-from django.test import Client
 from django.utils import timezone
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -29,7 +28,7 @@ from schemathesis.specs.openapi.checks import (
 
 from tasks.applications import create_application
 from tasks.models import Application, Task
-from tests.conftest import BASE_DIR, wait_for_status
+from tests.conftest import BASE_DIR, Client, wait_for_status
 from tests.stack import Stack
 
 DOCUMENT = BASE_DIR / "docs" / "openapi.json"

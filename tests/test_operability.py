@@ -12,7 +12,6 @@ import time
 
 import pytest
 import redis
-from django.test import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from dashboard.runtime.embedded_redis import EmbeddedRedis
@@ -20,7 +19,7 @@ from dashboard.runtime.logging import JsonFormatter, TextFormatter, redact
 from tasks.models import Task
 from tasks.plumbing.queueing import redis_client
 from tasks.telemetry import counters
-from tests.conftest import api_submit, wait_for, wait_for_status
+from tests.conftest import Client, api_submit, wait_for, wait_for_status
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

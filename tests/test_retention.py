@@ -11,7 +11,6 @@ import pytest
 from django.contrib.auth.models import User
 from django.core.management import call_command
 from django.db import connection
-from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from rq.job import Job
@@ -21,7 +20,7 @@ from tasks.models import AuditEntry, CallbackAttempt, CleanupRun, Task, TaskLog,
 from tasks.plumbing.queueing import redis_client, task_job_id
 from tasks.submission import enqueue_pending_task
 from tasks.upkeep import retention
-from tests.conftest import subprocess_env, wait_for
+from tests.conftest import Client, subprocess_env, wait_for
 
 pytestmark = pytest.mark.django_db
 
