@@ -3,8 +3,7 @@
 gthread workers: blocking submits wait on Redis for up to the blocking timeout, so each process
 serves many requests at once with threads rather than one per process. Two processes per core:
 a process's threads share one GIL, and with one process per core a submit burst left a core idle
-while the other's threads queued (10 clients on 2 cores: 4 processes served about 585 submits/s
-against 460 for 2, in interleaved runs).
+while the other's threads queued (docs/benchmarks.md, "Measurements behind design choices").
 """
 
 import multiprocessing
@@ -19,7 +18,7 @@ graceful_timeout = 10
 keepalive = 5
 max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "10000"))
 # Django is imported once in the master and workers are forked from it: a worker recycled by
-# max_requests is serving again in milliseconds instead of re-importing everything (~1 s of CPU).
+# max_requests serves again at once instead of re-importing everything.
 preload_app = True
 max_requests_jitter = 500
 accesslog = os.environ.get("GUNICORN_ACCESSLOG", None)

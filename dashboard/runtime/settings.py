@@ -83,8 +83,8 @@ DATABASES = {
     "default": env.db_url("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'taskhook.sqlite3'}")
 }
 _db = DATABASES["default"]
-# Persistent connections on every backend: opening one per request cost a submit on SQLite about
-# a tenth of its CPU (connect, the PRAGMAs below, Django's function registrations).
+# Persistent connections on every backend: opening one per request costs a submit on SQLite a
+# connect, the PRAGMAs below and Django's function registrations (docs/benchmarks.md).
 _db.setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=60))
 if _db["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the web process read while a worker writes; IMMEDIATE avoids lock-upgrade deadlocks.

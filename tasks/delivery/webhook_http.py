@@ -8,8 +8,7 @@
   thread forever. A watchdog thread shuts the socket of an attempt that passed its deadline.
 - Connecting has its own shorter timeout (CALLBACK_CONNECT_TIMEOUT), so an address that
   swallows SYNs costs seconds, not the whole callback timeout.
-- urllib3 rather than httpx: a delivery to a local receiver costs a third of the client CPU
-  (docs/benchmarks.md). Redirects are never followed, nothing is retried inside an attempt (the
+- urllib3 rather than httpx: less client CPU per delivery (docs/benchmarks.md). Redirects are never followed, nothing is retried inside an attempt (the
   retry policy decides), and no proxy is used (it would resolve the host out of the guard's
   sight).
 """

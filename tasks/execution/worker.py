@@ -299,7 +299,7 @@ class LivenessMixin:
     # --- fewer round trips ----------------------------------------------------------------------
 
     # RQ refreshes its worker key up to three times per job, three commands each (HSET, two
-    # EXPIREs), one round trip per command: a third of its Redis traffic for a no-op job. Here
+    # EXPIREs), one round trip per command: much of its Redis traffic for a no-op job. Here
     # the refresh goes in one round trip and at most once a second while the worker is busy; the
     # key lives worker_ttl + 60 s, so a second is plenty. A heartbeat that carries a job's own
     # TTL (inside RQ's pipelines) is never skipped.

@@ -1,7 +1,8 @@
 """Counters bound for Redis (charts and /metrics), batched per process inside workers.
 
 A worker finishes hundreds of tasks a second; a Redis round trip per task only to bump the
-charts' and the metrics' counters cost about a tenth of a task's whole time in the worker. Inside
+charts' and the metrics' counters was a visible share of a task's time in the worker
+(docs/benchmarks.md, "Measurements behind design choices"). Inside
 a worker (`start_batching()`, called by tasks.execution.worker) increments collect here and the
 worker's background thread writes them in one pipeline every FLUSH_SECONDS and on shutdown.
 Everywhere else (web, management commands) each increment is written at once.

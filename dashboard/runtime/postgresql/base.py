@@ -1,8 +1,8 @@
 """Django's PostgreSQL backend with a health check that skips connections in steady use.
 
 With CONN_HEALTH_CHECKS, Django pings the server (`SELECT 1`) before the first query of every
-request: on a busy web process that is one more round trip on every submit and every poll, about
-a sixth of a submit's time. Connections die mostly while they sit idle (a server restart, an idle
+request: on a busy web process that is one more round trip on every submit and every poll
+(docs/benchmarks.md). Connections die mostly while they sit idle (a server restart, an idle
 timeout in a proxy or firewall), so this backend pings only a connection that has not been used
 for HEALTH_CHECK_IDLE_SECONDS (settings; default 1 s). If a connection in steady use did die, the
 request fails (the API answers 503 with Retry-After) and Django discards the connection at the

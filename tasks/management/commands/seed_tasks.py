@@ -94,8 +94,8 @@ class Command(BaseCommand):
                 rate = made / (time.monotonic() - started)
                 self.stdout.write(f"{made} tasks ({rate:.0f}/s)")
         # Planner statistics for what was just loaded: until autovacuum gets to it, PostgreSQL
-        # would plan against the old row counts (a seq scan over the attempts for the last hour
-        # took the overview from ~7 to ~70 ms) and a benchmark would measure the wrong plan.
+        # would plan against the old row counts (a sequential scan over the attempts for the
+        # last hour instead of the index) and a benchmark would measure the wrong plan.
         with connection.cursor() as cursor:
             for model in (Task, CallbackAttempt):
                 cursor.execute(f"ANALYZE {connection.ops.quote_name(model._meta.db_table)}")
