@@ -17,6 +17,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET
 from django_htmx.http import HttpResponseClientRedirect
 
+from dashboard.runtime import processes
 from dashboard.ui.access import is_operator, operator_required, staff_required
 from dashboard.ui.charts import line_chart
 from dashboard.ui.forms import GRACE_CHOICES, ApplicationForm, RotateForm, TaskFilterForm
@@ -77,7 +78,10 @@ def back(request: HttpRequest, fallback: str) -> HttpResponse:
 @staff_required
 def overview(request: HttpRequest) -> HttpResponse:
     data = stats.overview()
-    context = {"overview": data, "alerts": alerting.alerts(data)}
+    context = {"overview": data, "alerts": alerting.alerts(data), "worker_commands": {
+        name: " ".join(argv) for name, argv in processes.procfile_commands().items()
+        if name in processes.WORKER_QUEUES
+    }}  # fmt: skip
     if not data.redis_error:
         finished = stats_history.finished_per_minute(60)
         depth = stats_history.queue_depth_history()

@@ -1,0 +1,45 @@
+"""Every process command is written once (dashboard/runtime/processes.py): the Procfile is its
+rendering, and the dashboard's no-worker hint shows the same commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+from dashboard.runtime import processes
+from tests.conftest import Client
+
+BASE_DIR = Path(__file__).resolve().parents[2]
+
+
+def test_the_procfile_is_the_rendered_process_table():
+    assert (BASE_DIR / "Procfile").read_text() == processes.render_procfile(), (
+        "regenerate it: python -m dashboard.runtime.processes > Procfile"
+    )
+
+
+def test_the_commands_name_real_modules_and_the_settings_queues():
+    from django.utils.module_loading import import_string
+
+    for worker_class in processes.WORKER_CLASSES.values():
+        import_string(worker_class)
+    import_string(processes.WSGI_APPLICATION + ".application")
+    assert (BASE_DIR / processes.GUNICORN_CONFIG).is_file()
+    assert settings.TASK_QUEUE in processes.WORKER_QUEUES["worker"]
+    assert settings.CALLBACK_QUEUE in processes.WORKER_QUEUES["callbacks"]
+    assert all(settings.MAINTENANCE_QUEUE in queues for queues in processes.WORKER_QUEUES.values())
+    argv = processes.worker_argv("callbacks", name="w-1")
+    assert argv[-2:] == ["--name", "w-1"] and "--with-scheduler" in argv
+
+
+@pytest.mark.django_db
+def test_the_no_worker_hint_shows_the_procfile_commands(django_user_model):
+    user = django_user_model.objects.create_user("viewer", password="pw", is_staff=True)
+    client = Client()
+    client.force_login(user)
+    page = client.get("/").content.decode()  # the suite's Redis has no live worker here
+    assert "No live RQ worker" in page
+    for name in processes.WORKER_QUEUES:
+        assert " ".join(processes.procfile_commands()[name]) in page
