@@ -59,11 +59,13 @@ test: $(STAMP)
 	@bash .ci/ensure-chromium
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 	$(PY) -m dashboard.runtime.embedded_redis exec -- $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 # Raw RQ vs Taskhook on SQLite + embedded Redis, and on PostgreSQL + Redis when DATABASE_URL
 # and REDIS_URL point at them; writes docs/benchmarks.md.
