@@ -18,7 +18,7 @@ PYTHON_BOOT := $(shell \
 
 # Local runs are development runs unless the environment says otherwise (production sets
 # DEBUG=false and SECRET_KEY; see README "Deployment").
-run dev test bench migrate: export DEBUG ?= true
+run dev test bench migrate lint: export DEBUG ?= true
 
 # Whether the shell configures Taskhook itself (read before the line above sets DEBUG for make).
 SHELL_CONFIGURED := $(filter-out undefined,$(origin DEBUG) $(origin SECRET_KEY))

@@ -11,7 +11,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Field, Q
 from django.utils import timezone
 
 from tasks import credentials
@@ -107,8 +107,10 @@ def _clean_setting(name: str, value: Any) -> Any:
             raise InvalidApplication(name, "must be a JSON object")
     elif name == "max_concurrency" and value in (0, "0"):
         value = None  # 0 and empty both mean no cap; NULL is how the model says it
+    field = Application._meta.get_field(name)
+    assert isinstance(field, Field)  # each of SETTINGS is a field of the model's own
     try:
-        return Application._meta.get_field(name).clean(value, None)  # the model's validators
+        return field.clean(value, None)  # the model's validators
     except ValidationError as exc:
         raise InvalidApplication(name, " ".join(exc.messages)) from exc
 

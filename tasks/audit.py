@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from tasks.models import AuditEntry
@@ -12,7 +13,7 @@ def record(
     user,
     action: str,
     target_type: str,
-    target_id: str = "",
+    target_id: str | int | uuid.UUID = "",
     detail: dict[str, Any] | None = None,
 ) -> AuditEntry:
     return AuditEntry.objects.create(

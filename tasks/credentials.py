@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import secrets
 import time
+import uuid
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -38,7 +39,7 @@ class IssuedKey:
     raw: str  # shown once, never stored
 
 
-def issue_api_key(*, application_id: str) -> IssuedKey:
+def issue_api_key(*, application_id: uuid.UUID | str) -> IssuedKey:
     raw = API_KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey.objects.create(
         application_id=application_id, prefix=raw[:12], key_hash=hash_api_key(raw)
@@ -61,6 +62,7 @@ def authenticate(raw_key: str) -> ApiKey | None:
     now = timezone.now()
     ttl = settings.AUTH_CACHE_SECONDS
     cached = _auth_cache.get(digest) if ttl else None
+    key: ApiKey | None
     if cached and cached[0] > time.monotonic():
         key = cached[1]
         if key.expires_at is not None and key.expires_at <= now:
@@ -97,7 +99,7 @@ def normalise_prefix(prefix: str) -> str:
 
 def revoke_api_keys(
     *,
-    application_id: str | None = None,
+    application_id: uuid.UUID | str | None = None,
     prefix: str | None = None,
     key_id: int | None = None,
 ) -> Revocation:
@@ -124,7 +126,7 @@ def revoke_api_keys(
     return Revocation(revoked=live, already=[key for key in found if key not in live])
 
 
-def forget_cached_keys(*, application_id: str) -> None:
+def forget_cached_keys(*, application_id: uuid.UUID | str) -> None:
     """Drop this process's cached lookups of an application's keys (after a rotation)."""
     for digest, (_, key) in list(_auth_cache.items()):
         if str(key.application_id) == str(application_id):

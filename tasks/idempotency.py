@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta
+from typing import cast
 
 from django.conf import settings
 from django.utils import timezone
@@ -34,12 +35,12 @@ def existing_for_key(
     found: Task | IdempotencyRecord | None = task
     if task is None:
         found = IdempotencyRecord.objects.filter(application=application, key=key).first()
-        if found is None:
-            return None
+    if found is None:
+        return None
     if found.created_at < window_start():
         # Past the window the key is free again; the old task keeps its data but not the key.
-        if task is not None:
-            Task.objects.filter(pk=task.pk, idempotency_key=key).update(idempotency_key=None)
+        if isinstance(found, Task):
+            Task.objects.filter(pk=found.pk, idempotency_key=key).update(idempotency_key=None)
         else:
             IdempotencyRecord.objects.filter(pk=found.pk).delete()
         return None
@@ -53,7 +54,8 @@ def keep_keys_of(task_ids: list[uuid.UUID]) -> None:
     Runs inside retention's delete transaction."""
     records = [
         IdempotencyRecord(
-            application_id=app_id, key=key, request_hash=request_hash, task_id=task_id,
+            # Never None: the query below selects idempotency_key__isnull=False.
+            application_id=app_id, key=cast(str, key), request_hash=request_hash, task_id=task_id,
             status=status, created_at=created_at,
         )
         for task_id, app_id, key, request_hash, status, created_at in Task.objects.filter(

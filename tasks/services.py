@@ -7,6 +7,7 @@ and jobs stay thin.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import Iterable
@@ -75,7 +76,7 @@ def retry_tasks(*, task_ids: Iterable[uuid.UUID | str]) -> list[uuid.UUID]:
         if new_run is None:
             continue
         task = Task.objects.select_related("application").get(pk=task_id)
-        transaction.on_commit(lambda task=task: enqueue_pending_task(task=task))
+        transaction.on_commit(functools.partial(enqueue_pending_task, task=task))
         retried.append(task.id)
     return retried
 
@@ -101,4 +102,4 @@ def requeue_pending(*, task_id: uuid.UUID | str) -> bool:
         .filter(pk=task_id, status=TaskStatus.PENDING)
         .first()
     )
-    return bool(task) and enqueue_pending_task(task=task)
+    return task is not None and enqueue_pending_task(task=task)

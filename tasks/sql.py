@@ -40,11 +40,11 @@ STARTED_FIELDS = ("inputs", "callback_url", "application", "response_mode")
 
 @functools.cache
 def _start_sql() -> str:
-    fields = [Task._meta.get_field(name) for name in STARTED_FIELDS]
+    fields = [rawsql.get_field(Task, name) for name in STARTED_FIELDS]
     return (
         f"UPDATE {rawsql.quote(Task._meta.db_table)} SET status = %s, started_at = %s, "  # noqa: S608
         "worker_name = %s, progress = 0 WHERE id = %s AND status = %s AND run = %s "
-        f"RETURNING {', '.join(rawsql.quote(field.column) for field in fields)}"
+        f"RETURNING {', '.join(rawsql.quote_column(field) for field in fields)}"
     )
 
 
@@ -60,7 +60,7 @@ def start_run(
     )
     if row is None:
         return None
-    fields = (Task._meta.get_field(name) for name in STARTED_FIELDS)
+    fields = (rawsql.get_field(Task, name) for name in STARTED_FIELDS)
     return StartedRun(*(rawsql.from_db(f, value) for f, value in zip(fields, row, strict=True)))
 
 
@@ -200,15 +200,16 @@ def stuck_counts(
     app_field = Task._meta.get_field("application")
     app_column = rawsql.quote(app_field.column)
     rule_of_status = {rule.status: name for name, rule in STUCK_RULES.items()}  # one rule each
-    parts, params = [], []
+    parts: list[str] = []
+    params: list[list[Any]] = []
     for application in applications:
         for rule in STUCK_RULES.values():
-            since = Task._meta.get_field(rule.since)
+            since = rawsql.get_field(Task, rule.since)
             threshold = getattr(application, rule.threshold)
             parts.append(
                 f"SELECT application_id, status FROM (SELECT {app_column} AS application_id, "  # noqa: S608
                 f"status FROM {table} WHERE {app_column} = %s AND status = %s AND "
-                f"{rawsql.quote(since.column)} < %s LIMIT {int(cap)}) AS stuck_{len(parts)}"
+                f"{rawsql.quote_column(since)} < %s LIMIT {int(cap)}) AS stuck_{len(parts)}"
             )
             params.append([
                 app_field.get_db_prep_value(application.pk, connection),

@@ -233,7 +233,7 @@ def test_setapplication_changes_every_setting_of_the_form_and_bumps_updated_at(m
         "endpoint_max_in_flight": 9,
     }  # fmt: skip
     assert row.updated_at > before  # the workers' caches key on it
-    assert "rate_limit        5/7" in out and "retention_hours   72 h" in out
+    assert "rate_limit             5/7" in out and "retention_hours        72 h" in out
     # Every setting of the dashboard's form has a flag (the form's extra fields map to two).
     form_settings = {*ApplicationForm.Meta.fields, "retry_schedule", "retention_hours"}
     assert form_settings == set(SETTINGS)

@@ -37,10 +37,11 @@ class ApiMiddlewareMixin(BaseHandler):
     def load_middleware(self, is_async: bool = False) -> None:
         if is_async:
             raise ImproperlyConfigured("the API handler is synchronous (WSGI)")
-        self._view_middleware = []
-        self._template_response_middleware = []
-        self._exception_middleware = []
-        handler = convert_exception_to_response(self._get_response)
+        self._view_middleware: list[Callable[..., Any]] = []
+        self._template_response_middleware: list[Callable[..., Any]] = []
+        self._exception_middleware: list[Callable[..., Any]] = []
+        # Private BaseHandler method (a checked seam, see above), not in django-stubs.
+        handler = convert_exception_to_response(self._get_response)  # type: ignore[attr-defined]
         for path in reversed(settings.API_MIDDLEWARE):
             try:
                 instance = import_string(path)(handler)

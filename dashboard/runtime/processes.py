@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TypedDict
 
 BASE_DIR = Path(__file__).resolve().parents[2]
 
@@ -77,10 +78,15 @@ def release_argv(python: str = sys.executable, *, absolute: bool = True) -> list
     return [*manage_argv(python, absolute=absolute), "migrate", "--noinput"]
 
 
+class _ArgvOptions(TypedDict):
+    python: str
+    absolute: bool
+
+
 def procfile_commands() -> dict[str, list[str]]:
     """The Procfile's processes as a platform runs them: `python` and paths relative to the
     project root."""
-    relative = {"python": "python", "absolute": False}
+    relative: _ArgvOptions = {"python": "python", "absolute": False}
     web = web_argv(**relative)
     return {
         "release": release_argv(**relative),

@@ -155,7 +155,6 @@ MAX_BODY_BYTES = env.int("MAX_BODY_BYTES", default=1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_BODY_BYTES
 IDEMPOTENCY_WINDOW_HOURS = 24
 CALLBACK_ALLOW_PRIVATE_NETWORKS = env.bool("CALLBACK_ALLOW_PRIVATE_NETWORKS", default=False)
-CALLBACK_TIMEOUT = env.float("CALLBACK_TIMEOUT", default=10.0)
 # A callback host's name lookup, at submit and at each delivery attempt.
 CALLBACK_DNS_TIMEOUT = env.float("CALLBACK_DNS_TIMEOUT", default=2.0)
 # Connecting to a receiver; the whole attempt stays bounded by the callback timeout.

@@ -13,7 +13,7 @@ from dashboard.ui.access import is_operator
 
 # django-rq's templates use inline scripts and styles: they get a policy that allows those,
 # every other page keeps the strict SECURE_CSP.
-RQ_PAGES_CSP = {
+RQ_PAGES_CSP: dict[str, list[str]] = {
     "default-src": [CSP.SELF],
     "script-src": [CSP.SELF, CSP.UNSAFE_INLINE],
     "style-src": [CSP.SELF, CSP.UNSAFE_INLINE],

@@ -122,6 +122,7 @@ class ApplicationForm(forms.ModelForm):
 
     def clean(self):
         cleaned = super().clean()
+        assert cleaned is not None  # ModelForm.clean returns cleaned_data
         preset = cleaned.get("retention_preset")
         if preset == "custom":
             hours = cleaned.get("retention_custom_hours")
@@ -134,7 +135,8 @@ class ApplicationForm(forms.ModelForm):
         return cleaned
 
     def _post_clean(self) -> None:
-        super()._post_clean()  # the model's validators, on the fields above
+        # The model's validators, on the fields above (private ModelForm hook, not in django-stubs).
+        super()._post_clean()  # type: ignore[misc]
         if self.errors:
             return
         # Then the service's own check, the one `setapplication` runs, so both accept the same.
@@ -173,6 +175,8 @@ class RotateForm(forms.Form):
         choices=GRACE_CHOICES,
         coerce=int,
         required=False,
-        empty_value=DEFAULT_GRACE_HOURS,  # a POST without the field keeps the old behaviour
+        # A POST without the field keeps the old behaviour. Any value may be empty_value;
+        # django-stubs says str | None.
+        empty_value=DEFAULT_GRACE_HOURS,  # type: ignore[arg-type]
         initial=str(DEFAULT_GRACE_HOURS),
     )

@@ -16,6 +16,7 @@ from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET
 from django_htmx.http import HttpResponseClientRedirect
+from django_htmx.middleware import HtmxDetails
 
 from dashboard.runtime import processes
 from dashboard.ui.access import is_operator, operator_required, staff_required
@@ -38,6 +39,13 @@ from tasks.statuses import CALLBACK_IN_FLIGHT, DELIVERABLE, RETRYABLE, STUCK_RUL
 from tasks.telemetry import stats_history
 from tasks.upkeep import bulk, retention
 
+
+class HtmxHttpRequest(HttpRequest):
+    """A dashboard request: django-htmx's middleware sets `request.htmx` on every one."""
+
+    htmx: HtmxDetails
+
+
 PAGE_SIZES = (25, 50, 100)
 NAV = {
     "dashboard/overview.html": "overview",
@@ -50,7 +58,7 @@ NAV = {
 }
 
 
-def page_or_partial(request: HttpRequest, template: str, partial: str, context: dict):
+def page_or_partial(request: HtmxHttpRequest, template: str, partial: str, context: dict):
     """The whole page, or for an HTMX request (not a boosted navigation) just the partial."""
     context.setdefault("is_operator", is_operator(request.user))
     context.setdefault("nav", NAV.get(template))
@@ -59,7 +67,7 @@ def page_or_partial(request: HttpRequest, template: str, partial: str, context: 
     return render(request, template, context)
 
 
-def back(request: HttpRequest, fallback: str) -> HttpResponse:
+def back(request: HtmxHttpRequest, fallback: str) -> HttpResponse:
     """After an action: HTMX clients follow HX-Redirect, plain forms a 303. `next` is followed
     only to this host: never `//host` or `/\\host`, which browsers take for another site."""
     target = request.POST.get("next") or fallback
@@ -76,7 +84,7 @@ def back(request: HttpRequest, fallback: str) -> HttpResponse:
 
 
 @staff_required
-def overview(request: HttpRequest) -> HttpResponse:
+def overview(request: HtmxHttpRequest) -> HttpResponse:
     data = stats.overview()
     context = {"overview": data, "alerts": alerting.alerts(data), "worker_commands": {
         name: " ".join(argv) for name, argv in processes.procfile_commands().items()
@@ -95,7 +103,7 @@ def overview(request: HttpRequest) -> HttpResponse:
 
 
 @operator_required
-def alert_action(request: HttpRequest) -> HttpResponse:
+def alert_action(request: HtmxHttpRequest) -> HttpResponse:
     kind = request.POST.get("kind", "")
     app_id = request.POST.get("application", "")
     action = request.POST.get("action", "")
@@ -120,7 +128,7 @@ def alert_action(request: HttpRequest) -> HttpResponse:
 # --- tasks -------------------------------------------------------------------------------------
 
 
-def _page_size(request: HttpRequest) -> int:
+def _page_size(request: HtmxHttpRequest) -> int:
     try:
         size = int(request.GET.get("size", 50))
     except ValueError:
@@ -128,7 +136,7 @@ def _page_size(request: HttpRequest) -> int:
     return size if size in PAGE_SIZES else 50
 
 
-def _task_list(request: HttpRequest, *, template: str, fixed: dict | None = None):
+def _task_list(request: HtmxHttpRequest, *, template: str, fixed: dict | None = None):
     form = TaskFilterForm(request.GET or None)
     filters = form.filters() if request.GET else task_lists.TaskFilters()
     for name, value in (fixed or {}).items():
@@ -150,12 +158,12 @@ def _task_list(request: HttpRequest, *, template: str, fixed: dict | None = None
 
 
 @staff_required
-def task_list(request: HttpRequest) -> HttpResponse:
+def task_list(request: HtmxHttpRequest) -> HttpResponse:
     return _task_list(request, template="dashboard/tasks.html")
 
 
 @staff_required
-def failed_callbacks(request: HttpRequest) -> HttpResponse:
+def failed_callbacks(request: HtmxHttpRequest) -> HttpResponse:
     return _task_list(
         request,
         template="dashboard/failed_callbacks.html",
@@ -163,7 +171,7 @@ def failed_callbacks(request: HttpRequest) -> HttpResponse:
     )
 
 
-def _selected_ids(request: HttpRequest) -> list[uuid.UUID]:
+def _selected_ids(request: HtmxHttpRequest) -> list[uuid.UUID]:
     ids = []
     for raw in request.POST.getlist("task")[:500]:
         try:
@@ -173,12 +181,12 @@ def _selected_ids(request: HttpRequest) -> list[uuid.UUID]:
     return ids
 
 
-def _filters_from_post(request: HttpRequest) -> task_lists.TaskFilters:
+def _filters_from_post(request: HtmxHttpRequest) -> task_lists.TaskFilters:
     form = TaskFilterForm(request.POST)
     return form.filters()
 
 
-def _bulk_action(request: HttpRequest, *, kind: str, act, noun: str, back_to: str):
+def _bulk_action(request: HtmxHttpRequest, *, kind: str, act, noun: str, back_to: str):
     """Selected rows now, or every row matching the filter in the background (audited)."""
     if request.POST.get("scope") == "matching":
         operation = bulk.start(
@@ -198,19 +206,19 @@ def _bulk_action(request: HttpRequest, *, kind: str, act, noun: str, back_to: st
 
 
 @operator_required
-def tasks_retry(request: HttpRequest) -> HttpResponse:
+def tasks_retry(request: HtmxHttpRequest) -> HttpResponse:
     return _bulk_action(request, kind=BulkOperation.Kind.RETRY, act=services.retry_tasks,
                         noun="failed task", back_to="dashboard:tasks")  # fmt: skip
 
 
 @operator_required
-def callbacks_redeliver(request: HttpRequest) -> HttpResponse:
+def callbacks_redeliver(request: HtmxHttpRequest) -> HttpResponse:
     return _bulk_action(request, kind=BulkOperation.Kind.REDELIVER, act=callbacks.redeliver,
                         noun="failed callback", back_to="dashboard:failed-callbacks")  # fmt: skip
 
 
 @staff_required
-def bulk_progress(request: HttpRequest, operation_id: int) -> HttpResponse:
+def bulk_progress(request: HtmxHttpRequest, operation_id: int) -> HttpResponse:
     operation = get_object_or_404(BulkOperation, pk=operation_id)
     return render(request, "dashboard/tasks.html#bulk-operation", {"operation": operation})
 
@@ -230,11 +238,11 @@ def _task_context(task_id: uuid.UUID) -> dict:
 
 
 @staff_required
-def task_detail(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
+def task_detail(request: HtmxHttpRequest, task_id: uuid.UUID) -> HttpResponse:
     return page_or_partial(request, "dashboard/task_detail.html", "live", _task_context(task_id))
 
 
-def _task_action(request: HttpRequest, task_id: uuid.UUID, action: str, ok: bool, note: str):
+def _task_action(request: HtmxHttpRequest, task_id: uuid.UUID, action: str, ok: bool, note: str):
     audit.record(user=request.user, action=action, target_type="task", target_id=task_id,
                  detail={"done": ok})  # fmt: skip
     if request.htmx:
@@ -246,7 +254,7 @@ def _task_action(request: HttpRequest, task_id: uuid.UUID, action: str, ok: bool
 
 
 @operator_required
-def task_retry(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
+def task_retry(request: HtmxHttpRequest, task_id: uuid.UUID) -> HttpResponse:
     with transaction.atomic():
         ok = bool(services.retry_tasks(task_ids=[task_id]))
     note = "A new run was started." if ok else "Only failed or cancelled tasks can be retried."
@@ -254,14 +262,14 @@ def task_retry(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
 
 
 @operator_required
-def task_redeliver(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
+def task_redeliver(request: HtmxHttpRequest, task_id: uuid.UUID) -> HttpResponse:
     ok = bool(callbacks.redeliver(task_ids=[task_id]))
     note = "Redelivery queued." if ok else "This task has no finished result to deliver."
     return _task_action(request, task_id, "task.redeliver", ok, note)
 
 
 @operator_required
-def task_cancel(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
+def task_cancel(request: HtmxHttpRequest, task_id: uuid.UUID) -> HttpResponse:
     get_object_or_404(Task, pk=task_id)
     ok = services.cancel_task(task_id=task_id).cancelled
     note = "Task cancelled." if ok else "The task had already finished."
@@ -272,7 +280,7 @@ def task_cancel(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
 
 
 @staff_required
-def application_list(request: HttpRequest) -> HttpResponse:
+def application_list(request: HtmxHttpRequest) -> HttpResponse:
     form = ApplicationForm()
     created = None
     if request.method == "POST":
@@ -286,7 +294,7 @@ def application_list(request: HttpRequest) -> HttpResponse:
     return page_or_partial(request, "dashboard/applications.html", "create-form", context)
 
 
-def _create_application(request: HttpRequest, form: ApplicationForm):
+def _create_application(request: HtmxHttpRequest, form: ApplicationForm):
     with transaction.atomic():
         created = applications.create_application(**form.settings())
         audit.record(
@@ -300,7 +308,7 @@ def _create_application(request: HttpRequest, form: ApplicationForm):
 
 
 @staff_required
-def application_detail(request: HttpRequest, app_id: uuid.UUID) -> HttpResponse:
+def application_detail(request: HtmxHttpRequest, app_id: uuid.UUID) -> HttpResponse:
     app = get_object_or_404(Application, pk=app_id)
     form = ApplicationForm(instance=app)
     saved = False
@@ -339,7 +347,7 @@ def _cleanup_context(app: Application) -> dict:
 
 
 @operator_required
-def application_rotate(request: HttpRequest, app_id: uuid.UUID, what: str) -> HttpResponse:
+def application_rotate(request: HtmxHttpRequest, app_id: uuid.UUID, what: str) -> HttpResponse:
     app = get_object_or_404(Application, pk=app_id)
     if what not in ("key", "secret"):
         raise Http404("Unknown credential.")
@@ -365,7 +373,7 @@ def application_rotate(request: HttpRequest, app_id: uuid.UUID, what: str) -> Ht
 
 
 @operator_required
-def api_key_revoke(request: HttpRequest, app_id: uuid.UUID, key_id: int) -> HttpResponse:
+def api_key_revoke(request: HtmxHttpRequest, app_id: uuid.UUID, key_id: int) -> HttpResponse:
     key = get_object_or_404(ApiKey, pk=key_id, application_id=app_id)
     result = credentials.revoke_api_keys(application_id=app_id, key_id=key.pk)
     audit.record(user=request.user, action="application.revoke_key",
@@ -380,7 +388,7 @@ def api_key_revoke(request: HttpRequest, app_id: uuid.UUID, key_id: int) -> Http
 
 
 @operator_required
-def application_cleanup(request: HttpRequest, app_id: uuid.UUID) -> HttpResponse:
+def application_cleanup(request: HtmxHttpRequest, app_id: uuid.UUID) -> HttpResponse:
     app = get_object_or_404(Application, pk=app_id)
     run = retention.run_cleanup(trigger="manual", application_id=app.pk)
     audit.record(
@@ -401,7 +409,7 @@ def application_cleanup(request: HttpRequest, app_id: uuid.UUID) -> HttpResponse
 
 
 @require_GET
-def favicon(request: HttpRequest) -> HttpResponse:
+def favicon(request: HtmxHttpRequest) -> FileResponse:
     """static/favicon.ico at the path browsers ask for, to anyone (no login: it is public)."""
     path = finders.find("favicon.ico")
     if not path:
@@ -415,7 +423,7 @@ def favicon(request: HttpRequest) -> HttpResponse:
 
 
 @staff_required
-def audit_log(request: HttpRequest) -> HttpResponse:
+def audit_log(request: HtmxHttpRequest) -> HttpResponse:
     entries = AuditEntry.objects.all()
     before = request.GET.get("before")
     if before and before.isdigit():

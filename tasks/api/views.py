@@ -9,6 +9,7 @@ from functools import wraps
 
 from django.conf import settings
 from django.core.exceptions import DisallowedHost, RequestDataTooBig
+from django.core.handlers.wsgi import WSGIRequest
 from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -164,6 +165,7 @@ def _chunked_body(request: HttpRequest) -> bytes:
     """A body sent with Transfer-Encoding: chunked (no Content-Length): Django reads such a body
     as empty, the server (gunicorn) has already de-chunked it. Read one byte past the limit to
     tell a body that is too large."""
+    assert isinstance(request, WSGIRequest)  # the API is served by WSGI only (runtime.handlers)
     return request.environ["wsgi.input"].read(settings.MAX_BODY_BYTES + 1)
 
 

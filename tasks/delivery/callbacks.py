@@ -115,6 +115,7 @@ def schedule_first_delivery(
     The worker that just finished the run passes `run`, `application` and `callback_url` (it
     set the callback due in the same transition), which saves reading the task back.
     """
+    task: Task | None
     if run is not None and application is not None and callback_url:
         task = Task(
             id=uuid.UUID(str(task_id)), run=run, application=application, callback_url=callback_url

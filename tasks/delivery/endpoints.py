@@ -21,6 +21,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from typing import cast
 
 import redis
 
@@ -130,7 +131,8 @@ def release(*, endpoint: str, cap: int, job_id: str = "") -> list[ParkedDelivery
 
 def endpoints_with_waiting() -> list[str]:
     try:
-        return sorted(member.decode() for member in redis_client().smembers(WAITING_INDEX_KEY))
+        members = cast(set[bytes], redis_client().smembers(WAITING_INDEX_KEY))  # not decoded
+        return sorted(member.decode() for member in members)
     except redis.RedisError:
         return []
 

@@ -127,7 +127,7 @@ def resolve(host: str, port: int) -> list[str]:
         ) from None
     except (OSError, UnicodeError) as exc:
         raise UnsafeCallbackUrl(f"callback_url host {host!r} does not resolve") from exc
-    return list(dict.fromkeys(info[4][0] for info in infos))
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 def checked_target(url: str, *, allow_private: bool | None = None) -> Target:

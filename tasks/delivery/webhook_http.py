@@ -8,9 +8,9 @@
   thread forever. A watchdog thread shuts the socket of an attempt that passed its deadline.
 - Connecting has its own shorter timeout (CALLBACK_CONNECT_TIMEOUT), so an address that
   swallows SYNs costs seconds, not the whole callback timeout.
-- urllib3 rather than httpx: less client CPU per delivery (docs/benchmarks.md). Redirects are never followed, nothing is retried inside an attempt (the
-  retry policy decides), and no proxy is used (it would resolve the host out of the guard's
-  sight).
+- urllib3 rather than httpx: less client CPU per delivery (docs/benchmarks.md). Redirects are
+  never followed, nothing is retried inside an attempt (the retry policy decides), and no proxy
+  is used (it would resolve the host out of the guard's sight).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import urllib3
 from django.conf import settings
@@ -109,16 +110,23 @@ _watchdog = _Watchdog()
 _current = threading.local()  # the attempt this delivery thread is making
 
 
-class _DeadlineConnectionMixin:
+# The mixin extends urllib3's connections: type-check it as one (at runtime it mixes in before one).
+if TYPE_CHECKING:
+    _ConnectionBase = HTTPConnection
+else:
+    _ConnectionBase = object
+
+
+class _DeadlineConnectionMixin(_ConnectionBase):
     """Tells the running attempt which connection (socket) it is using, new or kept-alive."""
 
     def connect(self) -> None:
         _register(self)
-        super().connect()  # type: ignore[misc]
+        super().connect()
 
     def request(self, *args, **kwargs):
         _register(self)
-        return super().request(*args, **kwargs)  # type: ignore[misc]
+        return super().request(*args, **kwargs)
 
 
 def _register(connection: HTTPConnection) -> None:

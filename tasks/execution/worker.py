@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import redis
 from django.conf import settings
@@ -33,7 +34,7 @@ from rq.exceptions import InvalidJobOperation, StopRequested
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.timeouts import TimerDeathPenalty
-from rq.worker import SimpleWorker, Worker, WorkerStatus
+from rq.worker import BaseWorker, SimpleWorker, Worker, WorkerStatus
 
 from tasks.telemetry import counters
 
@@ -109,7 +110,14 @@ def wait_for_redis(
             return True
 
 
-class LivenessMixin:
+# The mixin extends RQ's workers: type-check it as one (at runtime it mixes in before one).
+if TYPE_CHECKING:
+    _WorkerBase = BaseWorker
+else:
+    _WorkerBase = object
+
+
+class LivenessMixin(_WorkerBase):
     # RQ retries a failed dequeue backing off to 60 s; the same cap as every other wait here.
     max_connection_wait_time = BACKOFF_MAX_SECONDS
 

@@ -22,6 +22,20 @@ def quote(name: str) -> str:
     return connection.ops.quote_name(name)
 
 
+def quote_column(field: Field) -> str:
+    """`field`'s column, quoted; every concrete field (one stored in its model's table) has one."""
+    assert field.column is not None, f"{field} has no column"
+    return quote(field.column)
+
+
+def get_field(model: type[Model], name: str) -> Field:
+    """`model._meta.get_field(name)` for one of the model's own fields, never a reverse relation
+    (which has no column)."""
+    field = model._meta.get_field(name)
+    assert isinstance(field, Field), f"{model.__name__}.{name} is a reverse relation"
+    return field
+
+
 @functools.cache
 def _converters(field: Field) -> tuple[Any, tuple[Callable, ...]]:
     column = field.get_col(field.model._meta.db_table)
@@ -43,10 +57,10 @@ def columns(model: type[Model], names: tuple[str, ...]) -> tuple[tuple[Field, ..
     RETURNING list (`instance` needs that order)."""
     wanted = {model._meta.get_field(name) for name in names}
     fields = tuple(field for field in model._meta.concrete_fields if field in wanted)
-    return fields, ", ".join(quote(field.column) for field in fields)
+    return fields, ", ".join(quote_column(field) for field in fields)
 
 
-def instance(model: type[Model], fields: tuple[Field, ...], row: tuple) -> Model:
+def instance[M: Model](model: type[M], fields: tuple[Field, ...], row: tuple) -> M:
     """A model instance from a raw row holding `fields` (from `columns`), as the ORM would load
     it: the other fields are deferred and read from the database if ever accessed."""
     values = [from_db(field, value) for field, value in zip(fields, row, strict=False)]
@@ -62,7 +76,7 @@ class Statement(NamedTuple):
 def _insert_sql(model: type[Model]) -> tuple[str, tuple[Field, ...]]:
     fields = tuple(field for field in model._meta.concrete_fields
                    if not getattr(field, "db_returning", False))  # fmt: skip
-    columns = ", ".join(quote(field.column) for field in fields)
+    columns = ", ".join(quote_column(field) for field in fields)
     placeholders = ", ".join(["%s"] * len(fields))
     # Identifiers come from the model; every value is a parameter.
     return f"INSERT INTO {quote(model._meta.db_table)} ({columns}) VALUES ({placeholders})", fields  # noqa: S608
@@ -99,12 +113,12 @@ def _update_sql(
     model: type[Model], assigned: tuple[str, ...], matched: tuple[tuple[str, int | None], ...]
 ) -> tuple[str, tuple[Field, ...]]:
     meta = model._meta
-    fields = tuple(meta.get_field(name) for name in (*assigned, *(name for name, _ in matched)))
-    assignments = ", ".join(f"{quote(field.column)} = %s" for field in fields[: len(assigned)])
+    fields = tuple(get_field(model, name) for name in (*assigned, *(name for name, _ in matched)))
+    assignments = ", ".join(f"{quote_column(field)} = %s" for field in fields[: len(assigned)])
     conditions = " AND ".join(
-        f"{quote(field.column)} = %s"
+        f"{quote_column(field)} = %s"
         if count is None
-        else f"{quote(field.column)} IN ({', '.join(['%s'] * count)})"
+        else f"{quote_column(field)} IN ({', '.join(['%s'] * count)})"
         for field, (_, count) in zip(fields[len(assigned) :], matched, strict=True)
     )
     return f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {conditions}", fields  # noqa: S608

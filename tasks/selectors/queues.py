@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from django.conf import settings
 from django.utils import timezone
@@ -66,7 +66,7 @@ def workers() -> list[WorkerInfo]:
     for worker in BaseWorker.all(connection=redis_client()):
         heartbeat = worker.last_heartbeat
         if heartbeat is not None and timezone.is_naive(heartbeat):
-            heartbeat = timezone.make_aware(heartbeat, timezone.UTC)
+            heartbeat = timezone.make_aware(heartbeat, UTC)
         found.append(
             WorkerInfo(
                 name=worker.name,

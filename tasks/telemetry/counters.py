@@ -62,9 +62,10 @@ def flush() -> bool:
         pipeline = redis_client().pipeline(transaction=False)
         for (key, field), amount in pending.items():
             if field is None:
-                (pipeline.incrbyfloat if isinstance(amount, float) else pipeline.incrby)(
-                    key, amount
-                )
+                if isinstance(amount, float):
+                    pipeline.incrbyfloat(key, amount)
+                else:
+                    pipeline.incrby(key, amount)
             elif isinstance(amount, float):
                 pipeline.hincrbyfloat(key, field, amount)
             else:

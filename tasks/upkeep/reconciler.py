@@ -21,6 +21,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import cast
 
 import redis
 from django.conf import settings
@@ -95,7 +96,7 @@ def _walk(client: redis.Redis, rule: str, rows: QuerySet[Task], order_field: str
     """The next BATCH of `rows` in (order_field, id) order after this rule's cursor. The cursor
     moves to the last row, or back to the start once the walk has reached the end."""
     key = CURSOR_KEY.format(rule=rule)
-    cursor = client.get(key)
+    cursor = cast(bytes | None, client.get(key))  # redis_client() does not decode responses
     if cursor:
         at_text, _, pk = cursor.decode().partition("|")
         at = datetime.fromisoformat(at_text)
@@ -146,7 +147,7 @@ def _queued_job_ids(client: redis.Redis) -> set[bytes] | None:
     key = queue(settings.TASK_QUEUE).key
     if client.llen(key) > MAX_QUEUE_SCAN:
         return None
-    return set(client.lrange(key, 0, -1))
+    return set(cast(list[bytes], client.lrange(key, 0, -1)))  # responses are not decoded
 
 
 def _lost_in_transit(client: redis.Redis, task: Task, queued_ids: set[bytes] | None) -> bool:
@@ -174,7 +175,7 @@ def _lost_reason(client: redis.Redis, task: Task, registered: set[str]) -> str |
             return f"worker lost: {name} stopped while running this task"
     elif name and name not in registered:
         return f"worker lost: {name} is no longer registered"
-    status = client.hget(Job.key_for(task.rq_job_id), "status")
+    status = cast(bytes | None, client.hget(Job.key_for(task.rq_job_id), "status"))  # not decoded
     if status is None and not name:
         return "worker lost: the task's job is gone from Redis"
     if status in (b"failed", b"stopped", b"canceled"):
@@ -196,7 +197,9 @@ def _recover_lost_running(client: redis.Redis, report: ReconcileReport) -> None:
         return
     registered = {worker.name for worker in BaseWorker.all(connection=client)}
     for task in running:
+        assert task.started_at is not None  # selected by started_at__lt
         timeout = timedelta(seconds=task.application.job_timeout_seconds)
+        reason: str | None
         if task.started_at + timeout + TIMEOUT_GRACE < now:
             reason = f"timed out after {task.application.job_timeout_seconds} s (worker lost)"
         else:

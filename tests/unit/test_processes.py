@@ -43,3 +43,11 @@ def test_the_no_worker_hint_shows_the_procfile_commands(django_user_model):
     assert "No live RQ worker" in page
     for name in processes.WORKER_QUEUES:
         assert " ".join(processes.procfile_commands()[name]) in page
+
+
+def test_the_readmes_procfile_block_is_the_procfile():
+    readme = (BASE_DIR / "README.md").read_text()
+    block = readme.split("```\nrelease:", 1)[1].split("```", 1)[0]
+    shown = {line.split(":", 1)[0]: " ".join(line.split(":", 1)[1].split())
+             for line in ("release:" + block).strip().splitlines()}  # fmt: skip
+    assert shown == {name: " ".join(argv) for name, argv in processes.procfile_commands().items()}

@@ -119,7 +119,13 @@ class Command(BaseCommand):
     def _start_children(self, env: dict[str, str], options: dict) -> None:
         if self.redis is not None:  # started above; supervised like the others from here on
             redis = self.redis
-            child = Child("redis", lambda: (redis.start(), redis.process)[1], redis.process)
+
+            def launch_redis() -> subprocess.Popen:
+                redis.start()
+                assert redis.process is not None  # start() sets it, or raises
+                return redis.process
+
+            child = Child("redis", launch_redis, redis.process)
             child.started_at = time.monotonic()
             self.children.append(child)
         if options["dev"]:
@@ -177,6 +183,7 @@ class Command(BaseCommand):
             delay = child.exited(-1)
             self.stderr.write(f"{child.name} could not start ({error}); retrying in {delay:g} s.")
             return
+        assert child.process is not None  # start() just set it
         self.stderr.write(f"{child.name} restarted (pid {child.process.pid}).")
 
     def _stop_all(self) -> None:

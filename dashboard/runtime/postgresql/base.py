@@ -19,6 +19,9 @@ from django.db.backends.postgresql import base
 
 
 class DatabaseWrapper(base.DatabaseWrapper):
+    # Set by BaseDatabaseWrapper.__init__ and connect(); django-stubs does not declare them.
+    health_check_enabled: bool
+    health_check_done: bool
     _last_used: float = 0.0
 
     def close_if_health_check_failed(self) -> None:
@@ -54,7 +57,8 @@ class DatabaseWrapper(base.DatabaseWrapper):
         self.close_if_health_check_failed()
         self.ensure_connection()
         with self.wrap_database_errors:
-            return self._prepare_cursor(PreparedCursor(self.connection))
+            # Private BaseDatabaseWrapper method, not in django-stubs.
+            return self._prepare_cursor(PreparedCursor(self.connection))  # type: ignore[attr-defined]
 
 
 class PreparedCursor(psycopg.Cursor):

@@ -133,6 +133,8 @@ def settings_lines(application: Application) -> list[str]:
          else f"{a.rate_limit_per_second:g}/{a.rate_limit_burst} ({a.rate_limit_per_second:g} "
               f"requests/s per API key, bursts of {a.rate_limit_burst})"),
         ("retention_hours", f"{a.retention_hours} h"),
+        ("endpoint_max_in_flight", str(a.endpoint_max_in_flight) if a.endpoint_max_in_flight
+         else "0 (no cap)"),
         ("updated_at", a.updated_at.isoformat()),
     ]  # fmt: skip
-    return [f"  {name:17} {value}" for name, value in rows]
+    return [f"  {name:22} {value}" for name, value in rows]

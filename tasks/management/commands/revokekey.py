@@ -34,6 +34,7 @@ class Command(BaseCommand):
             app = key.application
             self.stdout.write(f"revoked {key.prefix}… of {app.name!r} ({app.pk})")
         for key in result.already:
+            assert key.revoked_at is not None  # `already` holds the keys revoked before
             self.stdout.write(
                 f"{key.prefix}… of {key.application.name!r} was already revoked at "
                 f"{key.revoked_at.isoformat()}"
