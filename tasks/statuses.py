@@ -9,7 +9,7 @@ edit to a table below (and `tests/unit/test_state_table.py` says what else must 
 Task (one run; a new run starts again at pending, run + 1):
 
     pending -> running -> succeeded | failed
-    pending | running -> cancelled        pending -> failed (never started: worker lost, bad runner)
+    pending | running -> cancelled        pending -> failed (an operator's Mark failed, when stuck)
     failed | cancelled -> pending          a new run (operator retry)
     running -> pending                     a new run after a lost worker, when the app allows it
 

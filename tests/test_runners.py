@@ -77,3 +77,21 @@ def test_unknown_runner_is_refused():
         resolve_runner("nope")
     with pytest.raises(RunnerError):
         resolve_runner("tasks.missing.runner")
+
+
+def cancels_itself_then_only_logs(inputs, ctx):
+    """A runner that never reports progress: it is cancelled (as an operator would) and then
+    logs; the log call must stop it."""
+    from tasks import services
+
+    services.cancel_task(task_id=ctx.task_id)
+    for n in range(1000):
+        ctx.log(f"line {n}")
+    return {"finished": "anyway"}  # never reached
+
+
+def test_a_runner_that_only_logs_stops_when_cancelled(make_app):
+    app = make_app("tests.test_runners.cancels_itself_then_only_logs")
+    task = run_one(app, {})
+    assert task.status == "cancelled" and task.output is None
+    assert [log.message for log in task.logs.all()] == ["line 0"]

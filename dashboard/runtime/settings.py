@@ -174,7 +174,7 @@ METRICS_CACHE_SECONDS = env.float("METRICS_CACHE_SECONDS", default=5.0)
 QUEUE_BACKLOG_THRESHOLD = env.int("QUEUE_BACKLOG_THRESHOLD", default=1000)
 # Seconds a web process may reuse an API key lookup (and a worker an application's settings).
 AUTH_CACHE_SECONDS = env.float("AUTH_CACHE_SECONDS", default=5.0)
-# A Taskhook worker refreshes its liveness key every TTL/3 s; a killed one is lost after TTL s.
+# A Taskhook worker refreshes its liveness key every second; a killed one is lost after TTL s.
 WORKER_ALIVE_TTL = env.int("WORKER_ALIVE_TTL", default=30)
 
 # --- Auth, static, i18n -------------------------------------------------------------------------

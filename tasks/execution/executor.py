@@ -14,7 +14,7 @@ from rq.timeouts import JobTimeoutException
 from tasks import jsonsafety, state
 from tasks.applications import cached_application
 from tasks.execution.runners import RunnerError, TaskCancelled, resolve_runner
-from tasks.models import Application, TaskLog
+from tasks.models import Application, Task, TaskLog, TaskStatus
 from tasks.plumbing.queueing import publish_finished
 from tasks.telemetry.metrics import observe_task_duration
 from tasks.telemetry.stats_history import count_finished
@@ -37,12 +37,18 @@ class TaskContext:
             raise TaskCancelled(f"task {self.task_id} run {self.run} is no longer running")
 
     def log(self, message: str, level: str = "info") -> None:
+        """Keep a log line of this run; then, like `progress`, stop a run that was cancelled (or
+        lost and re-run), so a runner that only logs still stops early."""
         TaskLog.objects.create(
             task_id=self.task_id,
             run=self.run,
             level=jsonsafety.clean_text(str(level))[:10],
             message=jsonsafety.clean_text(str(message))[:MAX_LOG_MESSAGE],
         )
+        if not Task.objects.filter(
+            pk=self.task_id, run=self.run, status=TaskStatus.RUNNING
+        ).exists():
+            raise TaskCancelled(f"task {self.task_id} run {self.run} is no longer running")
 
 
 def execute_task(*, task_id: str, run: int, worker_name: str = "") -> str:

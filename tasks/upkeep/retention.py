@@ -6,8 +6,9 @@ never removed, whatever their age, and neither is a task whose callback is still
 Deletion runs in small batches (BATCH_SIZE ids per transaction, picked by the
 (application, finished_at) index), so it never holds long locks nor loads rows into memory, and
 submits keep flowing meanwhile. A Redis lock with a TTL keeps two cleanups from overlapping.
-RQ's own job data expires on the same clock: task jobs keep their result, and failed jobs their
-entry, for the application's retention (see `submission.enqueue_pending_task` and `callbacks`).
+RQ's own job data expires by itself: a successful job is kept SUCCESSFUL_JOB_TTL (a minute; the
+result lives in the database), a failed one for the application's retention (see
+`plumbing.queueing.enqueue_task_run` and `delivery.callbacks`).
 """
 
 from __future__ import annotations
