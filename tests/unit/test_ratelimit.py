@@ -30,32 +30,34 @@ def age_bucket(bucket: str, seconds: float) -> None:
 
 
 def test_burst_then_refused_with_a_wait_of_one_over_rate(bucket):
-    results = [ratelimit.take(bucket=bucket, rate=10, burst=3) for _ in range(3)]
+    # Slow rates throughout: a token refills only after a second, so a loaded machine's delays
+    # between the calls never refill one (at 10/s they did).
+    results = [ratelimit.take(bucket=bucket, rate=1, burst=3) for _ in range(3)]
     assert [allowed for allowed, _ in results] == [True, True, True]
     assert all(wait == 0 for _, wait in results)
-    allowed, wait = ratelimit.take(bucket=bucket, rate=10, burst=3)
+    allowed, wait = ratelimit.take(bucket=bucket, rate=1, burst=3)
     assert not allowed
-    assert 0.05 < wait <= 0.1  # one token at 10/s, minus what refilled since
+    assert 0.5 < wait <= 1.0  # one token at 1/s, minus what refilled since
 
 
 def test_refill_over_time(bucket):
     for _ in range(4):
-        ratelimit.take(bucket=bucket, rate=10, burst=4)
-    assert not ratelimit.take(bucket=bucket, rate=10, burst=4)[0]
-    age_bucket(bucket, 0.25)  # 2.5 tokens at 10/s
-    assert [ratelimit.take(bucket=bucket, rate=10, burst=4)[0] for _ in range(3)] == [
+        ratelimit.take(bucket=bucket, rate=1, burst=4)
+    assert not ratelimit.take(bucket=bucket, rate=1, burst=4)[0]
+    age_bucket(bucket, 2.5)  # 2.5 tokens at 1/s
+    assert [ratelimit.take(bucket=bucket, rate=1, burst=4)[0] for _ in range(3)] == [
         True, True, False,
     ]  # fmt: skip
     age_bucket(bucket, 3600)  # refill stops at the burst
-    assert [ratelimit.take(bucket=bucket, rate=10, burst=4)[0] for _ in range(5)] == [
+    assert [ratelimit.take(bucket=bucket, rate=1, burst=4)[0] for _ in range(5)] == [
         True, True, True, True, False,
     ]  # fmt: skip
 
 
 def test_cost_and_wait_for_several_tokens(bucket):
-    assert ratelimit.take(bucket=bucket, rate=2, burst=5, cost=5) == (True, 0.0)
-    allowed, wait = ratelimit.take(bucket=bucket, rate=2, burst=5, cost=3)
-    assert not allowed and 1.4 < wait <= 1.5  # 3 tokens at 2/s
+    assert ratelimit.take(bucket=bucket, rate=0.2, burst=5, cost=5) == (True, 0.0)
+    allowed, wait = ratelimit.take(bucket=bucket, rate=0.2, burst=5, cost=3)
+    assert not allowed and 14 < wait <= 15  # 3 tokens at 0.2/s
     tokens = float(redis_client().hget(key_of(bucket), "tokens"))
     assert 0 <= tokens < 0.2  # a refusal takes nothing
 
@@ -104,7 +106,10 @@ def test_check_submit_refuses_past_the_burst_with_whole_seconds():
 
 
 def test_check_submit_retry_after_is_at_least_one_second():
-    key = api_key(rate=100, burst=1)
+    # 2 tokens/s: the refused call's wait is under a second and is rounded up to 1. The token
+    # comes back only after 0.5 s, far longer than any delay between the two calls (at 100/s a
+    # loaded machine refilled it in between).
+    key = api_key(rate=2, burst=1)
     try:
         ratelimit.check_submit(key=key)
         with pytest.raises(ratelimit.RateLimited) as info:
