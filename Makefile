@@ -6,12 +6,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 8000
-# Test processes `make test` runs the suite in (pytest-xdist, one test file per process at a
-# time: a file's tests may share module state); 0 runs it in this one process.
+# The fast layer runs in TEST_PROCESSES processes (pytest-xdist, one test file per process at a
+# time; 0: in this one process). The tests that start real processes, kill them and stop Redis
+# under them run after it in one process: they wait out real time, and under a loaded machine's
+# parallel runs a Redis-outage scenario failed (tests/README.md).
 TEST_PROCESSES ?= 3
-# The OpenAPI fuzzing runs in a process of its own: under pytest-xdist schemathesis collected its
-# per-operation tests as one, and its report test found the poll and cancel operations unfuzzed.
-FUZZ_TESTS := tests/test_openapi.py
 
 # Python >= 3.12: the pyenv version named in .python-version first, then whatever is on PATH.
 PYTHON_BOOT := $(shell \
@@ -66,8 +65,8 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
-	$(PY) -m dashboard.runtime.embedded_redis exec -- $(PY) -m pytest -n $(TEST_PROCESSES) --dist loadfile --ignore=$(FUZZ_TESTS) $(PYTEST_ARGS)
-	$(PY) -m dashboard.runtime.embedded_redis exec -- $(PY) -m pytest $(FUZZ_TESTS)
+	$(PY) -m dashboard.runtime.embedded_redis exec -- $(PY) -m pytest -n $(TEST_PROCESSES) --dist loadfile -m "not processes and not browser" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(PY) -m dashboard.runtime.embedded_redis exec -- $(PY) -m pytest -m "processes or browser" $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
