@@ -18,8 +18,27 @@ document.addEventListener("change", (event) => {
     if (box.type === "checkbox" && box.name === name) box.checked = event.target.checked;
   }
 });
-// Confirmation for destructive buttons: <button data-confirm="…">.
+// Confirmation for dangerous buttons, <button data-confirm="…">, in an in-page <dialog> (no
+// window.confirm, no navigation). The click is held; on Confirm the button is clicked again
+// with the confirmation marked, so htmx and plain forms both go on as they would have.
 document.addEventListener("click", (event) => {
   const button = event.target.closest("[data-confirm]");
-  if (button && !window.confirm(button.dataset.confirm)) event.preventDefault();
-});
+  if (!button) return;
+  if (button.dataset.confirmed === "yes") {
+    delete button.dataset.confirmed;
+    return;
+  }
+  event.preventDefault();
+  event.stopImmediatePropagation();
+  const dialog = document.getElementById("confirm-dialog");
+  if (!dialog || !dialog.showModal) {
+    if (window.confirm(button.dataset.confirm)) { button.dataset.confirmed = "yes"; button.click(); }
+    return;
+  }
+  document.getElementById("confirm-text").textContent = button.dataset.confirm;
+  dialog.addEventListener("close", () => {
+    if (dialog.returnValue === "ok") { button.dataset.confirmed = "yes"; button.click(); }
+  }, { once: true });
+  dialog.returnValue = "";
+  dialog.showModal();
+}, true);

@@ -133,6 +133,11 @@ class Task(models.Model):
     callback_last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
     callback_next_attempt_at = models.DateTimeField(null=True, blank=True)
 
+    # Failure triage (tasks.triage): the normalised error of a failed run and of a callback the
+    # retry policy gave up on, so the Failures page groups by an index, not a scan.
+    error_fingerprint = models.CharField(max_length=16, blank=True, default="")
+    callback_error_fingerprint = models.CharField(max_length=16, blank=True, default="")
+
     class Meta:
         indexes = [
             # Dashboard list, newest first, with and without filters (keyset on created_at, id).
@@ -151,6 +156,23 @@ class Task(models.Model):
             ),
             models.Index(
                 fields=["user", "-created_at"], name="task_user_part_idx", condition=~Q(user="")
+            ),
+            # Failures page: the tasks of one error group, latest first.
+            models.Index(
+                fields=["error_fingerprint", "-finished_at"],
+                name="task_failure_part_idx",
+                condition=Q(status=TaskStatus.FAILED),
+            ),
+            models.Index(
+                fields=["callback_error_fingerprint", "-finished_at"],
+                name="task_cb_failure_part_idx",
+                condition=Q(callback_status=CallbackStatus.FAILED),
+            ),
+            # Callbacks waiting for their next retry, soonest first.
+            models.Index(
+                fields=["callback_next_attempt_at", "id"],
+                name="task_cb_next_part_idx",
+                condition=Q(callback_next_attempt_at__isnull=False),
             ),
             # Retention: finished tasks by application and finish time.
             models.Index(
@@ -267,12 +289,19 @@ class AuditEntry(models.Model):
     action = models.CharField(max_length=64)
     target_type = models.CharField(max_length=32)
     target_id = models.CharField(max_length=64, blank=True, default="")
+    # The target's name when the action was taken: it still reads after the target is deleted.
+    target_label = models.CharField(max_length=200, blank=True, default="")
     detail = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        indexes = [models.Index(fields=["-created_at", "-id"], name="audit_created_idx")]
+        indexes = [
+            models.Index(fields=["-created_at", "-id"], name="audit_created_idx"),
+            models.Index(fields=["username", "-id"], name="audit_actor_idx"),
+            models.Index(fields=["action", "-id"], name="audit_action_idx"),
+            models.Index(fields=["target_type", "target_id", "-id"], name="audit_target_idx"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.username} {self.action} {self.target_type}:{self.target_id}"
@@ -284,6 +313,10 @@ class BulkOperation(models.Model):
     class Kind(models.TextChoices):
         RETRY = "retry"
         REDELIVER = "redeliver"
+        RUN_NOW = "run_now"  # a deferred or scheduled task to the front of its queue
+        DELIVER_NOW = "deliver_now"  # a callback waiting for its retry, attempted now
+        DISCARD = "discard"  # stop the waiting work, keep the record
+        DELETE = "delete"  # remove the tasks with their logs and attempts
 
     class Status(models.TextChoices):
         QUEUED = "queued"
@@ -306,6 +339,74 @@ class BulkOperation(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.status} {self.processed}"
+
+
+class ErrorGroup(models.Model):
+    """One normalised error (tasks.triage): its label, and when it was first and last seen.
+    Upserted when a run fails or a callback is given up; the counts come from the indexes
+    on Task.error_fingerprint / callback_error_fingerprint."""
+
+    class Kind(models.TextChoices):
+        TASK = "task"
+        CALLBACK = "callback"
+
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    fingerprint = models.CharField(max_length=16)
+    label = models.TextField()
+    first_seen = models.DateTimeField()
+    last_seen = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["kind", "fingerprint"], name="error_group_unique")
+        ]
+        indexes = [models.Index(fields=["kind", "-last_seen"], name="error_group_recent_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.fingerprint}: {self.label[:60]}"
+
+
+class StatsRollup(models.Model):
+    """Counts per application per minute (kept a day) and per hour (kept longer), written by
+    the cron process from the Redis counters (tasks.telemetry.rollups)."""
+
+    class Resolution(models.TextChoices):
+        MINUTE = "minute"
+        HOUR = "hour"
+
+    resolution = models.CharField(max_length=8, choices=Resolution.choices)
+    bucket = models.DateTimeField()
+    application = models.ForeignKey(Application, on_delete=models.CASCADE, related_name="+")
+    succeeded = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    cancelled = models.PositiveIntegerField(default=0)
+    callbacks_delivered = models.PositiveIntegerField(default=0)
+    callbacks_failed = models.PositiveIntegerField(default=0)
+    # Tasks waiting (pending), the highest sample in the bucket.
+    queued_max = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["resolution", "bucket", "application"], name="stats_rollup_unique"
+            )
+        ]
+        indexes = [models.Index(fields=["resolution", "bucket"], name="stats_rollup_range_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.resolution} {self.bucket:%Y-%m-%d %H:%M} {self.application_id}"
+
+
+class PausedQueue(models.Model):
+    """A queue an operator paused. Kept here so that a pause outlives a Redis restart; the
+    workers read the Redis copy (tasks.execution.pausing), which the reconciler re-asserts."""
+
+    name = models.CharField(max_length=100, primary_key=True)
+    paused_at = models.DateTimeField(default=timezone.now)
+    paused_by = models.CharField(max_length=150)
+
+    def __str__(self) -> str:
+        return f"{self.name} paused by {self.paused_by}"
 
 
 class CleanupRun(models.Model):

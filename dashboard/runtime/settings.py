@@ -53,6 +53,7 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django.middleware.csp.ContentSecurityPolicyMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "dashboard.ui.zones.OperatorTimeZoneMiddleware",
 ]
 # The JSON API (/api/) authenticates by API key and sets no cookies, so its requests skip the
 # browser layers above (sessions, CSRF, auth, messages, framing, CSP, htmx), which did nothing
