@@ -9,19 +9,17 @@ import uuid
 from django.contrib import messages
 from django.contrib.staticfiles import finders
 from django.db import transaction
-from django.http import FileResponse, Http404, HttpRequest, HttpResponse
-from django.shortcuts import get_object_or_404, redirect, render
+from django.http import FileResponse, Http404, HttpResponse
+from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
 from django.utils import timezone
-from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET
-from django_htmx.http import HttpResponseClientRedirect
-from django_htmx.middleware import HtmxDetails
 
 from dashboard.runtime import processes
 from dashboard.ui.access import is_operator, operator_required, staff_required
 from dashboard.ui.charts import line_chart
 from dashboard.ui.forms import GRACE_CHOICES, ApplicationForm, RotateForm, TaskFilterForm
+from dashboard.ui.responses import HtmxHttpRequest, back, page_or_partial
 from tasks import applications, audit, credentials, services
 from tasks.delivery import callbacks, endpoints
 from tasks.models import (
@@ -39,45 +37,7 @@ from tasks.statuses import CALLBACK_IN_FLIGHT, DELIVERABLE, RETRYABLE, STUCK_RUL
 from tasks.telemetry import stats_history
 from tasks.upkeep import bulk, retention
 
-
-class HtmxHttpRequest(HttpRequest):
-    """A dashboard request: django-htmx's middleware sets `request.htmx` on every one."""
-
-    htmx: HtmxDetails
-
-
 PAGE_SIZES = (25, 50, 100)
-NAV = {
-    "dashboard/overview.html": "overview",
-    "dashboard/tasks.html": "tasks",
-    "dashboard/task_detail.html": "tasks",
-    "dashboard/failed_callbacks.html": "callbacks",
-    "dashboard/applications.html": "applications",
-    "dashboard/application_detail.html": "applications",
-    "dashboard/audit.html": "audit",
-}
-
-
-def page_or_partial(request: HtmxHttpRequest, template: str, partial: str, context: dict):
-    """The whole page, or for an HTMX request (not a boosted navigation) just the partial."""
-    context.setdefault("is_operator", is_operator(request.user))
-    context.setdefault("nav", NAV.get(template))
-    if request.htmx and not request.htmx.boosted:
-        return render(request, f"{template}#{partial}", context)
-    return render(request, template, context)
-
-
-def back(request: HtmxHttpRequest, fallback: str) -> HttpResponse:
-    """After an action: HTMX clients follow HX-Redirect, plain forms a 303. `next` is followed
-    only to this host: never `//host` or `/\\host`, which browsers take for another site."""
-    target = request.POST.get("next") or fallback
-    if not url_has_allowed_host_and_scheme(
-        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
-    ):
-        target = fallback
-    if request.htmx:
-        return HttpResponseClientRedirect(target)
-    return redirect(target)
 
 
 # --- overview ----------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ class OperatorTimeZoneMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        name = request.session.get(SESSION_KEY, DEFAULT_ZONE) if hasattr(request, "session") else DEFAULT_ZONE
+        session = getattr(request, "session", None)
+        name = session.get(SESSION_KEY, DEFAULT_ZONE) if session is not None else DEFAULT_ZONE
         if name != DEFAULT_ZONE and is_valid_zone(name):
             timezone.activate(zoneinfo.ZoneInfo(name))
         else:
