@@ -53,6 +53,10 @@ CALLBACK_GRACE = timedelta(seconds=60)
 # Longer than any attempt can take (timeout <= 60 s, job timeout = timeout + 30 s).
 STALLED_ATTEMPT = timedelta(seconds=180)
 LOCK_KEY = "taskhook:lock:reconcile"
+# Short, and renewed before each rule: a pass cut off by a Redis outage cannot release its lock,
+# and Redis keeps the key (and its TTL) across a restart, so a long TTL would make every pass
+# after the outage skip until it ran out, while the tasks submitted meanwhile wait.
+LOCK_TTL = 30
 CURSOR_KEY = "taskhook:reconcile:cursor:{rule}"
 
 
@@ -75,14 +79,17 @@ class ReconcileReport:
 def reconcile() -> ReconcileReport:
     """One pass; returns what it corrected (skipped=True if another pass holds the lock)."""
     client = redis_client()
-    lock = client.lock(LOCK_KEY, timeout=300, blocking=False)
+    lock = client.lock(LOCK_KEY, timeout=LOCK_TTL, blocking=False)
     if not lock.acquire(blocking=False):
         return ReconcileReport(skipped=True)
     try:
         report = ReconcileReport()
         _requeue_orphaned_pending(client, report)
+        lock.reacquire()  # each rule is bounded (BATCH rows): the TTL covers one rule
         _recover_lost_running(client, report)
+        lock.reacquire()
         _reschedule_callbacks(client, report)
+        lock.reacquire()
         report.promoted = callbacks.promote_parked()
         record_reconciler_corrections({kind: len(getattr(report, kind))
             for kind in ("requeued", "lost", "rerun", "callbacks_rescheduled")})  # fmt: skip
