@@ -1,8 +1,13 @@
 // Dashboard behaviour without inline scripts (the pages run under a strict CSP).
 // Polling elements carry data-poll: they skip their requests while the tab is hidden and
 // refresh at once when it is shown again. hx-sync="this:drop" keeps polls from stacking.
+// A list marked data-poll-unless-checked also skips its refresh while rows are checked, so a
+// refresh never drops the operator's selection.
 document.addEventListener("htmx:beforeRequest", (event) => {
-  if (document.hidden && event.detail.elt.hasAttribute("data-poll")) event.preventDefault();
+  const elt = event.detail.elt;
+  if (!elt.hasAttribute("data-poll") || event.detail.requestConfig.verb !== "get") return;
+  if (document.hidden) event.preventDefault();
+  else if (elt.hasAttribute("data-poll-unless-checked") && elt.querySelector("input[type=checkbox]:checked")) event.preventDefault();
 });
 document.addEventListener("visibilitychange", () => {
   if (!document.hidden) document.body.dispatchEvent(new Event("visible-again"));

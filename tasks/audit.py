@@ -15,6 +15,7 @@ def record(
     target_type: str,
     target_id: str | int | uuid.UUID = "",
     detail: dict[str, Any] | None = None,
+    target_label: str = "",
 ) -> AuditEntry:
     return AuditEntry.objects.create(
         user=user if getattr(user, "pk", None) else None,
@@ -22,5 +23,12 @@ def record(
         action=action,
         target_type=target_type,
         target_id=str(target_id)[:64],
+        target_label=target_label[:200],
         detail=detail or {},
     )
+
+
+def changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, list[Any]]:
+    """{field: [old, new]} for the fields whose value changed."""
+    return {name: [before.get(name), value] for name, value in after.items()
+            if before.get(name) != value}  # fmt: skip

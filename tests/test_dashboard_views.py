@@ -69,12 +69,13 @@ def htmx(client: Client, url: str, method: str = "get", **data):
 # starts with the marker, which the page holds too.
 PAGES = {
     "home": ("/", "Overview", '<section id="live"'),
-    "tasks": ("/tasks/", "Tasks", '<div id="results">'),
+    "tasks": ("/tasks/", "Tasks", '<div id="results"'),
     "task": ("/tasks/{task}/", "Task <code>", '<section id="task-live"'),
-    "failed-callbacks": ("/callbacks/failed/", "Failed callbacks", '<div id="results">'),
+    "failed-callbacks": ("/callbacks/failed/", "Failed callbacks", '<div id="results"'),
     "applications": ("/applications/", "Applications", '<div id="create-form">'),
     "application": ("/applications/{app}/", "Credentials", '<div id="settings">'),
     "audit": ("/audit/", "Audit log", '<div id="entries">'),
+    "time-zone": ("/time-zone/", "Time zone", '<div id="zone-form"'),
 }
 # Fragments: only ever a partial, which a page polls.
 FRAGMENTS = {"bulk": ("/bulk/{operation}/", '<div class="operation" id="operation-')}
@@ -426,11 +427,19 @@ def test_application_settings_validation_errors_render_inline(operator, app):
     assert app.application.runner == "echo"
     data.update(runner="sleep", retry_schedule_text="5,50", retention_preset="72")
     body = htmx(operator, url, "post", **data).content.decode()
-    assert 'id="saved"' in body
+    assert "Settings saved (name, runner, retry_schedule, retention_hours)." in body
+    # The other panels showing a setting come along out of band, with the new value.
+    assert '<div id="retention" hx-swap-oob="true">' in body and "<strong>72 h</strong>" in body
+    assert '<div class="cards" id="app-summary" hx-swap-oob="true">' in body
     app.application.refresh_from_db()
     assert (app.application.runner, app.application.retry_schedule,
             app.application.retention_hours) == ("sleep", [5, 50], 72)  # fmt: skip
-    assert AuditEntry.objects.get().action == "application.update"
+    entry = AuditEntry.objects.get()
+    assert entry.action == "application.update" and entry.target_label == "x"
+    assert entry.detail == {"changes": {"name": ["app-echo", "x"],
+                                        "runner": ["echo", "sleep"],
+                                        "retry_schedule": [[10, 60, 300], [5, 50]],
+                                        "retention_hours": [24, 72]}}  # fmt: skip
 
 
 def test_rotation_shows_the_new_value_once(operator, app):
@@ -564,8 +573,9 @@ def test_back_never_follows_another_host(operator, app, target):
     own = f"/applications/{app.application.id}/"
     response = operator.post(url, {"next": target})
     assert response.status_code == 302 and response["Location"] == own
-    response = htmx(operator, url, "post", next=target)
-    assert response["HX-Redirect"] == own
+    response = htmx(operator, url, "post", next=target)  # answered in place: no redirect at all
+    assert response.status_code == 200 and "HX-Redirect" not in response
+    assert '<div id="retention"' in response.content.decode()
 
 
 def test_back_follows_a_path_of_this_site(operator, app):
@@ -659,12 +669,12 @@ def test_settings_form_accepts_an_unlimited_rate_and_bumps_updated_at(operator, 
             "rate_limit_per_second": 0, "rate_limit_burst": 40, "runner_config": "{}",
             "max_concurrency": 0}  # fmt: skip
     body = htmx(operator, url, "post", **data).content.decode()
-    assert 'id="saved"' in body, body
+    assert "Settings saved (" in body, body
     row = Application.objects.get(pk=app.application.id)
     assert (row.rate_limit_per_second, row.max_concurrency) == (0, None)
     assert row.updated_at > before
     body = htmx(operator, url, "post", **(data | {"rate_limit_per_second": -1})).content.decode()
-    assert "field-error" in body and 'id="saved"' not in body
+    assert "field-error" in body and "Settings saved" not in body
 
 
 # --- favicon ------------------------------------------------------------------------------------

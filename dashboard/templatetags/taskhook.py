@@ -50,6 +50,14 @@ def seconds(value: float | int | None) -> str:
 
 
 @register.filter
+def hours(value: float | int | None) -> str:
+    """A number of hours as people read it: 24 -> '1 d', 36 -> '1 d 12 h'."""
+    if value is None or value == "":
+        return ""
+    return human_seconds(float(value) * 3600)
+
+
+@register.filter
 def duration(start: datetime | None, end: datetime | None) -> str:
     """'850 ms', '12.4 s', '3 min 5 s' between two datetimes; '' when either is missing."""
     if not start or not end:

@@ -16,6 +16,12 @@ GRACE_CHOICES = [("0", "none (stops at once)"), ("1", "1 h"), ("24", "24 h"), ("
 DEFAULT_GRACE_HOURS = 24
 
 
+# The browser's datetime-local control shows no zone and wants "YYYY-MM-DDTHH:MM[:SS]"; the
+# value is read in the operator's zone (dashboard.ui.zones), which the filter bar names.
+LOCAL_DATETIME = forms.DateTimeInput(attrs={"type": "datetime-local", "step": "1"},
+                                     format="%Y-%m-%dT%H:%M:%S")  # fmt: skip
+
+
 class TaskFilterForm(forms.Form):
     application = forms.ModelChoiceField(
         queryset=Application.objects.only("id", "name"), required=False, empty_label="All apps"
@@ -24,12 +30,8 @@ class TaskFilterForm(forms.Form):
     callback_status = forms.ChoiceField(
         choices=[("", "Any callback"), *CallbackStatus.choices], required=False
     )
-    created_from = forms.DateTimeField(
-        required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"})
-    )
-    created_to = forms.DateTimeField(
-        required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"})
-    )
+    created_from = forms.DateTimeField(required=False, widget=LOCAL_DATETIME)
+    created_to = forms.DateTimeField(required=False, widget=LOCAL_DATETIME)
     q = forms.CharField(
         required=False,
         max_length=255,
@@ -167,6 +169,11 @@ class ApplicationForm(forms.ModelForm):
         if not self.instance.pk:
             raise ValueError("ApplicationForm.save() updates; create with create_application")
         return applications.update_application(application_id=self.instance.pk, **self.settings())
+
+
+# What a settings change records, old -> new (no secrets: keys and the webhook secret are not
+# settings).
+APPLICATION_AUDITED_FIELDS = (*ApplicationForm.Meta.fields, "retry_schedule", "retention_hours")
 
 
 class RotateForm(forms.Form):

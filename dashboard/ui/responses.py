@@ -82,11 +82,19 @@ def answer(
     partial: str,
     context: dict,
     fallback: str,
+    also: tuple[str, ...] = (),
 ) -> HttpResponse:
-    """An action's answer: in place for HTMX (the changed partial and the message), or the
-    message and a redirect back for a plain form."""
+    """An action's answer: in place for HTMX (the changed partial, the partials named in `also`
+    out of band — every panel that shows a changed value — and the message), or the message
+    and a redirect back for a plain form. An `also` partial's root element carries
+    `{% if oob %}hx-swap-oob="true"{% endif %}`."""
     (messages.success if ok else messages.warning)(request, message)
     if not request.htmx:
         return redirect(safe_next(request, fallback))
     context.setdefault("is_operator", is_operator(request.user))
-    return with_messages(request, render(request, f"{template}#{partial}", context))
+    response = render(request, f"{template}#{partial}", context)
+    for name in also:
+        response.write(
+            render_to_string(f"{template}#{name}", context | {"oob": True}, request=request)
+        )
+    return with_messages(request, response)

@@ -32,6 +32,7 @@ urlpatterns = [
         "applications/<uuid:app_id>/cleanup", views.application_cleanup, name="application-cleanup"
     ),
     path("audit/", views.audit_log, name="audit"),
+    path("time-zone/", views.time_zone, name="time-zone"),
     # Browsers ask for it on every page whatever the page links; answer instead of a 404 each.
     path("favicon.ico", views.favicon, name="favicon"),
 ]

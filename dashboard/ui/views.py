@@ -6,20 +6,29 @@ from __future__ import annotations
 
 import uuid
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.staticfiles import finders
 from django.db import transaction
 from django.http import FileResponse, Http404, HttpResponse
-from django.shortcuts import get_object_or_404, render
+from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
 from dashboard.runtime import processes
+from dashboard.templatetags.taskhook import human_seconds
+from dashboard.ui import zones
 from dashboard.ui.access import is_operator, operator_required, staff_required
 from dashboard.ui.charts import line_chart
-from dashboard.ui.forms import GRACE_CHOICES, ApplicationForm, RotateForm, TaskFilterForm
-from dashboard.ui.responses import HtmxHttpRequest, back, page_or_partial
+from dashboard.ui.forms import (
+    APPLICATION_AUDITED_FIELDS,
+    GRACE_CHOICES,
+    ApplicationForm,
+    RotateForm,
+    TaskFilterForm,
+)
+from dashboard.ui.responses import HtmxHttpRequest, answer, page_or_partial, safe_next
 from tasks import applications, audit, credentials, services
 from tasks.delivery import callbacks, endpoints
 from tasks.models import (
@@ -30,6 +39,7 @@ from tasks.models import (
     CallbackStatus,
     Task,
 )
+from tasks.plumbing.queueing import queue_length
 from tasks.selectors import alerts as alerting
 from tasks.selectors import overview as stats
 from tasks.selectors import task_lists
@@ -81,8 +91,12 @@ def alert_action(request: HtmxHttpRequest) -> HttpResponse:
             done += services.requeue_pending(task_id=task_id)
     audit.record(user=request.user, action=f"alert.{action}", target_type="application",
                  target_id=app_id, detail={"kind": kind, "tasks": done})  # fmt: skip
-    messages.success(request, f"{action}: {done} task(s).")
-    return back(request, reverse("dashboard:home"))
+    verb = "Marked failed" if action == "fail" else "Re-enqueued"
+    message = f"{verb}: {done} stuck task(s)."
+    # The alert is replaced in place; the Overview's next refresh drops it once it clears.
+    return answer(request, message=message, template="dashboard/overview.html",
+                  partial="alert-done", context={"done": message},
+                  fallback=reverse("dashboard:home"))  # fmt: skip
 
 
 # --- tasks -------------------------------------------------------------------------------------
@@ -96,24 +110,35 @@ def _page_size(request: HtmxHttpRequest) -> int:
     return size if size in PAGE_SIZES else 50
 
 
-def _task_list(request: HtmxHttpRequest, *, template: str, fixed: dict | None = None):
-    form = TaskFilterForm(request.GET or None)
-    filters = form.filters() if request.GET else task_lists.TaskFilters()
+def _task_list_context(
+    request: HtmxHttpRequest, *, data, fixed: dict | None = None, cursor: str = ""
+) -> dict:
+    """The list for a filter given as a query dict (GET, or the bulk form's hidden fields)."""
+    form = TaskFilterForm(data or None)
+    filters = form.filters() if data else task_lists.TaskFilters()
     for name, value in (fixed or {}).items():
         setattr(filters, name, value)
-    page = task_lists.task_page(
-        filters=filters, cursor=request.GET.get("cursor", ""), size=_page_size(request)
-    )
-    params = request.GET.copy()
-    params.pop("cursor", None)
-    context = {
+    page = task_lists.task_page(filters=filters, cursor=cursor, size=_page_size(request))
+    params = data.copy()
+    for name in ("cursor", "csrfmiddlewaretoken", "scope", "task", "next"):
+        params.pop(name, None)
+    query = params.urlencode()
+    return {
         "form": form,
         "page": page,
         "filters": filters,
-        "query": params.urlencode(),
-        "first_page": not request.GET.get("cursor"),
+        "query": query,
+        "first_page": not cursor,
+        # What the rows poll to refresh: this very list.
+        "list_url": request.get_full_path(),
         "operations": BulkOperation.objects.all()[:3],
     }
+
+
+def _task_list(request: HtmxHttpRequest, *, template: str, fixed: dict | None = None):
+    context = _task_list_context(
+        request, data=request.GET, fixed=fixed, cursor=request.GET.get("cursor", "")
+    )
     return page_or_partial(request, template, "results", context)
 
 
@@ -146,41 +171,65 @@ def _filters_from_post(request: HtmxHttpRequest) -> task_lists.TaskFilters:
     return form.filters()
 
 
-def _bulk_action(request: HtmxHttpRequest, *, kind: str, act, noun: str, back_to: str):
-    """Selected rows now, or every row matching the filter in the background (audited)."""
+def _bulk_action(request: HtmxHttpRequest, *, kind: str, act, noun: str, back_to: str,
+                 template: str, fixed: dict | None = None):  # fmt: skip
+    """Selected rows now, or every row matching the filter in the background (audited).
+    Answers in place: the list re-rendered after the change, the operations panel, a message."""
     if request.POST.get("scope") == "matching":
         operation = bulk.start(
             kind=kind, filters=_filters_from_post(request), username=request.user.username
         )
         audit.record(user=request.user, action=f"{kind}.matching", target_type="bulk",
                      target_id=operation.pk, detail=operation.filters)  # fmt: skip
-        messages.success(request, f"{kind.title()}: every matching {noun} in the background.")
+        message = f"{kind.title()}: every matching {noun}, in the background (progress below)."
     else:
         ids = _selected_ids(request)
         with transaction.atomic():
             done = act(task_ids=ids)
         audit.record(user=request.user, action=f"{kind}.selected", target_type="task",
                      detail={"done": [str(i) for i in done]})  # fmt: skip
-        messages.success(request, f"{kind.title()}: {len(done)} of {len(ids)} selected {noun}(s).")
-    return back(request, reverse(back_to))
+        message = f"{kind.title()}: {len(done)} of {len(ids)} selected {noun}(s)."
+        if kind == BulkOperation.Kind.RETRY and done:
+            message += _waiting_note(len(done))
+    context = _task_list_context(request, data=request.POST, fixed=fixed)
+    context["list_url"] = safe_next(request, reverse(back_to))  # the page the form was on
+    return answer(request, message=message, template=template, partial="results",
+                  context=context, also=("operations",), fallback=reverse(back_to))  # fmt: skip
+
+
+def _waiting_note(new_runs: int) -> str:
+    """Retried tasks join the end of the task queue: say how many wait ahead of them."""
+    depth = queue_length(settings.TASK_QUEUE)
+    if depth is None:
+        return ""
+    ahead = max(0, depth - new_runs)
+    return f" The new runs wait behind {ahead} queued task(s)." if ahead else " They start now."
 
 
 @operator_required
 def tasks_retry(request: HtmxHttpRequest) -> HttpResponse:
     return _bulk_action(request, kind=BulkOperation.Kind.RETRY, act=services.retry_tasks,
-                        noun="failed task", back_to="dashboard:tasks")  # fmt: skip
+                        noun="failed task", back_to="dashboard:tasks",
+                        template="dashboard/tasks.html")  # fmt: skip
 
 
 @operator_required
 def callbacks_redeliver(request: HtmxHttpRequest) -> HttpResponse:
     return _bulk_action(request, kind=BulkOperation.Kind.REDELIVER, act=callbacks.redeliver,
-                        noun="failed callback", back_to="dashboard:failed-callbacks")  # fmt: skip
+                        noun="failed callback", back_to="dashboard:failed-callbacks",
+                        template="dashboard/failed_callbacks.html",
+                        fixed={"callback_status": CallbackStatus.FAILED})  # fmt: skip
 
 
 @staff_required
 def bulk_progress(request: HtmxHttpRequest, operation_id: int) -> HttpResponse:
     operation = get_object_or_404(BulkOperation, pk=operation_id)
-    return render(request, "dashboard/tasks.html#bulk-operation", {"operation": operation})
+    context = {"operation": operation, "queued_now": queue_length(settings.TASK_QUEUE)}
+    response = render(request, "dashboard/_operations.html#bulk-operation", context)
+    if operation.finished_at:
+        # The lists on the page refresh their rows at once: they show the new runs.
+        response["HX-Trigger"] = "bulk-done"
+    return response
 
 
 def _task_context(task_id: uuid.UUID) -> dict:
@@ -205,12 +254,10 @@ def task_detail(request: HtmxHttpRequest, task_id: uuid.UUID) -> HttpResponse:
 def _task_action(request: HtmxHttpRequest, task_id: uuid.UUID, action: str, ok: bool, note: str):
     audit.record(user=request.user, action=action, target_type="task", target_id=task_id,
                  detail={"done": ok})  # fmt: skip
-    if request.htmx:
-        # Swap the live part in place: it keeps polling until the action has played out.
-        context = _task_context(task_id) | {"is_operator": True, "note": note}
-        return render(request, "dashboard/task_detail.html#live", context)
-    (messages.success if ok else messages.warning)(request, note)
-    return back(request, reverse("dashboard:task", args=[task_id]))
+    # The live part is swapped in place and keeps polling until the action has played out.
+    return answer(request, message=note, ok=ok, template="dashboard/task_detail.html",
+                  partial="live", context=_task_context(task_id),
+                  fallback=reverse("dashboard:task", args=[task_id]))  # fmt: skip
 
 
 @operator_required
@@ -267,26 +314,10 @@ def _create_application(request: HtmxHttpRequest, form: ApplicationForm):
     return created
 
 
-@staff_required
-def application_detail(request: HtmxHttpRequest, app_id: uuid.UUID) -> HttpResponse:
-    app = get_object_or_404(Application, pk=app_id)
-    form = ApplicationForm(instance=app)
-    saved = False
-    if request.method == "POST":
-        if not is_operator(request.user):
-            return HttpResponse("This action needs the operate permission.", status=403)
-        form = ApplicationForm(request.POST, instance=app)
-        if form.is_valid():
-            changed = form.changed_data
-            form.save()
-            audit.record(user=request.user, action="application.update",
-                         target_type="application", target_id=app.pk,
-                         detail={"changed": changed})  # fmt: skip
-            saved = True
+def _application_context(app: Application, **extra) -> dict:
     context = {
         "app": app,
-        "form": form,
-        "saved": saved,
+        "form": ApplicationForm(instance=app),
         "health": stats.app_health(app),
         "deliveries_waiting": endpoints.waiting_count(application_id=app.pk),
         "api_keys": app.api_keys.order_by("-created_at")[:20],
@@ -294,16 +325,42 @@ def application_detail(request: HtmxHttpRequest, app_id: uuid.UUID) -> HttpRespo
         # Two rotate forms on the page: distinct element ids, the same field name.
         "rotate_key_form": RotateForm(auto_id="id_key_%s"),
         "rotate_secret_form": RotateForm(auto_id="id_secret_%s"),
-    }
-    context.update(_cleanup_context(app))
-    return page_or_partial(request, "dashboard/application_detail.html", "settings", context)
-
-
-def _cleanup_context(app: Application) -> dict:
-    return {
         "cleanup_preview": retention.preview(application_id=app.pk),
         "cleanup_runs": retention.recent_runs(limit=5),
     }
+    return context | extra
+
+
+def _settings_values(app: Application) -> dict:
+    return {name: getattr(app, name) for name in APPLICATION_AUDITED_FIELDS}
+
+
+@staff_required
+def application_detail(request: HtmxHttpRequest, app_id: uuid.UUID) -> HttpResponse:
+    app = get_object_or_404(Application, pk=app_id)
+    if request.method != "POST":
+        return page_or_partial(request, "dashboard/application_detail.html", "settings",
+                               _application_context(app))  # fmt: skip
+    if not is_operator(request.user):
+        return HttpResponse("This action needs the operate permission.", status=403)
+    before = _settings_values(app)
+    form = ApplicationForm(request.POST, instance=app)
+    if not form.is_valid():
+        context = _application_context(app, form=form)
+        return page_or_partial(request, "dashboard/application_detail.html", "settings", context)
+    with transaction.atomic():
+        form.save()
+        app.refresh_from_db()  # validation wrote the form's values onto `app`: read them back
+        changes = audit.changes(before, _settings_values(app))
+        audit.record(user=request.user, action="application.update", target_type="application",
+                     target_id=app.pk, target_label=app.name,
+                     detail={"changes": changes})  # fmt: skip
+    names = ", ".join(changes) or "nothing changed"
+    # Every panel showing a setting is re-rendered: the retention panel too.
+    return answer(request, message=f"Settings saved ({names}).",
+                  template="dashboard/application_detail.html", partial="settings",
+                  context=_application_context(app), also=("retention", "summary"),
+                  fallback=reverse("dashboard:application", args=[app.pk]))  # fmt: skip
 
 
 @operator_required
@@ -324,12 +381,18 @@ def application_rotate(request: HtmxHttpRequest, app_id: uuid.UUID, what: str) -
         label = "webhook secret"
         stopped = "The previous secret no longer signs."
     audit.record(user=request.user, action=f"application.rotate_{what}",
-                 target_type="application", target_id=app.pk,
+                 target_type="application", target_id=app.pk, target_label=app.name,
                  detail={"grace_hours": grace})  # fmt: skip
     period = dict(GRACE_CHOICES)[str(grace)]
     note = f"The previous one stays valid for {period}." if grace else stopped
-    return render(request, "dashboard/application_detail.html#secret-once",
-                  {"label": label, "value": value, "app": app, "note": note})  # fmt: skip
+    context = _application_context(app, label=label, value=value, note=note)
+    if not request.htmx:  # the value is shown once: on the page the form posted from
+        return render(request, "dashboard/application_detail.html#secret-once", context)
+    # The new secret in its slot, and the key table (a new key, the old one's expiry) refreshed.
+    return answer(request, message=f"New {label} issued. {note}",
+                  template="dashboard/application_detail.html", partial="secret-once",
+                  context=context, also=("credentials",),
+                  fallback=reverse("dashboard:application", args=[app.pk]))  # fmt: skip
 
 
 @operator_required
@@ -340,11 +403,14 @@ def api_key_revoke(request: HtmxHttpRequest, app_id: uuid.UUID, key_id: int) -> 
                  target_type="application", target_id=app_id,
                  detail={"key": f"{key.prefix}…", "revoked": bool(result.revoked)})  # fmt: skip
     if result.revoked:
-        messages.success(request, f"API key {key.prefix}… revoked: refused from now on "
-                                  "(within a few seconds on every web process).")  # fmt: skip
+        message = (f"API key {key.prefix}… revoked: refused from now on "
+                   "(within a few seconds on every web process).")  # fmt: skip
     else:
-        messages.warning(request, f"API key {key.prefix}… was already revoked.")
-    return back(request, reverse("dashboard:application", args=[app_id]))
+        message = f"API key {key.prefix}… was already revoked."
+    return answer(request, message=message, ok=bool(result.revoked),
+                  template="dashboard/application_detail.html", partial="credentials",
+                  context=_application_context(key.application),
+                  fallback=reverse("dashboard:application", args=[app_id]))  # fmt: skip
 
 
 @operator_required
@@ -356,13 +422,17 @@ def application_cleanup(request: HtmxHttpRequest, app_id: uuid.UUID) -> HttpResp
         action="retention.cleanup",
         target_type="application",
         target_id=app.pk,
-        detail={"removed": run.removed if run else None},
+        target_label=app.name,
+        detail={"removed": run.total_removed if run else None},
     )
     if run is None:
-        messages.warning(request, "Another cleanup is running; try again in a moment.")
+        message, ok = "Another cleanup is running; try again in a moment.", False
     else:
-        messages.success(request, f"Cleanup removed {run.total_removed} task(s).")
-    return back(request, reverse("dashboard:application", args=[app.pk]))
+        took = human_seconds(((run.finished_at or run.started_at) - run.started_at).total_seconds())
+        message, ok = f"Cleanup removed {run.total_removed} task(s) in {took}.", True
+    return answer(request, message=message, ok=ok, template="dashboard/application_detail.html",
+                  partial="retention", context=_application_context(app), also=("summary",),
+                  fallback=reverse("dashboard:application", args=[app.pk]))  # fmt: skip
 
 
 # --- favicon ----------------------------------------------------------------------------------
@@ -391,3 +461,22 @@ def audit_log(request: HtmxHttpRequest) -> HttpResponse:
     rows = list(entries.order_by("-id")[:101])
     context = {"entries": rows[:100], "next_before": rows[99].id if len(rows) > 100 else None}
     return page_or_partial(request, "dashboard/audit.html", "entries", context)
+
+
+# --- time zone ---------------------------------------------------------------------------------
+
+
+@staff_required
+def time_zone(request: HtmxHttpRequest) -> HttpResponse:
+    """Choose the zone the dashboard shows times in (kept in the session; UTC by default)."""
+    error = ""
+    if request.method == "POST":
+        name = request.POST.get("time_zone", "").strip()
+        if zones.is_valid_zone(name):
+            request.session[zones.SESSION_KEY] = name
+            messages.success(request, f"Times are now shown in {name}.")
+            return redirect(safe_next(request, reverse("dashboard:home")))
+        error = f"Unknown time zone: {name!r}."
+    context = {"zones": zones.available_zones(), "error": error,
+               "next": request.GET.get("next", "")}  # fmt: skip
+    return page_or_partial(request, "dashboard/time_zone.html", "form", context)

@@ -39,3 +39,8 @@ class OperatorTimeZoneMiddleware:
             return self.get_response(request)
         finally:
             timezone.deactivate()
+
+
+def zone_context(request: HttpRequest) -> dict:
+    """Context processor: the zone every absolute time on the page is shown in."""
+    return {"time_zone_name": timezone.get_current_timezone_name()}

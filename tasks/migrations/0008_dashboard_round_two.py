@@ -7,109 +7,158 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('tasks', '0007_endpoint_max_in_flight'),
+        ("tasks", "0007_endpoint_max_in_flight"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='ErrorGroup',
+            name="ErrorGroup",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('kind', models.CharField(choices=[('task', 'Task'), ('callback', 'Callback')], max_length=8)),
-                ('fingerprint', models.CharField(max_length=16)),
-                ('label', models.TextField()),
-                ('first_seen', models.DateTimeField()),
-                ('last_seen', models.DateTimeField()),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[("task", "Task"), ("callback", "Callback")], max_length=8
+                    ),
+                ),
+                ("fingerprint", models.CharField(max_length=16)),
+                ("label", models.TextField()),
+                ("first_seen", models.DateTimeField()),
+                ("last_seen", models.DateTimeField()),
             ],
         ),
         migrations.CreateModel(
-            name='PausedQueue',
+            name="PausedQueue",
             fields=[
-                ('name', models.CharField(max_length=100, primary_key=True, serialize=False)),
-                ('paused_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('paused_by', models.CharField(max_length=150)),
+                ("name", models.CharField(max_length=100, primary_key=True, serialize=False)),
+                ("paused_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("paused_by", models.CharField(max_length=150)),
             ],
         ),
         migrations.CreateModel(
-            name='StatsRollup',
+            name="StatsRollup",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('resolution', models.CharField(choices=[('minute', 'Minute'), ('hour', 'Hour')], max_length=8)),
-                ('bucket', models.DateTimeField()),
-                ('succeeded', models.PositiveIntegerField(default=0)),
-                ('failed', models.PositiveIntegerField(default=0)),
-                ('cancelled', models.PositiveIntegerField(default=0)),
-                ('callbacks_delivered', models.PositiveIntegerField(default=0)),
-                ('callbacks_failed', models.PositiveIntegerField(default=0)),
-                ('queued_max', models.PositiveIntegerField(default=0)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "resolution",
+                    models.CharField(
+                        choices=[("minute", "Minute"), ("hour", "Hour")], max_length=8
+                    ),
+                ),
+                ("bucket", models.DateTimeField()),
+                ("succeeded", models.PositiveIntegerField(default=0)),
+                ("failed", models.PositiveIntegerField(default=0)),
+                ("cancelled", models.PositiveIntegerField(default=0)),
+                ("callbacks_delivered", models.PositiveIntegerField(default=0)),
+                ("callbacks_failed", models.PositiveIntegerField(default=0)),
+                ("queued_max", models.PositiveIntegerField(default=0)),
             ],
         ),
         migrations.AddField(
-            model_name='auditentry',
-            name='target_label',
-            field=models.CharField(blank=True, default='', max_length=200),
+            model_name="auditentry",
+            name="target_label",
+            field=models.CharField(blank=True, default="", max_length=200),
         ),
         migrations.AddField(
-            model_name='task',
-            name='callback_error_fingerprint',
-            field=models.CharField(blank=True, default='', max_length=16),
+            model_name="task",
+            name="callback_error_fingerprint",
+            field=models.CharField(blank=True, default="", max_length=16),
         ),
         migrations.AddField(
-            model_name='task',
-            name='error_fingerprint',
-            field=models.CharField(blank=True, default='', max_length=16),
+            model_name="task",
+            name="error_fingerprint",
+            field=models.CharField(blank=True, default="", max_length=16),
         ),
         migrations.AlterField(
-            model_name='bulkoperation',
-            name='kind',
-            field=models.CharField(choices=[('retry', 'Retry'), ('redeliver', 'Redeliver'), ('run_now', 'Run Now'), ('deliver_now', 'Deliver Now'), ('discard', 'Discard'), ('delete', 'Delete')], max_length=16),
+            model_name="bulkoperation",
+            name="kind",
+            field=models.CharField(
+                choices=[
+                    ("retry", "Retry"),
+                    ("redeliver", "Redeliver"),
+                    ("run_now", "Run Now"),
+                    ("deliver_now", "Deliver Now"),
+                    ("discard", "Discard"),
+                    ("delete", "Delete"),
+                ],
+                max_length=16,
+            ),
         ),
         migrations.AddIndex(
-            model_name='auditentry',
-            index=models.Index(fields=['username', '-id'], name='audit_actor_idx'),
+            model_name="auditentry",
+            index=models.Index(fields=["username", "-id"], name="audit_actor_idx"),
         ),
         migrations.AddIndex(
-            model_name='auditentry',
-            index=models.Index(fields=['action', '-id'], name='audit_action_idx'),
+            model_name="auditentry",
+            index=models.Index(fields=["action", "-id"], name="audit_action_idx"),
         ),
         migrations.AddIndex(
-            model_name='auditentry',
-            index=models.Index(fields=['target_type', 'target_id', '-id'], name='audit_target_idx'),
+            model_name="auditentry",
+            index=models.Index(fields=["target_type", "target_id", "-id"], name="audit_target_idx"),
         ),
         migrations.AddIndex(
-            model_name='task',
-            index=models.Index(condition=models.Q(('status', 'failed')), fields=['error_fingerprint', '-finished_at'], name='task_failure_part_idx'),
+            model_name="task",
+            index=models.Index(
+                condition=models.Q(("status", "failed")),
+                fields=["error_fingerprint", "-finished_at"],
+                name="task_failure_part_idx",
+            ),
         ),
         migrations.AddIndex(
-            model_name='task',
-            index=models.Index(condition=models.Q(('callback_status', 'failed')), fields=['callback_error_fingerprint', '-finished_at'], name='task_cb_failure_part_idx'),
+            model_name="task",
+            index=models.Index(
+                condition=models.Q(("callback_status", "failed")),
+                fields=["callback_error_fingerprint", "-finished_at"],
+                name="task_cb_failure_part_idx",
+            ),
         ),
         migrations.AddIndex(
-            model_name='task',
-            index=models.Index(condition=models.Q(('callback_next_attempt_at__isnull', False)), fields=['callback_next_attempt_at', 'id'], name='task_cb_next_part_idx'),
+            model_name="task",
+            index=models.Index(
+                condition=models.Q(("callback_next_attempt_at__isnull", False)),
+                fields=["callback_next_attempt_at", "id"],
+                name="task_cb_next_part_idx",
+            ),
         ),
         migrations.AddIndex(
-            model_name='errorgroup',
-            index=models.Index(fields=['kind', '-last_seen'], name='error_group_recent_idx'),
+            model_name="errorgroup",
+            index=models.Index(fields=["kind", "-last_seen"], name="error_group_recent_idx"),
         ),
         migrations.AddConstraint(
-            model_name='errorgroup',
-            constraint=models.UniqueConstraint(fields=('kind', 'fingerprint'), name='error_group_unique'),
+            model_name="errorgroup",
+            constraint=models.UniqueConstraint(
+                fields=("kind", "fingerprint"), name="error_group_unique"
+            ),
         ),
         migrations.AddField(
-            model_name='statsrollup',
-            name='application',
-            field=models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='tasks.application'),
+            model_name="statsrollup",
+            name="application",
+            field=models.ForeignKey(
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="+",
+                to="tasks.application",
+            ),
         ),
         migrations.AddIndex(
-            model_name='statsrollup',
-            index=models.Index(fields=['resolution', 'bucket'], name='stats_rollup_range_idx'),
+            model_name="statsrollup",
+            index=models.Index(fields=["resolution", "bucket"], name="stats_rollup_range_idx"),
         ),
         migrations.AddConstraint(
-            model_name='statsrollup',
-            constraint=models.UniqueConstraint(fields=('resolution', 'bucket', 'application'), name='stats_rollup_unique'),
+            model_name="statsrollup",
+            constraint=models.UniqueConstraint(
+                fields=("resolution", "bucket", "application"), name="stats_rollup_unique"
+            ),
         ),
     ]

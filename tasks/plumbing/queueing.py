@@ -51,6 +51,14 @@ def queue(name: str) -> Queue:
     return Queue(name, connection=redis_client())
 
 
+def queue_length(name: str) -> int | None:
+    """Jobs waiting on a queue (one LLEN); None while Redis is unreachable."""
+    try:
+        return int(redis_client().llen(queue(name).key))
+    except redis.RedisError:
+        return None
+
+
 def task_job_id(task_id: uuid.UUID | str, run: int) -> str:
     return f"task-{task_id}-{run}"
 

@@ -108,15 +108,22 @@ def test_cancel_and_retry_swap_the_task_in_place(page, make_app):
     wait_for_status(task_id, ("running",))
     page.goto(f"/tasks/{task_id}/")
     page.evaluate("window.__noReload = true")
-    page.on("dialog", lambda dialog: dialog.accept())  # "Cancel this task?"
-    page.click("button:has-text('Cancel')")
-    page.wait_for_selector("#action-note:has-text('Task cancelled.')")
+    page.click("#task-live button:has-text('Cancel')")
+    # The in-page confirmation: Cancel in the dialog changes nothing.
+    page.wait_for_selector("#confirm-dialog[open]:has-text('Cancel this task?')")
+    page.click("#confirm-cancel")
+    page.wait_for_timeout(300)
+    assert Task.objects.get(pk=task_id).status == "running"
+    page.click("#task-live button:has-text('Cancel')")
+    page.click("#confirm-ok")
+    page.wait_for_selector("#messages li:has-text('Task cancelled.')")
     page.wait_for_selector("#task-status:has-text('cancelled')")
     page.click("button:has-text('Retry task')")
-    page.wait_for_selector("#action-note:has-text('A new run was started.')")
+    page.wait_for_selector("#messages li:has-text('A new run was started.')")
     assert Task.objects.get(pk=task_id).run == 2
-    page.click("button:has-text('Cancel')")  # the new run too, so the worker is free again
-    page.wait_for_selector("#action-note:has-text('Task cancelled.')")
+    page.click("#task-live button:has-text('Cancel')")  # the new run too: the worker is free again
+    page.click("#confirm-ok")
+    page.wait_for_selector("#messages li:has-text('Task cancelled.')")
     assert page.evaluate("window.__noReload") is True
     assert wait_for_status(task_id, ("cancelled",)).run == 2
 
@@ -124,10 +131,14 @@ def test_cancel_and_retry_swap_the_task_in_place(page, make_app):
 def test_retention_is_edited_and_saved(page, make_app):
     app = make_app("echo")
     page.goto(f"/applications/{app.application.id}/")
+    page.evaluate("window.__noReload = true")
     page.select_option("#id_retention_preset", "72")
     page.click("button:has-text('Save settings')")
-    page.wait_for_selector("#saved")
+    page.wait_for_selector("#messages li:has-text('Settings saved (retention_hours)')")
     assert Application.objects.get(pk=app.application.id).retention_hours == 72
+    # The retention panel and the summary show the new value without a reload.
+    page.wait_for_selector("#retention strong:has-text('72 h')")
+    page.wait_for_selector("#app-summary:has-text('3 d')")
     page.select_option("#id_retention_preset", "custom")
     page.fill("#id_retention_custom_hours", "")  # custom without hours: refused by the server
     page.click("button:has-text('Save settings')")
@@ -135,8 +146,12 @@ def test_retention_is_edited_and_saved(page, make_app):
     assert Application.objects.get(pk=app.application.id).retention_hours == 72
     page.fill("#id_retention_custom_hours", "36")
     page.click("button:has-text('Save settings')")
-    page.wait_for_selector("#saved")
+    page.wait_for_selector("#retention strong:has-text('36 h')")
     assert Application.objects.get(pk=app.application.id).retention_hours == 36
+    page.click("#retention button:has-text('Run cleanup now')")
+    page.click("#confirm-ok")
+    page.wait_for_selector("#messages li:has-text('Cleanup removed 0 task(s)')")
+    assert page.evaluate("window.__noReload") is True
     screenshot(page, "application-settings")
 
 
