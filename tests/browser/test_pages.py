@@ -168,7 +168,7 @@ def test_pages_run_under_the_strict_csp(browser, live_server, live_worker, make_
     task_id = submit(app, {"q": 1})
     wait_for_status(task_id, ("succeeded",))
     for path in ("/", "/tasks/", f"/tasks/{task_id}/", "/callbacks/failed/", "/applications/",
-                 f"/applications/{app.application.id}/", "/audit/"):  # fmt: skip
+                 f"/applications/{app.application.id}/", "/audit/", "/time-zone/"):  # fmt: skip
         response = page.goto(path)
         assert "script-src 'self'" in response.headers["content-security-policy"]
         page.wait_for_timeout(300)
@@ -182,3 +182,47 @@ def test_pages_run_under_the_strict_csp(browser, live_server, live_worker, make_
     context.close()
     assert not violations, violations
     assert not errors, errors
+
+
+def test_times_say_their_zone_and_follow_the_operators_choice(page, make_app):
+    app = make_app("echo")
+    task_id = submit(app, {"q": 1})
+    wait_for_status(task_id, ("succeeded",))
+    page.goto(f"/tasks/{task_id}/")
+    timeline = page.locator("#timeline").inner_text()
+    assert " UTC" in timeline and ("ago" in timeline or "just now" in timeline), timeline
+    # Milliseconds at most, never microseconds: "2026-12-02 21:04:20.123 UTC".
+    created = timeline.split("created ")[1].split(" UTC")[0]
+    assert len(created.rsplit(".", 1)[1]) == 3, created
+    page.click("#zone-link")
+    page.fill("#id_time_zone", "Asia/Kolkata")
+    page.click("button:has-text('Use this zone')")
+    page.wait_for_selector("#messages li:has-text('Times are now shown in Asia/Kolkata.')")
+    assert page.url.endswith(f"/tasks/{task_id}/")  # back where the operator was
+    assert " IST" in page.locator("#timeline").inner_text()
+    # The date filter is read in that zone too, and says so.
+    page.goto("/tasks/")
+    assert page.locator(".filters .hint").inner_text() == "Asia/Kolkata"
+    page.click("#zone-link")
+    page.fill("#id_time_zone", "Mars/Olympus")
+    page.click("button:has-text('Use this zone')")
+    page.wait_for_selector("#zone-error:has-text('Unknown time zone')")
+
+
+def test_retry_all_matching_answers_in_place_and_the_rows_show_the_new_runs(page, make_app):
+    app = make_app("fail")
+    ids = [submit(app, {"n": n}) for n in range(3)]
+    for task_id in ids:
+        wait_for_status(task_id, ("failed",))
+    page.goto(f"/tasks/?application={app.application.id}")
+    page.evaluate("window.__noReload = true")
+    runs = page.locator("#results tbody td.num:nth-of-type(5)")
+    assert runs.all_inner_texts() == ["1", "1", "1"]
+    page.click("button:has-text('Retry all matching')")
+    page.click("#confirm-ok")
+    page.wait_for_selector("#messages li:has-text('in the background')")
+    page.wait_for_selector("#operations .operation:has-text('done')", timeout=30_000)
+    # The list refreshed itself when the operation ended: every row is on its second run.
+    wait_for(lambda: page.locator("#results tbody td.num:nth-of-type(5)").all_inner_texts()
+             == ["2", "2", "2"], timeout=15)  # fmt: skip
+    assert page.evaluate("window.__noReload") is True
