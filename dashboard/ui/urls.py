@@ -1,6 +1,6 @@
 from django.urls import path
 
-from dashboard.ui import views
+from dashboard.ui import audit_log, views
 
 app_name = "dashboard"
 
@@ -31,7 +31,7 @@ urlpatterns = [
     path(
         "applications/<uuid:app_id>/cleanup", views.application_cleanup, name="application-cleanup"
     ),
-    path("audit/", views.audit_log, name="audit"),
+    path("audit/", audit_log.audit_log, name="audit"),
     path("time-zone/", views.time_zone, name="time-zone"),
     # Browsers ask for it on every page whatever the page links; answer instead of a 404 each.
     path("favicon.ico", views.favicon, name="favicon"),

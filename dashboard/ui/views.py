@@ -34,7 +34,6 @@ from tasks.delivery import callbacks, endpoints
 from tasks.models import (
     ApiKey,
     Application,
-    AuditEntry,
     BulkOperation,
     CallbackStatus,
     Task,
@@ -447,20 +446,6 @@ def favicon(request: HtmxHttpRequest) -> FileResponse:
     response = FileResponse(open(path, "rb"), content_type="image/x-icon")  # noqa: SIM115
     response["Cache-Control"] = "public, max-age=86400"
     return response
-
-
-# --- audit -------------------------------------------------------------------------------------
-
-
-@staff_required
-def audit_log(request: HtmxHttpRequest) -> HttpResponse:
-    entries = AuditEntry.objects.all()
-    before = request.GET.get("before")
-    if before and before.isdigit():
-        entries = entries.filter(id__lt=int(before))
-    rows = list(entries.order_by("-id")[:101])
-    context = {"entries": rows[:100], "next_before": rows[99].id if len(rows) > 100 else None}
-    return page_or_partial(request, "dashboard/audit.html", "entries", context)
 
 
 # --- time zone ---------------------------------------------------------------------------------

@@ -2,6 +2,7 @@ import uuid
 
 from django.core.management.base import BaseCommand, CommandError
 
+from tasks import audit
 from tasks.models import Application, CleanupRun
 from tasks.upkeep.retention import run_cleanup
 
@@ -22,6 +23,12 @@ class Command(BaseCommand):
         )
         if run is None:
             raise CommandError("another cleanup is running (lock held); nothing done")
+        if not options["dry_run"]:
+            audit.record_command(command="cleanup_tasks", action="retention.cleanup",
+                                 target_type="application" if app_id else "retention",
+                                 target_id=app_id or run.pk,
+                                 target_label="" if app_id else f"cleanup run #{run.pk}",
+                                 detail={"removed": run.total_removed})  # fmt: skip
         verb = "would remove" if options["dry_run"] else "removed"
         for app_pk, entry in run.removed.items():
             self.stdout.write(f"{entry['name']} ({app_pk}): {verb} {entry['tasks']} task(s)")

@@ -2,7 +2,9 @@ import json
 import shlex
 
 from django.core.management.base import BaseCommand
+from django.db import transaction
 
+from tasks import audit
 from tasks.applications import InvalidApplication, create_application
 
 from ._application_settings import (
@@ -30,7 +32,13 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         changes = settings_from_options(options)
         try:
-            created = create_application(name=options["name"], **changes)
+            with transaction.atomic():
+                created = create_application(name=options["name"], **changes)
+                audit.record_command(command="createapplication", action="application.create",
+                                     target_type="application", target_id=created.application.pk,
+                                     target_label=created.application.name,
+                                     detail={"name": created.application.name,
+                                             "settings": changes})  # fmt: skip
         except InvalidApplication as exc:
             if exc.field == "name":
                 raise invalid(InvalidApplication("NAME", exc.message)) from exc

@@ -2,6 +2,7 @@ import uuid
 
 from django.core.management.base import BaseCommand, CommandError
 
+from tasks import audit
 from tasks.credentials import revoke_api_keys
 from tasks.models import Application
 
@@ -32,6 +33,10 @@ class Command(BaseCommand):
             raise CommandError(f"no API key with the prefix {prefix!r}{where}")
         for key in result.revoked:
             app = key.application
+            audit.record_command(command="revokekey", action="application.revoke_key",
+                                 target_type="application", target_id=app.pk,
+                                 target_label=app.name,
+                                 detail={"key": f"{key.prefix}…", "revoked": True})  # fmt: skip
             self.stdout.write(f"revoked {key.prefix}… of {app.name!r} ({app.pk})")
         for key in result.already:
             assert key.revoked_at is not None  # `already` holds the keys revoked before

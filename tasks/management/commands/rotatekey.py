@@ -1,6 +1,8 @@
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
 
+from tasks import audit
 from tasks.applications import InvalidApplication, rotate_api_key
 from tasks.models import Application
 
@@ -18,7 +20,11 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         grace = options["grace_hours"]
         try:
-            key = rotate_api_key(application_id=options["app_id"], grace_hours=grace)
+            with transaction.atomic():
+                key = rotate_api_key(application_id=options["app_id"], grace_hours=grace)
+                audit.record_command(command="rotatekey", action="application.rotate_key",
+                                     target_type="application", target_id=options["app_id"],
+                                     detail={"grace_hours": grace})  # fmt: skip
         except InvalidApplication as exc:
             raise CommandError(f"--grace-hours: {exc.message}") from exc
         except (Application.DoesNotExist, ValueError, ValidationError) as exc:

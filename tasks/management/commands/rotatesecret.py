@@ -1,6 +1,8 @@
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
 
+from tasks import audit
 from tasks.applications import InvalidApplication, rotate_webhook_secret
 from tasks.models import Application
 
@@ -19,9 +21,13 @@ class Command(BaseCommand):
         if options["grace_hours"] < 0:
             raise CommandError("--grace-hours must not be negative")
         try:
-            secret = rotate_webhook_secret(
-                application_id=options["app_id"], grace_hours=options["grace_hours"]
-            )
+            with transaction.atomic():
+                secret = rotate_webhook_secret(
+                    application_id=options["app_id"], grace_hours=options["grace_hours"]
+                )
+                audit.record_command(command="rotatesecret", action="application.rotate_secret",
+                                     target_type="application", target_id=options["app_id"],
+                                     detail={"grace_hours": options["grace_hours"]})  # fmt: skip
         except InvalidApplication as exc:
             raise CommandError(f"--grace-hours: {exc.message}") from exc
         except (Application.DoesNotExist, ValueError, ValidationError) as exc:

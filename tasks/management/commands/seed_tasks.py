@@ -16,6 +16,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connection, transaction
 from django.utils import timezone
 
+from tasks import audit
 from tasks.applications import create_application
 from tasks.models import Application, CallbackAttempt, Task
 
@@ -99,4 +100,7 @@ class Command(BaseCommand):
         with connection.cursor() as cursor:
             for model in (Task, CallbackAttempt):
                 cursor.execute(f"ANALYZE {connection.ops.quote_name(model._meta.db_table)}")
+        names = [app.name for app in apps]
+        audit.record_command(command="seed_tasks", action="seed.tasks", target_type="seed",
+                             detail={"tasks": count, "applications": names})  # fmt: skip
         self.stdout.write(f"seeded {count} tasks over {len(apps)} applications")

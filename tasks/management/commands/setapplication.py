@@ -2,7 +2,9 @@ import json
 
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
 
+from tasks import audit
 from tasks.applications import InvalidApplication, update_application
 from tasks.models import Application
 
@@ -30,7 +32,16 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         changes = settings_from_options(options)
         try:
-            application = update_application(application_id=options["app_id"], **changes)
+            with transaction.atomic():
+                current = Application.objects.get(pk=options["app_id"])
+                before = {name: getattr(current, name) for name in changes}
+                application = update_application(application_id=current.pk, **changes)
+                after = {name: getattr(application, name) for name in changes}
+                if diff := audit.changes(before, after):
+                    audit.record_command(command="setapplication", action="application.update",
+                                         target_type="application", target_id=application.pk,
+                                         target_label=application.name,
+                                         detail={"changes": diff})  # fmt: skip
         except InvalidApplication as exc:
             raise invalid(exc) from exc
         except (Application.DoesNotExist, ValueError, ValidationError) as exc:  # or not a UUID
