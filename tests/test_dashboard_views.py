@@ -76,6 +76,7 @@ PAGES = {
     "application": ("/applications/{app}/", "Credentials", '<div id="settings">'),
     "audit": ("/audit/", "Audit log", '<div id="entries">'),
     "time-zone": ("/time-zone/", "Time zone", '<div id="zone-form"'),
+    "history": ("/history/", "History", '<section id="history"'),
 }
 # Fragments: only ever a partial, which a page polls.
 FRAGMENTS = {"bulk": ("/bulk/{operation}/", '<div class="operation" id="operation-')}

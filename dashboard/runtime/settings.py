@@ -168,6 +168,11 @@ CALLBACK_CA_BUNDLE = env.str("CALLBACK_CA_BUNDLE", default="")
 CALLBACK_CONCURRENCY = env.int("CALLBACK_CONCURRENCY", default=8)
 CLEANUP_INTERVAL = env.int("CLEANUP_INTERVAL", default=600)
 RECONCILE_INTERVAL = env.int("RECONCILE_INTERVAL", default=30)
+# History for the charts (tasks.telemetry.rollups): how often the cron process rolls the recent
+# minutes up, and how long minute and hour rows are kept.
+ROLLUP_INTERVAL = env.int("ROLLUP_INTERVAL", default=30)
+ROLLUP_MINUTE_HOURS = env.int("ROLLUP_MINUTE_HOURS", default=48)
+ROLLUP_HOUR_DAYS = env.int("ROLLUP_HOUR_DAYS", default=35)
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 # Without a token /metrics answers only in DEBUG, unless it is declared public on purpose.
 METRICS_PUBLIC = env.bool("METRICS_PUBLIC", default=False)

@@ -34,6 +34,7 @@ NAV: dict[str, str] = {
     "dashboard/applications.html": "applications",
     "dashboard/application_detail.html": "applications",
     "dashboard/audit.html": "audit",
+    "dashboard/history.html": "history",
 }
 
 

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from dashboard.ui import audit_log, views
+from dashboard.ui import audit_log, history, views
 
 app_name = "dashboard"
 
@@ -32,6 +32,7 @@ urlpatterns = [
         "applications/<uuid:app_id>/cleanup", views.application_cleanup, name="application-cleanup"
     ),
     path("audit/", audit_log.audit_log, name="audit"),
+    path("history/", history.history, name="history"),
     path("time-zone/", views.time_zone, name="time-zone"),
     # Browsers ask for it on every page whatever the page links; answer instead of a 404 each.
     path("favicon.ico", views.favicon, name="favicon"),

@@ -5,6 +5,7 @@ are written to the audit log; services do the work."""
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 
 from django.conf import settings
 from django.contrib import messages
@@ -20,7 +21,7 @@ from dashboard.runtime import processes
 from dashboard.templatetags.taskhook import human_seconds
 from dashboard.ui import zones
 from dashboard.ui.access import is_operator, operator_required, staff_required
-from dashboard.ui.charts import line_chart
+from dashboard.ui.charts import time_chart
 from dashboard.ui.forms import (
     APPLICATION_AUDITED_FIELDS,
     GRACE_CHOICES,
@@ -63,11 +64,19 @@ def overview(request: HtmxHttpRequest) -> HttpResponse:
         finished = stats_history.finished_per_minute(60)
         depth = stats_history.queue_depth_history()
         context.update(
-            throughput=line_chart([count for _, count in finished]),
+            throughput=time_chart(
+                title="Finished tasks", unit="tasks/min",
+                buckets=[datetime.fromtimestamp(t, UTC) for t, _ in finished],
+                series=[("finished", "s-ok", [count for _, count in finished])]),
             throughput_total=sum(count for _, count in finished),
-            depth_chart=line_chart([sample.get("tasks", 0) for sample in depth]),
+            depth_chart=time_chart(
+                title="Queue depth", unit="jobs queued",
+                buckets=[datetime.fromtimestamp(sample["t"], UTC) for sample in depth],
+                series=[("tasks", "s-run", [sample.get("tasks", 0) for sample in depth]),
+                        ("callbacks", "s-warn", [sample.get("callbacks", 0) for sample in depth])],
+                label_format="%H:%M"),
             depth_samples=len(depth),
-        )
+        )  # fmt: skip
     return page_or_partial(request, "dashboard/overview.html", "live", context)
 
 

@@ -2,13 +2,14 @@
 Procfile's `cron` process): RQ's cron scheduler with these registrations, which waits out a Redis
 outage instead of exiting. `manage.py rqcron tasks.upkeep.cron` loads the same file.
 
-Intervals come from settings (CLEANUP_INTERVAL, RECONCILE_INTERVAL), which read the environment.
+Intervals come from settings (CLEANUP_INTERVAL, RECONCILE_INTERVAL, ROLLUP_INTERVAL), which read
+the environment.
 """
 
 from django.conf import settings
 from rq import cron
 
-from tasks.upkeep.maintenance import cleanup_job, reconcile_job, sample_stats_job
+from tasks.upkeep.maintenance import cleanup_job, reconcile_job, rollup_job, sample_stats_job
 
 cron.register(
     reconcile_job,
@@ -26,6 +27,15 @@ cron.register(
     job_timeout=60,
     result_ttl=60,
     name="sample-stats",
+)
+
+cron.register(
+    rollup_job,
+    settings.MAINTENANCE_QUEUE,
+    interval=settings.ROLLUP_INTERVAL,
+    job_timeout=600,
+    result_ttl=600,
+    name="rollup",
 )
 
 cron.register(

@@ -22,6 +22,13 @@ def sample_stats_job() -> dict[str, int]:
     return sample_queue_depth()
 
 
+def rollup_job() -> dict[str, int]:
+    from tasks.telemetry.rollups import roll_up
+
+    report = roll_up()
+    return {"minutes": report.minutes, "hours": report.hours, "pruned": report.pruned}
+
+
 def cleanup_job() -> int | None:
     from tasks.models import CleanupRun
     from tasks.upkeep.retention import run_cleanup
