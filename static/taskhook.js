@@ -7,6 +7,8 @@ document.addEventListener("htmx:beforeRequest", (event) => {
   const elt = event.detail.elt;
   if (!elt.hasAttribute("data-poll") || event.detail.requestConfig.verb !== "get") return;
   if (document.hidden) event.preventDefault();
+  // A poll must not swap away the button a confirmation dialog is holding.
+  else if (document.getElementById("confirm-dialog")?.open) event.preventDefault();
   else if (elt.hasAttribute("data-poll-unless-checked") && elt.querySelector("input[type=checkbox]:checked")) event.preventDefault();
 });
 document.addEventListener("visibilitychange", () => {

@@ -168,6 +168,17 @@ class Task(models.Model):
                 name="task_cb_failure_part_idx",
                 condition=Q(callback_status=CallbackStatus.FAILED),
             ),
+            # The task list filtered to one error group, newest first (keyset on created_at).
+            models.Index(
+                fields=["error_fingerprint", "-created_at", "-id"],
+                name="task_failure_list_part_idx",
+                condition=Q(status=TaskStatus.FAILED),
+            ),
+            models.Index(
+                fields=["callback_error_fingerprint", "-created_at", "-id"],
+                name="task_cb_failure_list_part_idx",
+                condition=Q(callback_status=CallbackStatus.FAILED),
+            ),
             # Callbacks waiting for their next retry, soonest first.
             models.Index(
                 fields=["callback_next_attempt_at", "id"],

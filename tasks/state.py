@@ -17,10 +17,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Case, Expression, F, Value, When
+from django.db.models import Case, Expression, F, Q, Value, When
 from django.utils import timezone
 
-from tasks import sql
+from tasks import sql, triage
 from tasks.models import Task, TaskRunHistory
 from tasks.plumbing import rawsql
 from tasks.sql import ClaimedAttempt, StartedRun
@@ -112,16 +112,22 @@ def fail(
     traceback: str = "",
     expected: Iterable[str] = (S.RUNNING,),
 ) -> bool:
-    return _guarded_update(
+    """-> failed, with the error's group (tasks.triage) stored by the same UPDATE."""
+    group = triage.task_error(error)
+    won = _guarded_update(
         task_id,
         to=S.FAILED,
         expected=expected,
         expected_run=run,
         error=error,
         traceback=traceback,
+        error_fingerprint=group.fingerprint,
         finished_at=timezone.now(),
         callback_status=_callback_due(),
     )
+    if won:
+        triage.record(group)
+    return won
 
 
 def cancel(*, task_id: uuid.UUID | str) -> bool:
@@ -184,6 +190,8 @@ def start_new_run(
             output=None,
             error="",
             traceback="",
+            error_fingerprint="",
+            callback_error_fingerprint="",
             progress=0,
             started_at=None,
             finished_at=None,
@@ -225,29 +233,51 @@ def claim_delivery(*, task_id: uuid.UUID | str, run: int, automatic: bool) -> Cl
 
 
 def delivery_outcome(
-    *, task_id: uuid.UUID | str, run: int, to: str | None, **fields: Any
+    *,
+    task_id: uuid.UUID | str,
+    run: int,
+    to: str | None,
+    attempt_error: str = "",
+    **fields: Any,
 ) -> rawsql.Statement:
     """The statement that records an attempt's outcome on the task: delivering -> `to`
     (delivered, failed) when given, else only `fields` (a retry is scheduled, or a manual attempt
-    failed). Returned, not run: the caller commits it with the attempt's own row."""
+    failed). Returned, not run: the caller commits it with the attempt's own row.
+
+    Given up (-> failed), the callback's group (tasks.triage: the attempt's HTTP status, else
+    `attempt_error`) is set by the same statement and its ErrorGroup upserted now, before the
+    commit: the claim just made means the guard wins, and a group without tasks shows 0."""
     where: dict[str, Any] = {"id": uuid.UUID(str(task_id)), "run": run}
     values = dict(fields)
     if to is not None:
         where["callback_status"] = callback_transition(to=to, expected=[C.DELIVERING])
         values["callback_status"] = to
+        values["callback_error_fingerprint"] = ""
+    if to == C.FAILED:
+        group = triage.callback_error(
+            status_code=fields.get("callback_last_status_code"), error=attempt_error
+        )
+        values["callback_error_fingerprint"] = group.fingerprint
+        triage.record(group)
     return rawsql.update_statement(Task, where=where, values=values)
 
 
-def settle_failed_manual_delivery(*, task_id: uuid.UUID | str, run: int) -> bool:
+def settle_failed_manual_delivery(
+    *, task_id: uuid.UUID | str, run: int, status_code: int | None = None, attempt_error: str = ""
+) -> bool:
     """A failed manual attempt settles the callback as failed, unless an automatic retry is
-    still due (it decides)."""
+    still due (it decides); its group comes from that attempt (`status_code`, `attempt_error`)."""
     expected = callback_transition(to=C.FAILED, expected=[C.DELIVERING])
-    return (
+    group = triage.callback_error(status_code=status_code, error=attempt_error)
+    won = (
         Task.objects.filter(
             pk=task_id, run=run, callback_status__in=expected, callback_next_attempt_at__isnull=True
-        ).update(callback_status=C.FAILED)
+        ).update(callback_status=C.FAILED, callback_error_fingerprint=group.fingerprint)
         == 1
     )
+    if won:
+        triage.record(group)
+    return won
 
 
 def reopen_delivery(*, task_id: uuid.UUID | str, run: int) -> bool:
@@ -257,7 +287,34 @@ def reopen_delivery(*, task_id: uuid.UUID | str, run: int) -> bool:
     return (
         _update(
             {"id": uuid.UUID(str(task_id)), "run": run, "callback_status": expected},
-            {"callback_status": C.PENDING},
+            {"callback_status": C.PENDING, "callback_error_fingerprint": ""},
         )
         == 1
     )
+
+
+def give_up_delivery(*, task_id: uuid.UUID | str, run: int, reason: str) -> bool:
+    """An operator's discard of a waiting callback: -> failed, its schedule cleared and `reason`
+    its error group (tasks.triage). Only a callback with no attempt in flight: pending, or
+    delivering with its next retry scheduled (an automatic claim clears the schedule, so an
+    attempt running now is left to record its own outcome). A scheduled job that still fires
+    finds the callback settled and skips (automatic claims need an unsettled one)."""
+    pending = callback_transition(to=C.FAILED, expected=[C.PENDING])
+    delivering = callback_transition(to=C.FAILED, expected=[C.DELIVERING])
+    group = triage.callback_error(status_code=None, error=reason)
+    won = (
+        Task.objects.filter(pk=task_id, run=run)
+        .filter(
+            Q(callback_status__in=pending)
+            | Q(callback_status__in=delivering, callback_next_attempt_at__isnull=False)
+        )
+        .update(
+            callback_status=C.FAILED,
+            callback_next_attempt_at=None,
+            callback_error_fingerprint=group.fingerprint,
+        )
+        == 1
+    )
+    if won:
+        triage.record(group)
+    return won

@@ -19,6 +19,7 @@ Callback (of the current run; reset to none when a new run starts):
     pending -> delivering                  an attempt claimed it (automatic or manual)
     delivering -> delivering               the next attempt (a retry is scheduled, or manual)
     delivering -> delivered | failed       an attempt succeeded | the retry policy gave up
+    pending -> failed                      an operator gave up on a waiting callback (Work page)
     delivered | failed -> delivering       a manual attempt (redeliver) claimed it
     delivered | failed -> pending          an operator asked for redelivery
     any -> none                            a new run of the task
@@ -66,7 +67,7 @@ DELIVERABLE = (T.SUCCEEDED, T.FAILED)  # finished runs that send their result (c
 
 CALLBACK_TRANSITIONS: dict[str, frozenset[str]] = {
     C.NONE: frozenset({C.PENDING}),
-    C.PENDING: frozenset({C.DELIVERING, C.NONE}),
+    C.PENDING: frozenset({C.DELIVERING, C.FAILED, C.NONE}),
     C.DELIVERING: frozenset({C.DELIVERING, C.DELIVERED, C.FAILED, C.NONE}),
     C.DELIVERED: frozenset({C.DELIVERING, C.PENDING, C.NONE}),
     C.FAILED: frozenset({C.DELIVERING, C.PENDING, C.NONE}),

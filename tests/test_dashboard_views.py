@@ -72,11 +72,14 @@ PAGES = {
     "tasks": ("/tasks/", "Tasks", '<div id="results"'),
     "task": ("/tasks/{task}/", "Task <code>", '<section id="task-live"'),
     "failed-callbacks": ("/callbacks/failed/", "Failed callbacks", '<div id="results"'),
+    "work": ("/work/", "Work", '<div id="results"'),
+    "failures": ("/failures/", "Failures", '<div id="groups"'),
     "applications": ("/applications/", "Applications", '<div id="create-form">'),
     "application": ("/applications/{app}/", "Credentials", '<div id="settings">'),
     "audit": ("/audit/", "Audit log", '<div id="entries">'),
     "time-zone": ("/time-zone/", "Time zone", '<div id="zone-form"'),
     "history": ("/history/", "History", '<section id="history"'),
+    "workers": ("/workers/", "Queues &amp; workers", '<section id="control"'),
 }
 # Fragments: only ever a partial, which a page polls.
 FRAGMENTS = {"bulk": ("/bulk/{operation}/", '<div class="operation" id="operation-')}
@@ -289,9 +292,13 @@ ACTIONS = {
     "task-cancel": ("/tasks/{task}/cancel", {}),
     "tasks-retry": ("/tasks/retry", {"task": "{task}"}),
     "callbacks-redeliver": ("/callbacks/redeliver", {"task": "{task}"}),
+    "work-act": ("/work/act", {"state": "failed", "act": "retry:selected", "task": "{task}"}),
+    "failures-act": ("/failures/act", {"kind": "task", "fingerprint": "0123456789abcdef"}),
     "application-rotate": ("/applications/{app}/rotate-key", {}),
     "api-key-revoke": ("/applications/{app}/keys/{key}/revoke", {}),
     "application-cleanup": ("/applications/{app}/cleanup", {}),
+    "queue-pause": ("/queues/pause", {"queue": "tasks", "action": "pause"}),
+    "worker-stop": ("/workers/stop", {"worker": "some-worker", "mode": "now"}),
     "alert-action": ("/alerts/act", {"kind": "stuck_running", "application": "{app}",
                                      "action": "fail"}),
 }  # fmt: skip

@@ -179,6 +179,8 @@ METRICS_PUBLIC = env.bool("METRICS_PUBLIC", default=False)
 # Seconds a web process reuses one scrape's figures (each scrape counts the task table).
 METRICS_CACHE_SECONDS = env.float("METRICS_CACHE_SECONDS", default=5.0)
 QUEUE_BACKLOG_THRESHOLD = env.int("QUEUE_BACKLOG_THRESHOLD", default=1000)
+# A queue paused longer than this raises an alert on the Overview (tasks.execution.pausing).
+QUEUE_PAUSE_ALERT_SECONDS = env.int("QUEUE_PAUSE_ALERT_SECONDS", default=600)
 # Seconds a web process may reuse an API key lookup (and a worker an application's settings).
 AUTH_CACHE_SECONDS = env.float("AUTH_CACHE_SECONDS", default=5.0)
 # A Taskhook worker refreshes its liveness key every second; a killed one is lost after TTL s.

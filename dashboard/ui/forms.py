@@ -37,6 +37,13 @@ class TaskFilterForm(forms.Form):
         max_length=255,
         widget=forms.TextInput(attrs={"placeholder": "task id (or prefix) or user"}),
     )
+    # An error group of the Failures page (16 hex digits, tasks.triage).
+    error_fingerprint = forms.RegexField(
+        regex=r"^[0-9a-f]{16}$", required=False, widget=forms.HiddenInput
+    )
+    callback_error_fingerprint = forms.RegexField(
+        regex=r"^[0-9a-f]{16}$", required=False, widget=forms.HiddenInput
+    )
 
     def filters(self) -> TaskFilters:
         """The valid filters (invalid fields are ignored, and shown as errors)."""
@@ -50,6 +57,8 @@ class TaskFilterForm(forms.Form):
             created_from=data.get("created_from"),
             created_to=data.get("created_to"),
             q=(data.get("q") or "").strip(),
+            error_fingerprint=data.get("error_fingerprint") or "",
+            callback_error_fingerprint=data.get("callback_error_fingerprint") or "",
         )
 
 

@@ -30,11 +30,14 @@ NAV: dict[str, str] = {
     "dashboard/overview.html": "overview",
     "dashboard/tasks.html": "tasks",
     "dashboard/task_detail.html": "tasks",
+    "dashboard/work.html": "work",
     "dashboard/failed_callbacks.html": "callbacks",
+    "dashboard/failures.html": "failures",
     "dashboard/applications.html": "applications",
     "dashboard/application_detail.html": "applications",
     "dashboard/audit.html": "audit",
     "dashboard/history.html": "history",
+    "dashboard/workers.html": "workers",
 }
 
 

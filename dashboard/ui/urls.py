@@ -1,6 +1,6 @@
 from django.urls import path
 
-from dashboard.ui import audit_log, history, views
+from dashboard.ui import audit_log, control, failures, history, views, work
 
 app_name = "dashboard"
 
@@ -13,9 +13,13 @@ urlpatterns = [
     path("tasks/<uuid:task_id>/retry", views.task_retry, name="task-retry"),
     path("tasks/<uuid:task_id>/redeliver", views.task_redeliver, name="task-redeliver"),
     path("tasks/<uuid:task_id>/cancel", views.task_cancel, name="task-cancel"),
+    path("work/", work.work_page, name="work"),
+    path("work/act", work.work_act, name="work-act"),
     path("callbacks/failed/", views.failed_callbacks, name="failed-callbacks"),
     path("callbacks/redeliver", views.callbacks_redeliver, name="callbacks-redeliver"),
     path("bulk/<int:operation_id>/", views.bulk_progress, name="bulk"),
+    path("failures/", failures.failure_list, name="failures"),
+    path("failures/act", failures.failures_act, name="failures-act"),
     path("applications/", views.application_list, name="applications"),
     path("applications/<uuid:app_id>/", views.application_detail, name="application"),
     path(
@@ -31,6 +35,9 @@ urlpatterns = [
     path(
         "applications/<uuid:app_id>/cleanup", views.application_cleanup, name="application-cleanup"
     ),
+    path("workers/", control.workers_page, name="workers"),
+    path("workers/stop", control.worker_stop, name="worker-stop"),
+    path("queues/pause", control.queue_pause, name="queue-pause"),
     path("audit/", audit_log.audit_log, name="audit"),
     path("history/", history.history, name="history"),
     path("time-zone/", views.time_zone, name="time-zone"),

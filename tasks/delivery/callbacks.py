@@ -334,14 +334,19 @@ def _deliver_now(*, task_id: str, run: int, trigger: str, auto_attempt: int | No
         delivered=outcome.delivered,
     ))  # fmt: skip
     fields["callback_last_status_code"] = outcome.status_code
-    callback_state = state.delivery_outcome(task_id=task.id, run=run, to=settle_as, **fields)
+    callback_state = state.delivery_outcome(
+        task_id=task.id, run=run, to=settle_as, attempt_error=outcome.error, **fields
+    )
     if auto or outcome.delivered:
         rawsql.execute_together(attempt, callback_state)  # the attempt and the state: one commit
     else:
         with transaction.atomic():
             rawsql.execute(attempt)
             rawsql.execute(callback_state)
-            state.settle_failed_manual_delivery(task_id=task.id, run=run)
+            state.settle_failed_manual_delivery(
+                task_id=task.id, run=run, status_code=outcome.status_code,
+                attempt_error=outcome.error,
+            )  # fmt: skip
     record_callback_attempt(application_id=task.application_id, delivered=outcome.delivered)
     log_extra = {"task_id": str(task.id), "app_id": str(task.application_id), "attempt": number}
     if outcome.delivered:

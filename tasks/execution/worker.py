@@ -15,11 +15,18 @@ process dies on the first one. Here every such place waits for Redis instead (1 
 30 s, the outage logged once), a job whose bookkeeping broke off is failed the way RQ fails one
 whose work horse died (so its retry or the reconciler runs it again), and a scheduler that died
 is restarted once Redis answers.
+
+Control (the dashboard's Workers page). A paused queue (tasks.execution.pausing) is skipped at
+dequeue, a job popped from one paused a moment before goes back to the front, and a worker whose
+queues are all paused idles, beating. `STOP_NOW_COMMAND` stops a worker at once; RQ's shutdown
+command stops it warmly.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -28,19 +35,22 @@ from typing import TYPE_CHECKING
 
 import redis
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import close_old_connections, connections
 from rq import worker_registration
+from rq.command import parse_payload
 from rq.exceptions import InvalidJobOperation, StopRequested
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.timeouts import TimerDeathPenalty
 from rq.worker import BaseWorker, SimpleWorker, Worker, WorkerStatus
 
+from tasks.execution import pausing
 from tasks.telemetry import counters
 
 logger = logging.getLogger(__name__)
 
 ALIVE_KEY = "taskhook:alive:{name}"
+STOP_NOW_COMMAND = "taskhook-stop-now"
 KNOWN_WORKERS_KEY = "taskhook:heartbeat-workers"
 
 # What an unreachable Redis raises (BusyLoadingError, "still loading its data", is one).
@@ -51,6 +61,8 @@ BACKOFF_MAX_SECONDS = 30.0
 # restart a scheduler that died in an outage, and notice a half-open connection, in seconds.
 IDLE_WAKE_SECONDS = 10
 SCHEDULER_RETRY_SECONDS = 10
+# How stale a worker's copy of the paused queues may be: a pause or resume takes effect this fast.
+PAUSED_READ_SECONDS = 1.0
 
 
 def alive_key(name: str) -> str:
@@ -220,9 +232,93 @@ class LivenessMixin(_WorkerBase):
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
         while True:
             try:
-                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+                return self._dequeue_unpaused(timeout, max_idle_time)
             except REDIS_ERRORS as error:  # RQ retries the dequeue itself, not what is around it
                 self._ride_out(error)
+
+    # --- paused queues (tasks.execution.pausing) --------------------------------------------------
+
+    _paused: frozenset[str] = frozenset()
+    _paused_read_at = float("-inf")
+
+    def _paused_queues(self) -> frozenset[str]:
+        """The paused queue names, read from Redis at most once a second (one SMEMBERS)."""
+        if time.monotonic() - self._paused_read_at >= PAUSED_READ_SECONDS:
+            self._paused = frozenset(
+                pausing.paused_names(self.connection, after_rebuild=self._after_database_use)
+            )
+            self._paused_read_at = time.monotonic()
+        return self._paused
+
+    def _after_database_use(self) -> None:
+        # A work horse is a fork: it must not inherit (and share) this process's connection.
+        if isinstance(self, Worker):
+            connections.close_all()
+
+    def _dequeue_unpaused(self, timeout, max_idle_time=None):
+        """RQ's dequeue over the queues that are not paused. With nothing paused this is RQ's
+        own call (plus a set lookup). With some paused, RQ sees only the others, a second at a
+        time, so a resume is noticed. With all paused, the worker idles (beating)."""
+        every = self._ordered_queues
+        names = frozenset(queue.name for queue in every)
+        idle_since = time.monotonic()
+        while True:
+            paused = self._paused_queues()
+            if not paused & names:
+                result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+                if result is None:
+                    return None  # burst mode found nothing, or max_idle_time ran out
+            else:
+                active = [queue for queue in every if queue.name not in paused]
+                if not active:
+                    if timeout is None or not self._idle_while_paused(
+                        names, idle_since, max_idle_time
+                    ):
+                        return None
+                    continue
+                # One key would make RQ BLMOVE into an intermediate list, which only a worker
+                # of one queue clears as it starts the job: the key twice keeps RQ's BLPOP.
+                self._ordered_queues = active * 2 if len(active) == 1 else active
+                try:
+                    # max_idle_time=1 ends RQ's wait after one second without a job.
+                    result = super().dequeue_job_and_maintain_ttl(
+                        None if timeout is None else 1, None if timeout is None else 1
+                    )
+                finally:
+                    self._ordered_queues = every
+                if result is None:
+                    if timeout is None or (
+                        max_idle_time is not None and time.monotonic() - idle_since >= max_idle_time
+                    ):
+                        return None
+                    continue
+            job, queue = result
+            if queue.name not in self._paused_queues():
+                return result
+            # Popped from a queue paused while this worker waited on it: back to the front.
+            with self.connection.pipeline() as pipeline:
+                pipeline.lpush(queue.key, job.id)
+                pipeline.lrem(queue.intermediate_queue_key, 1, job.id)
+                pipeline.execute()
+            logger.info("worker %s: put job %s back on paused queue %s", self.name, job.id,
+                        queue.name)  # fmt: skip
+
+    def _idle_while_paused(
+        self, names: frozenset[str], idle_since: float, max_idle_time: int | None
+    ) -> bool:
+        """Every queue of this worker is paused: no dequeue; the heartbeat and maintenance go
+        on. True once one is resumed, False when max_idle_time ran out. A stop request (SIGTERM,
+        RQ's shutdown command) raises StopRequested from its signal handler, as in a dequeue."""
+        self.set_state(WorkerStatus.IDLE)
+        self.procline("Paused: " + ",".join(sorted(names)))
+        while self._paused_queues() >= names:
+            if max_idle_time is not None and time.monotonic() - idle_since >= max_idle_time:
+                return False
+            self.heartbeat()
+            if self.should_run_maintenance_tasks:
+                self.run_maintenance_tasks()
+            time.sleep(0.25)
+        return True
 
     def run_maintenance_tasks(self):
         try:
@@ -295,6 +391,39 @@ class LivenessMixin(_WorkerBase):
             super().set_shutdown_requested_date()
         except REDIS_ERRORS as error:
             self._outage.failed(error)
+
+    # --- stopping at once (dashboard: Workers page) -----------------------------------------------
+
+    # RQ's commands stop a worker warmly (shutdown: the current job finishes) or stop a work
+    # horse, which a SimpleWorker does not have; its cold shutdown needs a second signal more
+    # than a second after the first. This command is that cold shutdown in one step: the job in
+    # progress is interrupted (a horse killed), the worker exits, and the reconciler recovers
+    # the task as a lost worker's (its liveness key is gone).
+    _stop_now = False
+
+    def handle_payload(self, message):
+        payload = parse_payload(message)
+        if payload.get("command") != STOP_NOW_COMMAND:
+            return super().handle_payload(message)
+        logger.warning("worker %s: stop at once requested", self.name)
+        self._stop_now = True
+        os.kill(os.getpid(), signal.SIGINT)  # handled in the main thread: request_stop
+        return None
+
+    def request_stop(self, signum, frame):
+        if self._stop_now:
+            self._stop_requested = True
+            if self.horse_pid:
+                self.kill_horse()
+                self.wait_for_horse()
+            raise SystemExit()
+        return super().request_stop(signum, frame)
+
+    def request_force_stop(self, signum, frame):
+        # After a warm stop RQ handles signals here, ignoring one within a second of the first.
+        if self._stop_now:
+            return self.request_stop(signum, frame)
+        return super().request_force_stop(signum, frame)
 
     def _pubsub_exception_handler(self, exc, pubsub, pubsub_thread) -> None:
         # RQ logs an error every 2 s of an outage here (and lets a timeout end the thread).

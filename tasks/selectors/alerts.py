@@ -1,4 +1,5 @@
-"""The alert policy: stuck tasks per application, backlog, no live worker, Redis down."""
+"""The alert policy: stuck tasks per application, backlog, a long pause, no live worker, Redis
+down."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tasks.statuses import STUCK_RULES
 
 @dataclass
 class Alert:
-    kind: str  # stuck_pending | stuck_running | backlog | no_worker | redis_down
+    kind: str  # stuck_pending | stuck_running | backlog | queue_paused | no_worker | redis_down
     message: str
     count: int = 0  # capped at ALERT_COUNT_CAP: the page says "100+"
     application: Application | None = None
@@ -63,6 +64,16 @@ def alerts(overview_data: Overview | None = None, now: datetime | None = None) -
                       f"{queue.queued} jobs waiting on queue {queue.name} "
                       f"(threshold {settings.QUEUE_BACKLOG_THRESHOLD})", queue.queued)
             )  # fmt: skip
+    for queue in data.queues:
+        if queue.paused_at is not None:
+            paused_for = (now - queue.paused_at).total_seconds()
+            if paused_for > settings.QUEUE_PAUSE_ALERT_SECONDS:
+                found.append(
+                    Alert("queue_paused",
+                          f"Queue {queue.name} has been paused for {int(paused_for // 60)} min "
+                          f"(by {queue.paused_by}): its jobs wait until it is resumed on the "
+                          "Workers page.", queue.queued)
+                )  # fmt: skip
     if not any(worker.alive for worker in data.workers):
         found.append(Alert("no_worker", "No live RQ worker: nothing will run."))
     return found

@@ -14,6 +14,7 @@ from django.db.models import Q, QuerySet
 from django.utils.dateparse import parse_datetime
 
 from tasks.models import Task
+from tasks.statuses import CallbackStatus, TaskStatus
 
 COUNT_CAP = 10_000
 HEX_PREFIX = re.compile(r"^[0-9a-f-]{4,36}$")
@@ -32,6 +33,9 @@ class TaskFilters:
     created_from: datetime | None = None
     created_to: datetime | None = None
     q: str = ""
+    # One error group of the Failures page (tasks.triage), through its partial index.
+    error_fingerprint: str = ""
+    callback_error_fingerprint: str = ""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -67,6 +71,13 @@ def filtered_tasks(filters: TaskFilters) -> QuerySet[Task]:
         tasks = tasks.filter(status=filters.status)
     if filters.callback_status:
         tasks = tasks.filter(callback_status=filters.callback_status)
+    if filters.error_fingerprint:
+        tasks = tasks.filter(status=TaskStatus.FAILED, error_fingerprint=filters.error_fingerprint)
+    if filters.callback_error_fingerprint:
+        tasks = tasks.filter(
+            callback_status=CallbackStatus.FAILED,
+            callback_error_fingerprint=filters.callback_error_fingerprint,
+        )
     if filters.created_from:
         tasks = tasks.filter(created_at__gte=filters.created_from)
     if filters.created_to:

@@ -9,7 +9,13 @@ the environment.
 from django.conf import settings
 from rq import cron
 
-from tasks.upkeep.maintenance import cleanup_job, reconcile_job, rollup_job, sample_stats_job
+from tasks.upkeep.maintenance import (
+    cleanup_job,
+    reconcile_job,
+    rollup_job,
+    sample_stats_job,
+    triage_backfill_job,
+)
 
 cron.register(
     reconcile_job,
@@ -45,4 +51,14 @@ cron.register(
     job_timeout=3600,
     result_ttl=3600,
     name="cleanup",
+)
+
+# Failed rows from before failure triage get their fingerprints, 500 x 10 of each kind a minute.
+cron.register(
+    triage_backfill_job,
+    settings.MAINTENANCE_QUEUE,
+    interval=60,
+    job_timeout=300,
+    result_ttl=300,
+    name="triage-backfill",
 )

@@ -19,6 +19,11 @@ def reconcile_job() -> dict[str, int | bool]:
 
 
 def sample_stats_job() -> dict[str, int]:
+    from tasks.execution.pausing import reassert
+
+    # Every 10 s: the workers' copy of the paused queues is put back from the table (a Redis
+    # restart or flush lost it); workers that find it missing rebuild it themselves too.
+    reassert()
     return sample_queue_depth()
 
 
@@ -35,3 +40,12 @@ def cleanup_job() -> int | None:
 
     run = run_cleanup(trigger=CleanupRun.Trigger.SCHEDULED)
     return run.total_removed if run else None
+
+
+def triage_backfill_job() -> dict[str, int]:
+    """Fingerprint failed rows written before failure triage (tasks.triage), a bounded number a
+    run; once none are left each run is two empty index probes."""
+    from tasks.triage import backfill
+
+    report = backfill(batch=500, batches=10)
+    return {"tasks": report.tasks, "callbacks": report.callbacks}

@@ -168,7 +168,8 @@ def test_pages_run_under_the_strict_csp(browser, live_server, live_worker, make_
     task_id = submit(app, {"q": 1})
     wait_for_status(task_id, ("succeeded",))
     for path in ("/", "/tasks/", f"/tasks/{task_id}/", "/callbacks/failed/", "/applications/",
-                 f"/applications/{app.application.id}/", "/audit/", "/time-zone/"):  # fmt: skip
+                 f"/applications/{app.application.id}/", "/audit/", "/time-zone/",
+                 "/history/", "/work/", "/workers/", "/failures/"):  # fmt: skip
         response = page.goto(path)
         assert "script-src 'self'" in response.headers["content-security-policy"]
         page.wait_for_timeout(300)

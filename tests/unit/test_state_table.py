@@ -163,7 +163,7 @@ def test_the_callback_table_is_the_documented_one():
     allowed = sorted((a, b) for a, b in CALLBACK_PAIRS if b in statuses.CALLBACK_TRANSITIONS[a])
     assert allowed == sorted([
         (C.NONE, C.PENDING),
-        (C.PENDING, C.DELIVERING), (C.PENDING, C.NONE),
+        (C.PENDING, C.DELIVERING), (C.PENDING, C.FAILED), (C.PENDING, C.NONE),
         (C.DELIVERING, C.DELIVERING), (C.DELIVERING, C.DELIVERED), (C.DELIVERING, C.FAILED),
         (C.DELIVERING, C.NONE),
         (C.DELIVERED, C.DELIVERING), (C.DELIVERED, C.PENDING), (C.DELIVERED, C.NONE),
@@ -229,6 +229,18 @@ def test_a_failed_manual_attempt_settles_only_without_a_due_retry(application):
     assert state.settle_failed_manual_delivery(task_id=plain.id, run=1) is True
     assert state.settle_failed_manual_delivery(task_id=retrying.id, run=1) is False
     assert callback_of(plain) == C.FAILED and callback_of(retrying) == C.DELIVERING
+
+
+@pytest.mark.parametrize("source", CALLBACK_ALL)
+def test_giving_up_stops_only_a_waiting_callback(application, source):
+    """pending, or delivering with a retry scheduled (no attempt in flight): -> failed."""
+    task = finished_with_callback(application, source, callback_next_attempt_at=timezone.now())
+    given_up = state.give_up_delivery(task_id=task.id, run=1, reason="given up by an operator")
+    assert given_up == (source in statuses.CALLBACK_IN_FLIGHT)
+    assert callback_of(task) == (C.FAILED if given_up else source)
+    in_flight = finished_with_callback(application, C.DELIVERING)  # an attempt running now
+    assert state.give_up_delivery(task_id=in_flight.id, run=1, reason="x") is False
+    assert callback_of(in_flight) == C.DELIVERING
 
 
 def test_an_illegal_callback_transition_is_refused_before_the_database():
