@@ -21,6 +21,7 @@ class Point:
     x: float
     y: float
     title: str  # the hover text: "21:04 UTC · 12 tasks/min"
+    starts_segment: bool = False  # the value before it is missing: the line breaks here
 
 
 @dataclass
@@ -42,10 +43,10 @@ class Series:
     @property
     def path(self) -> str:
         """Line segments between known points; a gap where a value is missing."""
-        parts, previous = [], None
-        for point in self.points:
-            parts.append(f"{'L' if previous else 'M'}{point.x:.1f},{point.y:.1f}")
-            previous = point
+        parts = []
+        for index, point in enumerate(self.points):
+            move = index == 0 or point.starts_segment
+            parts.append(f"{'M' if move else 'L'}{point.x:.1f},{point.y:.1f}")
         return " ".join(parts)
 
 
@@ -95,7 +96,11 @@ def time_chart(
     zone = timezone.get_current_timezone()
     zone_name = timezone.get_current_timezone_name()
     known = [v for _, _, values in series for v in values if v is not None]
-    top = fixed_top or nice_ceiling(max(known, default=0))
+    # Four steps of a round size; whole numbers for counts (never a tick at 1.2 tasks).
+    step = nice_ceiling(max(known, default=0) / 4)
+    if all(float(v).is_integer() for v in known):
+        step = max(1.0, math.ceil(step))
+    top = fixed_top or step * 4
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     count = max(1, len(buckets) - 1)
 
@@ -108,13 +113,16 @@ def time_chart(
     drawn = []
     for name, css, values in series:
         line = Series(name=name, css=css)
+        gap = False
         for index, value in enumerate(values):
             if value is None:
+                gap = True
                 continue
             local = timezone.localtime(buckets[index], zone)
             line.points.append(Point(x_at(index), y_at(value),
                                      f"{local:%Y-%m-%d %H:%M} {local.tzname()} · {name}: "
-                                     f"{_number(value)} {unit}"))  # fmt: skip
+                                     f"{_number(value)} {unit}", starts_segment=gap))  # fmt: skip
+            gap = False
         drawn.append(line)
     y_ticks = [(y_at(top * n / 4), _number(top * n / 4)) for n in range(5)]
     every = max(1, len(buckets) // 6)
