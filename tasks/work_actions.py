@@ -200,7 +200,7 @@ def delete(*, task_ids: Iterable[uuid.UUID | str]) -> ActionResult:
     candidates = list(deletable.filter(pk__in=ids).values_list("pk", flat=True))
     existing = Task.objects.filter(pk__in=ids).count()
     if candidates:
-        retention._delete_batch(deletable, candidates)
+        retention.delete_batch(deletable, candidates)
     remaining = set(Task.objects.filter(pk__in=candidates).values_list("pk", flat=True))
     done = [task_id for task_id in candidates if task_id not in remaining]
     return ActionResult(done=done, refused=existing - len(candidates))

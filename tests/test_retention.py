@@ -90,13 +90,13 @@ def test_cleanup_deletes_in_batches(make_app, monkeypatch):
              finished_at=old) for _ in range(2500)
     )  # fmt: skip
     batches: list[int] = []
-    real_delete_batch = retention._delete_batch
+    real_delete_batch = retention.delete_batch
 
     def counting_delete_batch(expired, ids):  # a spy: the real deletion runs
         batches.append(len(ids))
         return real_delete_batch(expired, ids)
 
-    monkeypatch.setattr(retention, "_delete_batch", counting_delete_batch)
+    monkeypatch.setattr(retention, "delete_batch", counting_delete_batch)
     with CaptureQueriesContext(connection) as queries:
         run = retention.run_cleanup(trigger="command", batch_size=1000)
     assert run.total_removed == 2500 and Task.objects.count() == 0

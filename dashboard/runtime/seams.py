@@ -47,6 +47,12 @@ SEAMS: tuple[Seam, ...] = (
          LIVENESS, "ride out a Redis outage while waiting for a job; skip paused queues (RQ "
          "reads the queue list from _ordered_queues; max_idle_time=1 ends its wait after 1 s)",
          ("_ordered_queues",)),
+    # --- RQ's queue, called by the Work page's "run now" (tasks/work_actions.py) -------------
+    Seam("rq.queue.Queue", "_enqueue_job", ("self", "job", "pipeline", "at_front", "unique"),
+         "tasks.work_actions", "a scheduled run to the front of its queue, as RQ's scheduler "
+         "enqueues it"),
+    Seam("rq.queue.Queue", "_enqueue_rate_limited_job", ("self", "job", "pipeline", "at_front"),
+         "tasks.work_actions", "a deferred run to the head of its application's line"),
     Seam("rq.queue.Queue", "intermediate_queue_key", None, LIVENESS,
          "a job put back on a paused queue leaves RQ's intermediate list"),
     Seam(RQ_WORKER, "handle_payload", ("self", "message"), LIVENESS,

@@ -76,7 +76,9 @@ def preview(*, application_id: uuid.UUID | str | None = None) -> list[Preview]:
     return result
 
 
-def _delete_batch(expired: QuerySet[Task], ids: list[uuid.UUID]) -> int:
+def delete_batch(expired: QuerySet[Task], ids: list[uuid.UUID]) -> int:
+    """Delete those of `ids` still in `expired` (re-checked under row locks), with their logs,
+    attempts and runs; the number removed. Retention and the Work page's *delete* use it."""
     with transaction.atomic():
         # Re-check under row locks: an operator's retry in between makes a task unfinished.
         ids = list(expired.filter(pk__in=ids).select_for_update().values_list("pk", flat=True))
@@ -102,7 +104,7 @@ def purge_application(
         ids = list(expired.order_by("finished_at").values_list("pk", flat=True)[:batch_size])
         if not ids:
             return removed
-        removed += _delete_batch(expired, ids)
+        removed += delete_batch(expired, ids)
 
 
 def run_cleanup(
