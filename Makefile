@@ -56,7 +56,7 @@ migrate: $(STAMP)
 run: dotenv migrate
 	$(PY) manage.py runstack --port $(PORT)
 
-# Same stack with Django's autoreloading runserver instead of gunicorn.
+# Same stack with uvicorn reloading on code changes instead of gunicorn.
 dev: dotenv migrate
 	$(PY) manage.py runstack --port $(PORT) --dev
 

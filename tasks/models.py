@@ -132,6 +132,12 @@ class Task(models.Model):
     callback_attempts = models.PositiveIntegerField(default=0)
     callback_last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
     callback_next_attempt_at = models.DateTimeField(null=True, blank=True)
+    # The intermediate webhook events the client asked for (tasks.events.kinds), comma-separated
+    # in canonical order; "" is the default, only task.finished.
+    callback_events = models.CharField(max_length=64, blank=True, default="")
+
+    # What the current run's runner streamed with ctx.emit, in order (written in batches).
+    streamed_output = models.TextField(blank=True, default="")
 
     # Failure triage (tasks.triage): the normalised error of a failed run and of a callback the
     # retry policy gave up on, so the Failures page groups by an index, not a scan.

@@ -9,6 +9,7 @@ from typing import Any
 from django.urls import reverse
 from django.utils import timezone
 
+from tasks.events import catalog
 from tasks.models import IdempotencyRecord, Task
 
 
@@ -28,6 +29,21 @@ def _task_path_template() -> str:
 
 def poll_url(request, task: Task) -> str:
     return request.build_absolute_uri(_task_path_template().format(task.id))
+
+
+@functools.cache
+def _events_path_template() -> str:
+    placeholder = "00000000-0000-0000-0000-000000000000"
+    return reverse("api:task-events", args=[placeholder]).replace(placeholder, "{}")
+
+
+def stream_url(request, task: Task) -> str:
+    """The task's event stream with a token bound to it (tasks.events.tokens): what a browser's
+    EventSource follows without the API key; the same token reads the poll URL."""
+    from tasks.events import tokens
+
+    path = _events_path_template().format(task.id)
+    return request.build_absolute_uri(f"{path}?token={tokens.issue(task.id)}")
 
 
 def removed_task_body(request, record: IdempotencyRecord) -> dict[str, Any]:
@@ -96,6 +112,7 @@ def task_body(task: Task) -> dict[str, Any]:
             "attempts": task.callback_attempts,
             "last_status_code": task.callback_last_status_code,
             "next_attempt_at": iso(task.callback_next_attempt_at),
+            "events": catalog.listed_kinds(task.callback_events) if task.callback_url else [],
         },
     }
 
@@ -105,5 +122,6 @@ def accepted_body(request, task: Task) -> dict[str, Any]:
         "task_id": str(task.id),
         "status": task.status,
         "poll_url": poll_url(request, task),
+        "stream_url": stream_url(request, task),
         "created_at": iso(task.created_at),
     }

@@ -20,9 +20,9 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 
 from tasks import state
-from tasks.execution.executor import on_task_finished
+from tasks.execution.executor import announce_finished, on_task_finished
 from tasks.models import Task, TaskStatus
-from tasks.plumbing.queueing import publish_finished, redis_client
+from tasks.plumbing.queueing import redis_client
 from tasks.submission import enqueue_pending_task
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def cancel_task(*, task_id: uuid.UUID | str) -> CancelResult:
     before = Task.objects.only("status", "run").get(pk=task_id)
     won = state.cancel(task_id=task_id)
     if won:
-        publish_finished(task_id)
+        announce_finished(task_id, run=before.run)
         if before.status == TaskStatus.RUNNING:
             _stop_job(before.rq_job_id)
         else:
@@ -76,7 +76,7 @@ def retry_tasks(*, task_ids: Iterable[uuid.UUID | str]) -> list[uuid.UUID]:
         if new_run is None:
             continue
         task = Task.objects.select_related("application").get(pk=task_id)
-        transaction.on_commit(functools.partial(enqueue_pending_task, task=task))
+        transaction.on_commit(functools.partial(enqueue_pending_task, task=task, announce=True))
         retried.append(task.id)
     return retried
 
@@ -90,7 +90,7 @@ def mark_failed(*, task_id: uuid.UUID | str, error: str) -> bool:
         error=error,
         expected=(TaskStatus.PENDING, TaskStatus.RUNNING),
     ):
-        on_task_finished(task_id)
+        on_task_finished(task_id, run=task.run)
         return True
     return False
 

@@ -33,9 +33,10 @@ class StartedRun(NamedTuple):
     callback_url: str
     application_id: uuid.UUID
     response_mode: str
+    callback_events: str
 
 
-STARTED_FIELDS = ("inputs", "callback_url", "application", "response_mode")
+STARTED_FIELDS = ("inputs", "callback_url", "application", "response_mode", "callback_events")
 
 
 @functools.cache
@@ -72,7 +73,7 @@ def start_run_orm(
     )
     if not won:
         return None
-    names = ("inputs", "callback_url", "application_id", "response_mode")
+    names = ("inputs", "callback_url", "application_id", "response_mode", "callback_events")
     return StartedRun(*Task.objects.values_list(*names).get(pk=task_id))
 
 
@@ -154,26 +155,32 @@ def claim_attempt_orm(
 POLL_FIELDS = (
     "id", "application", "status", "run", "progress", "output", "error", "user", "created_at",
     "started_at", "finished_at", "callback_url", "callback_status", "callback_attempts",
-    "callback_last_status_code", "callback_next_attempt_at",
+    "callback_last_status_code", "callback_next_attempt_at", "callback_events",
 )  # fmt: skip
 
 
-def poll(*, task_id: uuid.UUID, application_id: uuid.UUID) -> Task | None:
+def poll(*, task_id: uuid.UUID, application_id: uuid.UUID | None) -> Task | None:
     """One statement by primary key (prepared on PostgreSQL), without the columns the poll
-    never shows (inputs, traceback)."""
+    never shows (inputs, traceback). `application_id` None: a stream token, bound to the task
+    itself, is the proof (tasks.events.tokens)."""
     fields, columns = rawsql.columns(Task, POLL_FIELDS)
     table = rawsql.quote(Task._meta.db_table)
     application = Task._meta.get_field("application")
-    row = rawsql.fetchone(rawsql.Statement(
-        f"SELECT {columns} FROM {table} WHERE id = %s AND {rawsql.quote(application.column)} = %s",  # noqa: S608
-        [Task._meta.pk.get_db_prep_value(task_id, connection),
-         application.target_field.get_db_prep_value(application_id, connection)],
-    ))  # fmt: skip
+    where, params = "id = %s", [Task._meta.pk.get_db_prep_value(task_id, connection)]
+    if application_id is not None:
+        where += f" AND {rawsql.quote(application.column)} = %s"
+        params.append(application.target_field.get_db_prep_value(application_id, connection))
+    row = rawsql.fetchone(
+        rawsql.Statement(f"SELECT {columns} FROM {table} WHERE {where}", params)  # noqa: S608
+    )
     return rawsql.instance(Task, fields, row) if row else None
 
 
-def poll_orm(*, task_id: uuid.UUID, application_id: uuid.UUID) -> Task | None:
-    return Task.objects.only(*POLL_FIELDS).filter(pk=task_id, application_id=application_id).first()
+def poll_orm(*, task_id: uuid.UUID, application_id: uuid.UUID | None) -> Task | None:
+    tasks = Task.objects.only(*POLL_FIELDS).filter(pk=task_id)
+    if application_id is not None:
+        tasks = tasks.filter(application_id=application_id)
+    return tasks.first()
 
 
 # --- stuck tasks per application ----------------------------------------------------------------

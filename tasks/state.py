@@ -17,7 +17,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Case, Expression, F, Q, Value, When
+from django.db.models import Case, Expression, F, Q, TextField, Value, When
+from django.db.models.functions import Concat
 from django.utils import timezone
 
 from tasks import sql, triage
@@ -148,6 +149,14 @@ def set_progress(*, task_id: uuid.UUID | str, run: int, progress: int) -> bool:
                    {"progress": progress}) == 1  # fmt: skip
 
 
+def append_streamed_output(*, task_id: uuid.UUID | str, run: int, text: str) -> bool:
+    """Append to the run's streamed output (ctx.emit, in batches); False when the run is no
+    longer running (cancelled, lost, re-run)."""
+    appended = Concat(F("streamed_output"), Value(text), output_field=TextField())
+    return _update({"id": uuid.UUID(str(task_id)), "run": run, "status": S.RUNNING},
+                   {"streamed_output": appended}) == 1  # fmt: skip
+
+
 def start_new_run(
     *,
     task_id: uuid.UUID | str,
@@ -193,6 +202,7 @@ def start_new_run(
             error_fingerprint="",
             callback_error_fingerprint="",
             progress=0,
+            streamed_output="",
             started_at=None,
             finished_at=None,
             worker_name="",

@@ -13,6 +13,8 @@ from django.db import IntegrityError, connection, transaction
 
 from tasks import idempotency, jsonsafety
 from tasks.delivery import ssrf
+from tasks.events import catalog
+from tasks.events import stream as event_stream
 from tasks.models import Application, IdempotencyRecord, Task
 from tasks.plumbing import rawsql
 from tasks.plumbing.queueing import enqueue_task_run
@@ -35,17 +37,21 @@ class SubmitRequest:
     response_mode: str
     user: str
     callback_url: str
+    callback_events: str = ""  # Task.callback_events (tasks.events.catalog.store_kinds)
 
     @functools.cached_property
     def request_hash(self) -> str:
         """What an Idempotency-Key retry must repeat; only computed for a request with a key."""
+        fields: dict[str, Any] = {
+            "inputs": self.inputs,
+            "response_mode": self.response_mode,
+            "user": self.user,
+            "callback_url": self.callback_url,
+        }
+        if self.callback_events:  # absent: the hash of requests from before it existed
+            fields["callback_events"] = self.callback_events
         canonical = json.dumps(
-            {
-                "inputs": self.inputs,
-                "response_mode": self.response_mode,
-                "user": self.user,
-                "callback_url": self.callback_url,
-            },
+            fields,
             sort_keys=True,
             separators=(",", ":"),
         )
@@ -88,8 +94,30 @@ def parse_submit_body(body: Any) -> SubmitRequest:
             raise ValidationFailed("callback_url", str(exc)) from exc
 
     return SubmitRequest(
-        inputs=inputs, response_mode=response_mode, user=user, callback_url=callback_url
+        inputs=inputs,
+        response_mode=response_mode,
+        user=user,
+        callback_url=callback_url,
+        callback_events=_callback_events(body.get("callback_events"), callback_url),
     )
+
+
+def _callback_events(value: Any, callback_url: str) -> str:
+    """`callback_events`: a list out of catalog.CALLBACK_EVENT_KINDS (default ["finished"])."""
+    if value is None:
+        return ""
+    kinds = ", ".join(f'"{kind}"' for kind in catalog.CALLBACK_EVENT_KINDS)
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValidationFailed("callback_events", f"callback_events must be a list of {kinds}.")
+    unknown = [item for item in value if item not in catalog.CALLBACK_EVENT_KINDS]
+    if unknown:
+        raise ValidationFailed(
+            "callback_events", f"Unknown callback event {unknown[0]!r}; use {kinds}."
+        )
+    stored = catalog.store_kinds(value)
+    if stored and not callback_url:
+        raise ValidationFailed("callback_events", "callback_events needs a callback_url.")
+    return stored
 
 
 def _check_storable(value: Any, field: str) -> None:
@@ -133,6 +161,7 @@ def submit_task(
         response_mode=request.response_mode,
         user=request.user,
         callback_url=request.callback_url,
+        callback_events=request.callback_events,
         idempotency_key=idempotency_key,
         request_hash=request.request_hash if idempotency_key else "",
     )
@@ -143,7 +172,7 @@ def submit_task(
         else:
             rawsql.insert(task)  # autocommit: one round trip, committed on return
         # Runs at once in autocommit, or after the caller's transaction commits.
-        transaction.on_commit(lambda: enqueue_pending_task(task=task, fresh=True))
+        transaction.on_commit(lambda: enqueue_pending_task(task=task, fresh=True, announce=True))
     except IntegrityError:
         if not idempotency_key:
             raise
@@ -155,11 +184,24 @@ def submit_task(
     return task, True
 
 
-def enqueue_pending_task(*, task: Task, fresh: bool = False) -> bool:
+def enqueue_pending_task(*, task: Task, fresh: bool = False, announce: bool = False) -> bool:
     """Enqueue the task's current run; on a Redis failure log it and leave it pending.
 
-    `fresh`: the task was inserted a moment ago (see queueing.enqueue_task_run)."""
+    `fresh`: the task was inserted a moment ago (see queueing.enqueue_task_run). `announce`:
+    this run is new (a submit, a retry), so its `task.queued` event goes in the same trip; a
+    re-enqueue of a run already announced sends none."""
     application = task.application
+    queued = (
+        functools.partial(
+            event_stream.add,
+            task_id=task.id,
+            run=task.run,
+            event=catalog.QUEUED,
+            data={"status": task.status, "position": None},
+        )
+        if announce
+        else None
+    )
     try:
         return enqueue_task_run(
             task_id=task.id,
@@ -169,6 +211,7 @@ def enqueue_pending_task(*, task: Task, fresh: bool = False) -> bool:
             application_id=application.id,
             max_concurrency=application.max_concurrency,
             fresh=fresh,
+            also=queued,
         )
     except Exception:  # Redis down, or anything else: the accepted task must not be lost
         logger.warning(

@@ -1,9 +1,10 @@
 """gunicorn settings for the Taskhook web process; every value can be overridden from the env.
 
-gthread workers: blocking submits wait on Redis for up to the blocking timeout, so each process
-serves many requests at once with threads rather than one per process. Two processes per core:
-a process's threads share one GIL, and with one process per core a submit burst left a core idle
-while the other's threads queued (docs/benchmarks.md, "Measurements behind design choices").
+uvicorn workers serving dashboard.runtime.asgi: the event streams are native async (an open
+stream is a coroutine), everything else runs on each process's pool of GUNICORN_THREADS
+threads, as gthread workers did. Two processes per core: a process's threads share one GIL, and
+with one process per core a submit burst left a core idle while the other's threads queued
+(docs/benchmarks.md, "Measurements behind design choices").
 """
 
 import multiprocessing
@@ -11,8 +12,7 @@ import os
 
 bind = os.environ.get("GUNICORN_BIND", f"127.0.0.1:{os.environ.get('PORT', '8000')}")
 workers = int(os.environ.get("WEB_CONCURRENCY", 2 * multiprocessing.cpu_count()))
-worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+worker_class = "uvicorn_worker.UvicornWorker"
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
 graceful_timeout = 10
 keepalive = 5

@@ -22,7 +22,7 @@ MAINTENANCE_QUEUE = "maintenance"
 
 TASK_WORKER_CLASS = "tasks.execution.worker.TaskhookWorker"
 DELIVERY_WORKER_CLASS = "tasks.execution.worker.TaskhookDeliveryWorker"
-WSGI_APPLICATION = "dashboard.runtime.wsgi"
+WEB_APPLICATION = "dashboard.runtime.asgi"
 GUNICORN_CONFIG = "dashboard/runtime/gunicorn.conf.py"
 CRON_CONFIG = "tasks.upkeep.cron"
 
@@ -42,7 +42,13 @@ def manage_argv(python: str = sys.executable, *, absolute: bool = True) -> list[
 def web_argv(python: str = sys.executable, *, absolute: bool = True) -> list[str]:
     """gunicorn with the project's config (bind address and sizes from the environment)."""
     config = str(BASE_DIR / GUNICORN_CONFIG) if absolute else GUNICORN_CONFIG
-    return [python, "-m", "gunicorn", WSGI_APPLICATION, "-c", config]
+    return [python, "-m", "gunicorn", WEB_APPLICATION, "-c", config]
+
+
+def dev_web_argv(port: int, python: str = sys.executable) -> list[str]:
+    """uvicorn alone, reloading on code changes (`make dev`)."""
+    return [python, "-m", "uvicorn", f"{WEB_APPLICATION}:application", "--reload",
+            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
 
 
 def worker_argv(

@@ -148,7 +148,9 @@ RQ_SHOW_ADMIN_LINK = False
 BLOCKING_TIMEOUT = env.float("BLOCKING_TIMEOUT", default=30.0)
 # Blocking submits waiting at once per web process, and per API key within it (tasks.api.blocking):
 # by default half of a gunicorn process's threads, so the other half always serves.
-_web_threads = env.int("GUNICORN_THREADS", default=8)
+# Threads per web process that serve everything but the event streams (dashboard.runtime.asgi).
+WEB_THREADS = env.int("WEB_THREADS", default=env.int("GUNICORN_THREADS", default=8))
+_web_threads = WEB_THREADS
 BLOCKING_MAX_WAITS = env.int("BLOCKING_MAX_WAITS", default=max(1, _web_threads // 2))
 BLOCKING_MAX_WAITS_PER_KEY = env.int(
     "BLOCKING_MAX_WAITS_PER_KEY", default=max(1, _web_threads // 4)
@@ -185,6 +187,17 @@ QUEUE_PAUSE_ALERT_SECONDS = env.int("QUEUE_PAUSE_ALERT_SECONDS", default=600)
 AUTH_CACHE_SECONDS = env.float("AUTH_CACHE_SECONDS", default=5.0)
 # A Taskhook worker refreshes its liveness key every second; a killed one is lost after TTL s.
 WORKER_ALIVE_TTL = env.int("WORKER_ALIVE_TTL", default=30)
+
+# Live task events (tasks.events): a task's event stream is kept for replay this long after its
+# last event (retention removes it with its task if that comes first), at most this many events.
+EVENTS_TTL_HOURS = env.int("EVENTS_TTL_HOURS", default=24)
+EVENTS_MAX_PER_TASK = env.int("EVENTS_MAX_PER_TASK", default=10_000)
+# How long the token in a submit answer's stream_url stays valid.
+STREAM_TOKEN_SECONDS = env.int("STREAM_TOKEN_SECONDS", default=3600)
+# An open event stream is ended after this long (the client resumes with Last-Event-ID), so a
+# web process can restart or drain without holding streams forever.
+STREAM_MAX_SECONDS = env.int("STREAM_MAX_SECONDS", default=600)
+STREAM_KEEPALIVE_SECONDS = env.float("STREAM_KEEPALIVE_SECONDS", default=15.0)
 
 # --- Auth, static, i18n -------------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [

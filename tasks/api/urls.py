@@ -8,6 +8,9 @@ urlpatterns = [
     path("applications/<str:app_id>/generate", views.generate, name="generate"),
     path("tasks/<str:task_id>", views.task_detail, name="task"),
     path("tasks/<str:task_id>/cancel", views.task_cancel, name="task-cancel"),
+    # Served by the ASGI event stream (tasks.api.events, routed in dashboard.runtime.asgi);
+    # this entry names the URL, and answers a WSGI-only server with a clear error.
+    path("tasks/<str:task_id>/events", views.task_events_needs_asgi, name="task-events"),
     path("openapi.json", openapi.openapi_document, name="openapi"),
     # Anything else under /api/ answers the JSON error shape, never an HTML page.
     re_path(r"^(?P<rest>.*)$", views.not_found),

@@ -16,6 +16,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from tasks import credentials, jsonsafety
 from tasks.api import blocking, ratelimit
+from tasks.events import tokens
 from tasks.idempotency import IdempotencyConflict
 from tasks.models import ApiKey, IdempotencyRecord, Task
 from tasks.plumbing.queueing import wait_for_finish
@@ -24,6 +25,7 @@ from tasks.presenters import (
     poll_url,
     removed_task_body,
     retry_after_seconds,
+    stream_url,
     task_body,
 )
 from tasks.selectors.polling import task_for_client
@@ -231,7 +233,10 @@ def generate(request: HttpRequest, app_id: str) -> JsonResponse:
     task.refresh_from_db()
     if task.is_finished:
         return JsonResponse(task_body(task))
-    body = task_body(task) | {"poll_url": poll_url(request, task)}
+    body = task_body(task) | {
+        "poll_url": poll_url(request, task),
+        "stream_url": stream_url(request, task),
+    }
     return _with_retry_after(JsonResponse(body, status=202), task)
 
 
@@ -243,9 +248,23 @@ def _task_for_key(request: HttpRequest, task_id: str) -> Task:
     return task
 
 
+def _task_for_reader(request: HttpRequest, task_id: str) -> Task:
+    """The API key, or a stream token bound to this task (`?token=`, tasks.events.tokens)."""
+    token = request.GET.get("token")
+    if token is None or "Authorization" in request.headers:
+        return _task_for_key(request, task_id)
+    task_uuid = _parse_uuid(task_id, "task")
+    if not tokens.is_valid(task_uuid, token):
+        raise ApiError(401, "unauthorized", tokens.REFUSED)
+    task = task_for_client(task_id=task_uuid, application_id=None)
+    if task is None:
+        raise _not_found()
+    return task
+
+
 @api_view("GET")
 def task_detail(request: HttpRequest, task_id: str) -> JsonResponse:
-    task = _task_for_key(request, task_id)
+    task = _task_for_reader(request, task_id)
     return _with_retry_after(JsonResponse(task_body(task)), task)
 
 
@@ -256,6 +275,16 @@ def task_cancel(request: HttpRequest, task_id: str) -> JsonResponse:
     if not result.cancelled:
         raise ApiError(409, "task_finished", f"The task already finished ({result.task.status}).")
     return JsonResponse(task_body(result.task))
+
+
+@api_view("GET")
+def task_events_needs_asgi(request: HttpRequest, task_id: str) -> JsonResponse:
+    raise ApiError(
+        501,
+        "not_implemented",
+        "Event streams are served by the ASGI web process (dashboard.runtime.asgi); this server "
+        "runs the WSGI application only.",
+    )
 
 
 @api_view("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
 import uuid
 from typing import Any
 
+import redis
 from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
+from django.utils import timezone
 from rq.timeouts import JobTimeoutException
 
 from tasks import jsonsafety, state
 from tasks.applications import cached_application
+from tasks.delivery import intermediate
+from tasks.events import catalog
+from tasks.events import stream as event_stream
 from tasks.execution.runners import RunnerError, TaskCancelled, resolve_runner
 from tasks.models import Application, Task, TaskLog, TaskStatus
-from tasks.plumbing.queueing import publish_finished
+from tasks.plumbing.queueing import publish_finished, redis_client
+from tasks.presenters import iso
 from tasks.telemetry.metrics import observe_task_duration
 from tasks.telemetry.stats_history import count_finished
 
@@ -25,21 +32,53 @@ MAX_LOG_MESSAGE = 10_000
 
 
 class TaskContext:
-    """The `ctx` a runner receives: progress, log lines, its application's runner_config."""
+    """The `ctx` a runner receives: progress, log lines and streamed output, each kept in the
+    database and published on the task's event stream (tasks.events), and its application's
+    runner_config. Every call stops a run that was cancelled (or lost and re-run)."""
 
-    def __init__(self, *, task_id: uuid.UUID | str, run: int, config: dict[str, Any]) -> None:
+    # Streamed output reaches the database in batches, at most this often (and at the end).
+    OUTPUT_FLUSH_SECONDS = 0.5
+    # After a failed publish, events are not tried again for this long (Redis is away).
+    EVENTS_BACKOFF_SECONDS = 5.0
+
+    def __init__(
+        self,
+        *,
+        task_id: uuid.UUID | str,
+        run: int,
+        config: dict[str, Any],
+        webhooks: intermediate.RunWebhooks | None = None,
+    ) -> None:
         self.task_id = task_id
         self.run = run
         self.config = config
+        self.webhooks = webhooks
+        self._unflushed: list[str] = []
+        self._flushed_at = time.monotonic()
+        self._events_paused_until = 0.0
 
-    def progress(self, percent: int) -> None:
+    def publish(self, event: str, data: dict[str, Any]) -> None:
+        """Publish on the task's event stream and offer it to the intermediate webhooks."""
+        entry_id = None
+        if time.monotonic() >= self._events_paused_until:
+            entry_id = event_stream.publish(task_id=self.task_id, run=self.run, event=event,
+                                            data=data)  # fmt: skip
+            if entry_id is None:
+                self._events_paused_until = time.monotonic() + self.EVENTS_BACKOFF_SECONDS
+        if self.webhooks is not None:
+            self.webhooks.offer(event, data, entry_id)
+
+    def progress(self, percent: int, message: str | None = None) -> None:
+        percent = max(0, min(100, int(percent)))
         if not state.set_progress(task_id=self.task_id, run=self.run, progress=percent):
             raise TaskCancelled(f"task {self.task_id} run {self.run} is no longer running")
+        text = None if message is None else jsonsafety.clean_text(str(message))[:MAX_LOG_MESSAGE]
+        self.publish(catalog.PROGRESS, {"progress": percent, "message": text})
 
     def log(self, message: str, level: str = "info") -> None:
         """Keep a log line of this run; then, like `progress`, stop a run that was cancelled (or
         lost and re-run), so a runner that only logs still stops early."""
-        TaskLog.objects.create(
+        line = TaskLog.objects.create(
             task_id=self.task_id,
             run=self.run,
             level=jsonsafety.clean_text(str(level))[:10],
@@ -48,6 +87,29 @@ class TaskContext:
         if not Task.objects.filter(
             pk=self.task_id, run=self.run, status=TaskStatus.RUNNING
         ).exists():
+            raise TaskCancelled(f"task {self.task_id} run {self.run} is no longer running")
+        self.publish(
+            catalog.LOG,
+            {"level": line.level, "message": line.message, "at": iso(line.created_at)},
+        )
+
+    def emit(self, text: str) -> None:
+        """Append a piece of streamed output: published at once, stored in batches (a stored
+        batch is where a cancelled run is noticed, so a runner that only emits stops too)."""
+        text = jsonsafety.clean_text(str(text))
+        if not text:
+            return
+        self._unflushed.append(text)
+        self.publish(catalog.OUTPUT_DELTA, {"text": text})
+        if time.monotonic() - self._flushed_at >= self.OUTPUT_FLUSH_SECONDS:
+            self.flush_output()
+
+    def flush_output(self) -> None:
+        self._flushed_at = time.monotonic()
+        if not self._unflushed:
+            return
+        text, self._unflushed = "".join(self._unflushed), []
+        if not state.append_streamed_output(task_id=self.task_id, run=self.run, text=text):
             raise TaskCancelled(f"task {self.task_id} run {self.run} is no longer running")
 
 
@@ -65,20 +127,35 @@ def execute_task(*, task_id: str, run: int, worker_name: str = "") -> str:
 
     application = cached_application(started_run.application_id)
     started = time.monotonic()
-    ctx = TaskContext(task_id=task_uuid, run=run, config=dict(application.runner_config or {}))
+    webhooks = intermediate.for_run(
+        task_id=task_uuid,
+        run=run,
+        application=application,
+        callback_url=started_run.callback_url,
+        kinds=catalog.stored_kinds(started_run.callback_events),
+    )
+    ctx = TaskContext(
+        task_id=task_uuid, run=run, config=dict(application.runner_config or {}), webhooks=webhooks
+    )
+    ctx.publish(catalog.STARTED, {"worker": worker_name, "started_at": iso(timezone.now())})
     try:
         runner = resolve_runner(application.runner)
         output = runner(dict(started_run.inputs), ctx)
         _check_output(output)  # a result that cannot be stored or served fails the task
+        ctx.flush_output()  # streamed output is stored before the result that ends the run
     except TaskCancelled:
         logger.info("task stopped: cancelled", extra=log_extra)
+        if webhooks is not None:
+            webhooks.close()
         return "cancelled"
     except JobTimeoutException:
         error = f"timed out after {application.job_timeout_seconds} s"
+        _keep_streamed_output(ctx)
         won = _fail(task_uuid, run, error, traceback.format_exc())
         outcome = "failed"
     except Exception as exc:
         error = str(exc) if isinstance(exc, RunnerError) else f"{type(exc).__name__}: {exc}"
+        _keep_streamed_output(ctx)
         won = _fail(task_uuid, run, error, traceback.format_exc())
         outcome = "failed"
     else:
@@ -92,6 +169,8 @@ def execute_task(*, task_id: str, run: int, worker_name: str = "") -> str:
             # the task ends failed with that reason instead of running until the job timeout.
             won = _fail(task_uuid, run, f"the result could not be stored: {exc}", "")
             outcome = "failed"
+    if webhooks is not None:
+        webhooks.close()  # what is still coalescing goes out; the finished callback never waits
     if not won:
         return "discarded"  # cancelled (or re-run) while the runner worked: its end is dropped
     logger.info("task %s", outcome, extra=log_extra)
@@ -106,6 +185,13 @@ def execute_task(*, task_id: str, run: int, worker_name: str = "") -> str:
         run_seconds=time.monotonic() - started,
     )
     return outcome
+
+
+def _keep_streamed_output(ctx: TaskContext) -> None:
+    """A failing run keeps what it streamed (it shows what went wrong); cancelled meanwhile,
+    there is nothing to keep it for."""
+    with contextlib.suppress(TaskCancelled, DatabaseError):
+        ctx.flush_output()
 
 
 def _check_output(output: Any) -> None:
@@ -150,15 +236,16 @@ def _database_down(exc: DatabaseError) -> bool:
 def on_task_finished(
     task_id: uuid.UUID | str,
     *,
-    run: int | None = None,
+    run: int,
     application: Application | None = None,
     has_callback: bool = True,
     callback_url: str = "",
     wake_waiters: bool = True,
     run_seconds: float | None = None,
 ) -> None:
-    """Side effects of reaching succeeded/failed: wake blocking clients, count it for the charts
-    and metrics (batched in workers), and schedule the callback if the task has one.
+    """Side effects of reaching succeeded/failed: end the task's event streams and wake
+    blocking clients (one Redis trip), count it for the charts and metrics (batched in
+    workers), and schedule the callback if the task has one.
 
     The worker passes the run and application it already holds, so nothing is read again.
     """
@@ -166,8 +253,7 @@ def on_task_finished(
         schedule_first_delivery,  # callbacks imports execution's models
     )
 
-    if wake_waiters:
-        publish_finished(task_id)
+    announce_finished(task_id, run=run, wake_waiters=wake_waiters)
     count_finished()
     if run_seconds is not None and application is not None:
         observe_task_duration(application_id=application.id, seconds=run_seconds)
@@ -175,3 +261,17 @@ def on_task_finished(
         schedule_first_delivery(
             task_id=task_id, run=run, application=application, callback_url=callback_url
         )
+
+
+def announce_finished(task_id: uuid.UUID | str, *, run: int, wake_waiters: bool = True) -> None:
+    """The `task.finished` marker on the task's event stream (readers render its body from the
+    database) and the wake-up of blocking submits waiting on it. Best effort: streams and
+    waiters also read the database."""
+    pipeline = redis_client().pipeline(transaction=False)
+    event_stream.add(pipeline, task_id=task_id, run=run, event=catalog.FINISHED, data={})
+    if wake_waiters:
+        publish_finished(task_id, pipeline=pipeline)
+    try:
+        pipeline.execute()
+    except redis.RedisError as exc:
+        logger.warning("could not announce the end of task %s: %s", task_id, exc)

@@ -12,6 +12,7 @@ import functools
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 import redis
 from django.conf import settings
@@ -73,8 +74,12 @@ def enqueue_task_run(
     max_concurrency: int | None = None,
     at_front: bool = False,
     fresh: bool = False,
+    also: Callable[[redis.client.Pipeline], None] | None = None,
 ) -> bool:
     """Put one run of a task on the task queue. True if enqueued (or already there).
+
+    `also` adds the caller's own commands (the task's `task.queued` event) to the enqueue's
+    pipeline when it has one, else to a pipeline of their own sent right after.
 
     With `max_concurrency`, RQ's own concurrency limit (RateLimit, RQ >= 3) keeps at most that
     many of the application's jobs queued-or-running; the rest wait in RQ's rate-limited set and
@@ -116,9 +121,16 @@ def enqueue_task_run(
             pipeline=pipeline,
         )
         if pipeline is not None:
+            if also is not None:
+                also(pipeline)
             pipeline.execute()
+            also = None
     except DuplicateJobError:
         logger.info("task %s run %s is already enqueued", task_id, run)
+    if also is not None:
+        extra = redis_client().pipeline(transaction=False)
+        also(extra)
+        extra.execute()
     return True
 
 

@@ -222,13 +222,13 @@ def _move_on(task: Task, reason: str, report: ReconcileReport) -> None:
         )
         if new_run is not None:
             task.refresh_from_db()
-            enqueue_pending_task(task=task)
+            enqueue_pending_task(task=task, announce=True)
             logger.warning("re-running task: %s", reason, extra=_extra(task))
             report.rerun.append(str(task.id))
         return
     if state.fail(task_id=task.id, run=task.run, error=reason):
         logger.warning("failed lost task: %s", reason, extra=_extra(task))
-        on_task_finished(task.id)
+        on_task_finished(task.id, run=task.run)
         report.lost.append(str(task.id))
 
 

@@ -130,7 +130,7 @@ class Command(BaseCommand):
             self.children.append(child)
         if options["dev"]:
             port = options["port"]
-            self._spawn("web", [*processes.manage_argv(), "runserver", f"127.0.0.1:{port}"], env)
+            self._spawn("web", processes.dev_web_argv(port), env)
         else:
             web_env = env | {"GUNICORN_BIND": f"127.0.0.1:{options['port']}"}
             self._spawn("web", processes.web_argv(), web_env)

@@ -1,0 +1,458 @@
+"""`GET /api/tasks/{task_id}/events`: the task's live events as Server-Sent Events (README:
+Live events). An ASGI application of its own (dashboard.runtime.asgi routes the path here), so
+an open stream costs a coroutine, not a thread.
+
+Before the stream starts, everything is checked and any error is the API's JSON error shape:
+the method, the credentials (the API key, or a stream token bound to this task), the task, and
+`Last-Event-ID` / `?after=`. Then: the events after that id (without one, the current run's
+events from its start; a finished task's `task.finished` at once), live events as they come,
+a comment every STREAM_KEEPALIVE_SECONDS, and the end after `task.finished`. A client that
+resumes after the `task.finished` it already has gets 204 (EventSource stops reconnecting).
+
+Live events come through one Redis pub/sub connection per web process (`WakeHub`): a writer's
+wake-up for a task wakes that task's streams, which read the entries after the last id they
+sent from the task's stream (tasks.events.stream). So nothing is lost between a replay and the
+live events, and nothing is sent twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+
+import redis
+import redis.asyncio as aioredis
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import InterfaceError, OperationalError, close_old_connections
+
+from tasks import credentials
+from tasks.events import catalog, tokens
+from tasks.events import stream as event_stream
+from tasks.models import Task, TaskRunHistory
+from tasks.presenters import callback_body, iso
+from tasks.statuses import FINISHED
+
+logger = logging.getLogger(__name__)
+
+PATH = re.compile(r"^/api/tasks/(?P<task_id>[^/]+)/events/?$")
+PAGE = 500  # entries read from the stream at a time
+RETRY_MS = 2000  # the reconnect delay EventSource is told to use
+
+
+class StreamRefused(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+
+@dataclass(frozen=True)
+class Opening:
+    """What the checks before the stream found."""
+
+    task_id: uuid.UUID
+    run: int
+    finished_at_ms: int | None  # set when the task is finished
+    after: tuple[int, int] | None
+
+
+# --- the checks before the stream (synchronous: the database) ---------------------------------
+
+
+def open_stream(
+    *, task_id: str, authorization: str, token: str | None, after: str | None
+) -> Opening:
+    close_old_connections()  # a thread of the pool keeps its connection: drop a broken one
+    try:
+        task_uuid = uuid.UUID(task_id)
+    except ValueError:
+        raise StreamRefused(404, "not_found", "No such task.") from None
+    application_id = _authorised_application(task_uuid, authorization, token)
+    filters: dict[str, Any] = {"pk": task_uuid}
+    if application_id is not None:
+        filters["application_id"] = application_id
+    row = Task.objects.filter(**filters).values("run", "status", "finished_at").first()
+    if row is None:
+        raise StreamRefused(404, "not_found", "No such task.")
+    after_pair = None
+    if after is not None:
+        after_pair = event_stream.parse_id(after.strip())
+        if after_pair is None:
+            raise StreamRefused(
+                400, "invalid_request", "Last-Event-ID / after must be an event id such as "
+                "1733212345678-0.", "after",
+            )  # fmt: skip
+    finished_at = row["finished_at"] if row["status"] in FINISHED else None
+    return Opening(
+        task_id=task_uuid,
+        run=row["run"],
+        finished_at_ms=int(finished_at.timestamp() * 1000) if finished_at else None,
+        after=after_pair,
+    )
+
+
+def _authorised_application(task_id: uuid.UUID, authorization: str, token: str | None):
+    """The application the API key belongs to; None when a stream token for this task is the
+    proof (it is bound to the task itself)."""
+    if authorization:
+        scheme, _, raw_key = authorization.partition(" ")
+        key = credentials.authenticate(raw_key.strip()) if scheme.lower() == "bearer" else None
+        if key is None:
+            raise StreamRefused(401, "unauthorized", "The API key is missing, wrong or revoked.")
+        return key.application_id
+    if token is None:
+        raise StreamRefused(
+            401, "unauthorized",
+            "Send the API key as 'Authorization: Bearer <key>', or the stream_url's token.",
+        )  # fmt: skip
+    if not tokens.is_valid(task_id, token):
+        raise StreamRefused(401, "unauthorized", tokens.REFUSED)
+    return None
+
+
+def finished_state(task_id: uuid.UUID, run: int) -> tuple[dict[str, Any] | None, int | None]:
+    """The `task.finished` body of `run` (the callback body), and the current run then: the
+    task's own row when `run` is its current run and it is finished, else that run's history
+    row (an operator started a new run since). (None, run) while the run has not finished."""
+    close_old_connections()
+    task = Task.objects.filter(pk=task_id).first()
+    if task is None:
+        return None, None
+    if task.run == run:
+        return (callback_body(task) if task.status in FINISHED else None), task.run
+    past = TaskRunHistory.objects.filter(task_id=task_id, run=run).first()
+    if past is None:
+        return None, task.run
+    return {
+        "event": catalog.FINISHED, "task_id": str(task_id), "run": run,
+        "app_id": str(task.application_id), "status": past.status, "output": past.output,
+        "error": past.error or None, "user": task.user or None, "created_at": iso(task.created_at),
+        "started_at": iso(past.started_at), "finished_at": iso(past.finished_at),
+    }, task.run  # fmt: skip
+
+
+def current_run(task_id: uuid.UUID) -> tuple[int, bool] | None:
+    close_old_connections()
+    row = Task.objects.filter(pk=task_id).values_list("run", "status").first()
+    return None if row is None else (row[0], row[1] in FINISHED)
+
+
+# --- the wake-ups ------------------------------------------------------------------------------
+
+
+def async_redis() -> aioredis.Redis:
+    options: dict[str, Any] = {"socket_connect_timeout": 2, "health_check_interval": 30}
+    if settings.REDIS_SENTINELS:
+        from redis.asyncio.sentinel import Sentinel
+
+        sentinel = Sentinel(settings.REDIS_SENTINELS, socket_connect_timeout=2)
+        return sentinel.master_for(
+            settings.REDIS_SENTINEL_MASTER, db=settings.REDIS_DB,
+            password=settings.REDIS_PASSWORD, **options,
+        )  # fmt: skip
+    return aioredis.Redis.from_url(settings.REDIS_URL, **options)
+
+
+class WakeHub:
+    """One pub/sub connection per web process; each task's open streams wait on an
+    asyncio.Event that a wake-up for the task sets. While Redis is away every stream is woken
+    once a second, so it re-reads (and ends on the database's word)."""
+
+    def __init__(self) -> None:
+        self.client = async_redis()
+        self._pubsub = self.client.pubsub()
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def watch(self, task_id: uuid.UUID) -> asyncio.Event:
+        channel = event_stream.wake_channel(task_id)
+        waiter = asyncio.Event()
+        waiters = self._waiters.setdefault(channel, set())
+        waiters.add(waiter)
+        if len(waiters) == 1:
+            await self._pubsub.subscribe(channel)
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read())
+        return waiter
+
+    async def unwatch(self, task_id: uuid.UUID, waiter: asyncio.Event) -> None:
+        channel = event_stream.wake_channel(task_id)
+        waiters = self._waiters.get(channel, set())
+        waiters.discard(waiter)
+        if not waiters:
+            self._waiters.pop(channel, None)
+            with contextlib.suppress(redis.RedisError, OSError):
+                await self._pubsub.unsubscribe(channel)
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                if not self._pubsub.subscribed:
+                    await asyncio.sleep(0.1)
+                    continue
+                message = await self._pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=1.0
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis away: wake everyone to fall back, retry shortly
+                logger.warning("event wake-ups interrupted: %s", exc)
+                self._wake_all()
+                await asyncio.sleep(1.0)
+                continue
+            if message is None:
+                continue
+            channel = message["channel"]
+            channel = channel.decode() if isinstance(channel, bytes) else channel
+            for waiter in self._waiters.get(channel, ()):
+                waiter.set()
+
+    def _wake_all(self) -> None:
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.set()
+
+    @property
+    def open_streams(self) -> int:
+        return sum(len(waiters) for waiters in self._waiters.values())
+
+
+_hubs: dict[asyncio.AbstractEventLoop, WakeHub] = {}
+
+
+def hub() -> WakeHub:
+    loop = asyncio.get_running_loop()
+    if loop not in _hubs:
+        _hubs[loop] = WakeHub()
+    return _hubs[loop]
+
+
+# --- the stream --------------------------------------------------------------------------------
+
+
+def sse(event_id: str, event: str, data: str) -> bytes:
+    return f"id: {event_id}\nevent: {event}\ndata: {data}\n\n".encode()
+
+
+class Stream:
+    """One open stream: sends what follows `last`, live, until `task.finished`."""
+
+    def __init__(self, opening: Opening, send: Any, client: aioredis.Redis) -> None:
+        self.opening = opening
+        self.send = send
+        self.client = client
+        self.key = event_stream.stream_key(opening.task_id)
+        self.last: tuple[int, int] = opening.after or (0, 0)
+        self.run = opening.run
+        self.ended = False
+
+    async def body(self, data: bytes) -> None:
+        await self.send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def entries(self, start: str, *, reverse: bool = False) -> list[event_stream.Event]:
+        raw: Any
+        try:
+            if reverse:
+                raw = await self.client.xrevrange(self.key, start, "-", count=PAGE)
+            else:
+                raw = await self.client.xrange(self.key, start, "+", count=PAGE)
+        except (redis.RedisError, OSError) as exc:
+            logger.info("event stream of %s unreadable: %s", self.opening.task_id, exc)
+            return []
+        return [event_stream.decode(entry) for entry in raw]
+
+    async def start_of_run(self) -> tuple[int, int]:
+        """Where a client without an id starts: just before the current run's first event."""
+        start = "+"
+        while True:
+            page = await self.entries(start, reverse=True)
+            for entry in page:
+                if entry.run < self.run:
+                    return _pair(entry.id)
+            if len(page) < PAGE:
+                return (0, 0)
+            start = f"({page[-1].id}"
+
+    async def finish_marker(self) -> str | None:
+        """The id of the current run's `task.finished` marker, if the stream still has it."""
+        for entry in await self.entries("+", reverse=True):
+            if entry.event == catalog.FINISHED and entry.run == self.run:
+                return entry.id
+        return None
+
+    async def finished_id(self) -> tuple[int, int]:
+        """The current (finished) run's `task.finished` id: its marker's, or one made from the
+        finish time when Redis lost the marker (never below what this stream already sent)."""
+        marker = await self.finish_marker()
+        if marker is not None:
+            return _pair(marker)
+        assert self.opening.finished_at_ms is not None
+        return max((self.opening.finished_at_ms, 0), (self.last[0], self.last[1] + 1))
+
+    async def send_finished(self, event_id: str, run: int) -> bool:
+        body, _ = await sync_to_async(finished_state, thread_sensitive=False)(
+            self.opening.task_id, run
+        )
+        if body is None:
+            return False
+        await self.body(sse(event_id, catalog.FINISHED, json.dumps(body, separators=(",", ":"))))
+        self.ended = True
+        return True
+
+    async def catch_up(self) -> None:
+        """Send every entry after `last`; stop after a `task.finished`."""
+        while not self.ended:
+            page = await self.entries(f"({event_stream.format_id(self.last)}")
+            for entry in page:
+                self.last = _pair(entry.id)
+                if entry.event == catalog.FINISHED:
+                    if await self.send_finished(entry.id, entry.run):
+                        return
+                    continue  # a marker whose run is not finished in the database: skip it
+                await self.body(sse(entry.id, entry.event, entry.data))
+            if len(page) < PAGE:
+                return
+
+    async def end_if_finished_without_marker(self) -> None:
+        """A finish whose marker never reached Redis (it was away) still ends the stream."""
+        state = await sync_to_async(current_run, thread_sensitive=False)(self.opening.task_id)
+        if state is None:
+            self.ended = True  # the task was deleted
+            return
+        run, finished = state
+        if not finished or run != self.run:
+            self.run = run
+            return
+        if await self.finish_marker() is not None:
+            return  # the next catch-up sends it
+        finished_at = await sync_to_async(_finished_at_ms, thread_sensitive=False)(
+            self.opening.task_id
+        )
+        pair = max((finished_at or 0, 0), (self.last[0], self.last[1] + 1))
+        await self.send_finished(event_stream.format_id(pair), run)
+
+
+def _finished_at_ms(task_id: uuid.UUID) -> int | None:
+    value = Task.objects.filter(pk=task_id).values_list("finished_at", flat=True).first()
+    return int(value.timestamp() * 1000) if value else None
+
+
+def _pair(event_id: str) -> tuple[int, int]:
+    pair = event_stream.parse_id(event_id)
+    assert pair is not None  # Redis's own ids
+    return pair
+
+
+# --- the ASGI application ----------------------------------------------------------------------
+
+
+async def json_error(send: Any, status: int, code: str, message: str, field=None, headers=()):
+    body = json.dumps({"error": {"code": code, "message": message, "field": field}}).encode()
+    await send({
+        "type": "http.response.start", "status": status,
+        "headers": [(b"content-type", b"application/json"), *headers],
+    })  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
+
+
+async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    match = PATH.match(scope["path"])
+    assert match is not None  # dashboard.runtime.asgi routes only this path here
+    if scope["method"] not in ("GET", "HEAD"):
+        await json_error(
+            send, 405, "method_not_allowed", f"{scope['method']} is not allowed here; use GET.",
+            headers=[(b"allow", b"GET")],
+        )  # fmt: skip
+        return
+    headers = {name.decode("latin-1").lower(): value.decode("latin-1")
+               for name, value in scope["headers"]}  # fmt: skip
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    after = headers.get("last-event-id") or (query.get("after") or [None])[0]
+    try:
+        opening = await sync_to_async(open_stream, thread_sensitive=False)(
+            task_id=match["task_id"],
+            authorization=headers.get("authorization", ""),
+            token=(query.get("token") or [None])[0],
+            after=after,
+        )
+    except StreamRefused as exc:
+        await json_error(send, exc.status, exc.code, exc.message, exc.field)
+        return
+    except (OperationalError, InterfaceError):
+        logger.warning("database unavailable opening an event stream", exc_info=True)
+        await json_error(
+            send, 503, "unavailable", "The database is unavailable; retry shortly.",
+            headers=[(b"retry-after", b"1")],
+        )  # fmt: skip
+        return
+    await serve(opening, receive, send)
+
+
+async def serve(opening: Opening, receive: Any, send: Any) -> None:
+    the_hub = hub()
+    stream = Stream(opening, send, the_hub.client)
+    waiter = await the_hub.watch(opening.task_id)  # before any read: no wake-up is missed
+    try:
+        if opening.finished_at_ms is not None:
+            finished = await stream.finished_id()
+            if opening.after is not None and opening.after >= finished:
+                await send({"type": "http.response.start", "status": 204, "headers": []})
+                await send({"type": "http.response.body", "body": b""})
+                return
+        await send({
+            "type": "http.response.start", "status": 200,
+            "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")],
+        })  # fmt: skip
+        await stream.body(f"retry: {RETRY_MS}\n\n".encode())
+        if opening.after is None:
+            if opening.finished_at_ms is not None and await stream.send_finished(
+                event_stream.format_id(finished), opening.run
+            ):
+                return
+            stream.last = await stream.start_of_run()
+        await follow(stream, waiter, receive)
+    finally:
+        await the_hub.unwatch(opening.task_id, waiter)
+        with contextlib.suppress(Exception):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def follow(stream: Stream, waiter: asyncio.Event, receive: Any) -> None:
+    disconnected = asyncio.Event()
+
+    async def watch_disconnect() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        disconnected.set()
+        waiter.set()
+
+    watcher = asyncio.create_task(watch_disconnect())
+    ends_at = time.monotonic() + settings.STREAM_MAX_SECONDS
+    try:
+        while not stream.ended and not disconnected.is_set():
+            waiter.clear()
+            await stream.catch_up()
+            if not stream.ended and stream.opening.finished_at_ms is not None:
+                await stream.end_if_finished_without_marker()  # finished before it opened
+            if stream.ended:
+                return
+            remaining = ends_at - time.monotonic()
+            if remaining <= 0:
+                return  # the client resumes with Last-Event-ID
+            try:
+                timeout = min(settings.STREAM_KEEPALIVE_SECONDS, remaining)
+                await asyncio.wait_for(waiter.wait(), timeout=timeout)
+            except TimeoutError:
+                await stream.body(b": keepalive\n\n")
+                await stream.end_if_finished_without_marker()
+    finally:
+        watcher.cancel()
