@@ -95,6 +95,9 @@ def http(inputs: dict[str, Any], ctx: RunContext) -> Any:
         raise RunnerError(
             f"runner_config.stream must be one of {', '.join(STREAM_MODES)}, not {stream!r}"
         )
+    text_path = ctx.config.get("stream_text")
+    if text_path is not None and not isinstance(text_path, str):
+        raise RunnerError("runner_config.stream_text must be a dotted path such as message.content")
     timeout = float(ctx.config.get("timeout", 300))
     headers = {str(k): str(v) for k, v in (ctx.config.get("headers") or {}).items()}
     ctx.log(f"POST {url}")
@@ -109,7 +112,7 @@ def http(inputs: dict[str, Any], ctx: RunContext) -> Any:
             return _json_answer(response.status, b"".join(_body_chunks(response, timeout)))
         lines = _lines(_body_chunks(response, timeout), MAX_STREAM_EVENT)
         values = _sse_values(lines) if kind == "sse" else _ndjson_values(lines)
-        return _emit_stream(values, ctx, ctx.config.get("stream_text"))
+        return _emit_stream(values, ctx, text_path)
     finally:
         # Closed, not kept alive: a stream left unread (cancelled, failed) must not be reused.
         response.close()
@@ -162,7 +165,7 @@ def _body_chunks(response: urllib3.BaseHTTPResponse, timeout: float) -> Iterator
     """The body as it arrives: `read1` returns what has come, chunked or not, without waiting
     for a full buffer."""
     try:
-        while chunk := response.read(READ_SIZE):
+        while chunk := response.read1(READ_SIZE):
             yield chunk
     except urllib3.exceptions.TimeoutError as exc:
         raise RunnerError(f"upstream sent nothing for {timeout:g} s mid-answer") from exc
@@ -202,7 +205,9 @@ def _sse_events(lines: Iterable[bytes]) -> Iterator[tuple[int, str]]:
     data: list[str] = []
     size = start = 0
     for number, raw in enumerate(lines, 1):
-        line = raw.decode("utf-8", errors="replace").removeprefix("\ufeff" if number == 1 else "")
+        line = raw.decode("utf-8", errors="replace")
+        if number == 1:
+            line = line.removeprefix("\ufeff")  # the spec's optional byte order mark
         if not line:
             if data:
                 yield start, "\n".join(data)
