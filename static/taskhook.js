@@ -49,3 +49,80 @@ document.addEventListener("click", (event) => {
   dialog.returnValue = "";
   dialog.showModal();
 }, true);
+// A live task's page follows its event stream: <section data-stream="…" data-run="N">. The
+// stream replays the current run from its start, so the run's log lines and streamed output
+// are rebuilt from it; while it is open the section's poll is skipped. When it ends with
+// task.finished the section is fetched once more (the result, the callback); if the stream
+// cannot be opened or fails, the poll takes over again.
+const liveStream = { source: null, url: null, failed: null };
+function followTaskStream() {
+  const section = document.querySelector("[data-stream]");
+  const url = section ? section.dataset.stream : null;
+  if (liveStream.url === url) return;
+  if (liveStream.source) liveStream.source.close();
+  liveStream.source = null;
+  liveStream.url = url;
+  // Each render carries a fresh token; a stream that failed is not retried on every poll.
+  if (!url || !window.EventSource || liveStream.failed === url.split("?")[0]) return;
+  const run = section.dataset.run;
+  const byId = (id) => document.getElementById(id);
+  const state = (text) => { const el = byId("task-stream-state"); if (el) el.textContent = text; };
+  const source = new EventSource(url);
+  liveStream.source = source;
+  source.addEventListener("open", () => {
+    const streamed = byId("task-streamed");
+    if (streamed) streamed.textContent = "";
+    document.querySelectorAll(`#task-log [data-run="${run}"]`).forEach((line) => line.remove());
+    state("live");
+  });
+  const data = (event) => JSON.parse(event.data);
+  source.addEventListener("task.started", () => {
+    const badge = byId("task-status");
+    if (badge) { badge.textContent = "running"; badge.className = "badge big running"; }
+  });
+  source.addEventListener("task.progress", (event) => {
+    const { progress, message } = data(event);
+    const bar = byId("task-progress");
+    if (bar) bar.value = progress;
+    const text = byId("task-progress-text");
+    if (text) text.textContent = `${progress}%`;
+    const note = byId("task-progress-message");
+    if (note && message) note.textContent = message;
+  });
+  source.addEventListener("task.log", (event) => {
+    const { level, message, at } = data(event);
+    const log = byId("task-log");
+    if (!log) return;
+    const line = document.createElement("span");
+    line.dataset.run = run;
+    const time = new Date(at).toLocaleTimeString([], { hour12: false });
+    line.textContent = `${time} [${level}] (run ${run}) ${message}\n`;
+    log.append(line);
+  });
+  source.addEventListener("task.output.delta", (event) => {
+    const streamed = byId("task-streamed");
+    if (streamed) streamed.textContent += data(event).text;
+  });
+  source.addEventListener("task.finished", () => {
+    source.close();
+    liveStream.source = null;
+    state("");
+    const live = byId("task-live");
+    if (live && live.getAttribute("hx-get")) htmx.ajax("GET", live.getAttribute("hx-get"), { source: live, target: live, swap: "outerHTML" });
+  });
+  source.addEventListener("error", () => {
+    if (source.readyState === EventSource.CLOSED) {
+      liveStream.source = null;
+      liveStream.failed = url.split("?")[0];
+      state("(live updates unavailable: refreshing every 2 s)");
+    } else {
+      state("reconnecting…");
+    }
+  });
+}
+document.addEventListener("DOMContentLoaded", followTaskStream);
+document.addEventListener("htmx:afterSettle", followTaskStream);
+document.addEventListener("htmx:beforeRequest", (event) => {
+  const elt = event.detail.elt;
+  if (elt.id === "task-live" && liveStream.source && event.detail.requestConfig.verb === "get" && elt.hasAttribute("data-poll")) event.preventDefault();
+});

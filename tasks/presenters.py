@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 from django.urls import reverse
 from django.utils import timezone
 
-from tasks.events import catalog
+from tasks.events import catalog, tokens
 from tasks.models import IdempotencyRecord, Task
 
 
@@ -37,13 +38,14 @@ def _events_path_template() -> str:
     return reverse("api:task-events", args=[placeholder]).replace(placeholder, "{}")
 
 
-def stream_url(request, task: Task) -> str:
+def stream_path(task_id: uuid.UUID | str) -> str:
     """The task's event stream with a token bound to it (tasks.events.tokens): what a browser's
     EventSource follows without the API key; the same token reads the poll URL."""
-    from tasks.events import tokens
+    return f"{_events_path_template().format(task_id)}?token={tokens.issue(task_id)}"
 
-    path = _events_path_template().format(task.id)
-    return request.build_absolute_uri(f"{path}?token={tokens.issue(task.id)}")
+
+def stream_url(request, task: Task) -> str:
+    return request.build_absolute_uri(stream_path(task.id))
 
 
 def removed_task_body(request, record: IdempotencyRecord) -> dict[str, Any]:

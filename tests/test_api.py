@@ -185,9 +185,10 @@ def test_async_submit_answers_at_once_with_the_contract_body(client, app):
     )
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"task_id", "status", "poll_url", "created_at"}
+    assert set(body) == {"task_id", "status", "poll_url", "stream_url", "created_at"}
     assert body["status"] == "pending"
     assert body["poll_url"] == f"http://testserver/api/tasks/{body['task_id']}"
+    assert body["stream_url"].startswith(f"{body['poll_url']}/events?token=")
     assert body["created_at"].endswith("Z")
     task = Task.objects.get(pk=body["task_id"])
     assert task.inputs == {"query": "如何申请退款?"} and task.user == "customer_007"
@@ -222,6 +223,7 @@ def test_poll_of_pending_task_has_retry_after(client, app):
         "attempts",
         "last_status_code",
         "next_attempt_at",
+        "events",
     }
     assert poll["status"] == "pending" and poll["callback"]["status"] == "none"
 

@@ -40,6 +40,7 @@ from tasks.models import (
     Task,
 )
 from tasks.plumbing.queueing import queue_length
+from tasks.presenters import stream_path
 from tasks.selectors import alerts as alerting
 from tasks.selectors import overview as stats
 from tasks.selectors import task_lists
@@ -251,6 +252,8 @@ def _task_context(task_id: uuid.UUID) -> dict:
         "can_redeliver": bool(task.callback_url) and task.status in DELIVERABLE,
         "can_cancel": not task.is_finished,
         "live": not task.is_finished or task.callback_status in CALLBACK_IN_FLIGHT,
+        # The operator may read this task: the page follows its events with a token bound to it.
+        "stream_url": None if task.is_finished else stream_path(task.id),
     }
 
 

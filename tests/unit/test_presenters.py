@@ -9,6 +9,7 @@ import pytest
 from django.test import RequestFactory
 
 from tasks import presenters
+from tasks.events import tokens
 from tasks.models import Application, IdempotencyRecord, Task
 
 T0 = datetime(2025, 3, 4, 5, 6, 7, 890123, tzinfo=UTC)
@@ -71,10 +72,11 @@ def test_task_body_fields_and_order():
             "attempts": 2,
             "last_status_code": 200,
             "next_attempt_at": "2025-03-04T05:11:07.890123Z",
+            "events": ["finished"],
         },
     }
     assert list(body["callback"]) == ["url", "status", "attempts", "last_status_code",
-                                      "next_attempt_at"]  # fmt: skip
+                                      "next_attempt_at", "events"]  # fmt: skip
 
 
 def test_task_body_of_a_fresh_task_uses_nulls_not_empty_strings():
@@ -84,7 +86,8 @@ def test_task_body_of_a_fresh_task_uses_nulls_not_empty_strings():
     assert body["started_at"] is None and body["finished_at"] is None
     assert body["elapsed_ms"] == 0
     assert body["callback"] == {"url": None, "status": "none", "attempts": 0,
-                                "last_status_code": None, "next_attempt_at": None}  # fmt: skip
+                                "last_status_code": None, "next_attempt_at": None,
+                                "events": []}  # fmt: skip
 
 
 def test_callback_body_fields_and_order():
@@ -99,7 +102,11 @@ def test_callback_body_fields_and_order():
 
 def test_accepted_body(request_):
     body = presenters.accepted_body(request_, make_task())
-    assert list(body) == ["task_id", "status", "poll_url", "created_at"]
+    assert list(body) == ["task_id", "status", "poll_url", "stream_url", "created_at"]
+    token = body.pop("stream_url").removeprefix(
+        f"https://api.example.com/api/tasks/{TASK_ID}/events?token="
+    )
+    assert tokens.is_valid(TASK_ID, token) and not tokens.is_valid(APP_ID, token)
     assert body == {
         "task_id": str(TASK_ID),
         "status": "pending",

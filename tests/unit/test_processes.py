@@ -27,7 +27,7 @@ def test_the_commands_name_real_modules_and_the_settings_queues():
 
     for worker_class in processes.WORKER_CLASSES.values():
         import_string(worker_class)
-    import_string(processes.WSGI_APPLICATION + ".application")
+    import_string(processes.WEB_APPLICATION + ".application")
     assert (BASE_DIR / processes.GUNICORN_CONFIG).is_file()
     assert settings.TASK_QUEUE in processes.WORKER_QUEUES["worker"]
     assert settings.CALLBACK_QUEUE in processes.WORKER_QUEUES["callbacks"]

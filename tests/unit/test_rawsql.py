@@ -64,9 +64,9 @@ def test_start_returning_is_the_orm_update_and_read(application):
         == 1
     )
     read = Task.objects.values_list("inputs", "callback_url", "application_id",
-                                    "response_mode").get(pk=orm.pk)  # fmt: skip
+                                    "response_mode", "callback_events").get(pk=orm.pk)  # fmt: skip
     assert tuple(started) == read
-    assert started == state.StartedRun(INPUTS, URL, application.id, "async")
+    assert started == state.StartedRun(INPUTS, URL, application.id, "async", "")
     assert isinstance(started.application_id, uuid.UUID) and isinstance(started.inputs, dict)
     assert without(row(raw.pk), "started_at") == without(row(orm.pk), "started_at")
     assert abs(row(raw.pk)["started_at"] - now) < timedelta(seconds=5)
