@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import signal
@@ -287,7 +288,7 @@ def test_intermediate_webhooks_are_signed_coalesced_and_in_order(make_app, web, 
     ids = [received.headers["webhook-id"] for received in receiver.received]
     assert len(set(ids)) == len(ids), "each POST has its own webhook-id"
     intermediate = [body for body in bodies if body["event"] != "task.finished"]
-    assert [body for body in bodies if body["event"] == "task.finished"][0]["status"] == "succeeded"
+    assert next(b for b in bodies if b["event"] == "task.finished")["status"] == "succeeded"
     assert intermediate[0]["event"] == "task.started"
     assert {body["event"] for body in intermediate} == {
         "task.started", "task.progress", "task.log", "task.output"
@@ -305,7 +306,7 @@ def test_intermediate_webhooks_are_signed_coalesced_and_in_order(make_app, web, 
         assert of_kind == sorted(of_kind)
     assert len(event_ids) == len(intermediate)
     times = [r.at for r in receiver.received if r.json()["event"] != "task.finished"]
-    assert all(later - earlier >= 0.4 for earlier, later in zip(times, times[1:], strict=False))
+    assert all(later - earlier >= 0.4 for earlier, later in itertools.pairwise(times))
     # Intermediate POSTs are not delivery attempts: only task.finished is recorded.
     assert task.callback_attempt_rows.count() == 1 and task.callback_attempts == 1
 

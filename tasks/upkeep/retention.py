@@ -25,6 +25,7 @@ from django.db.models import Min, QuerySet
 from django.utils import timezone
 
 from tasks import idempotency
+from tasks.events import stream as event_stream
 from tasks.models import (
     Application,
     CallbackAttempt,
@@ -78,7 +79,8 @@ def preview(*, application_id: uuid.UUID | str | None = None) -> list[Preview]:
 
 def delete_batch(expired: QuerySet[Task], ids: list[uuid.UUID]) -> int:
     """Delete those of `ids` still in `expired` (re-checked under row locks), with their logs,
-    attempts and runs; the number removed. Retention and the Work page's *delete* use it."""
+    attempts, runs and event streams; the number removed. Retention and the Work page's
+    *delete* use it."""
     with transaction.atomic():
         # Re-check under row locks: an operator's retry in between makes a task unfinished.
         ids = list(expired.filter(pk__in=ids).select_for_update().values_list("pk", flat=True))
@@ -88,6 +90,7 @@ def delete_batch(expired: QuerySet[Task], ids: list[uuid.UUID]) -> int:
         TaskLog.objects.filter(task_id__in=ids).delete()
         TaskRunHistory.objects.filter(task_id__in=ids).delete()
         Task.objects.filter(pk__in=ids).only("pk").delete()
+    event_stream.delete(ids)  # after the commit; a stream left behind expires on its own
     return len(ids)
 
 
