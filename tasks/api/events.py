@@ -102,7 +102,7 @@ def open_stream(
 def _authorised_application(task_id: uuid.UUID, authorization: str, token: str | None):
     """The application the API key belongs to; None when a stream token for this task is the
     proof (it is bound to the task itself)."""
-    if authorization:
+    if authorization.strip():
         scheme, _, raw_key = authorization.partition(" ")
         key = credentials.authenticate(raw_key.strip()) if scheme.lower() == "bearer" else None
         if key is None:

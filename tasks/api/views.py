@@ -251,7 +251,7 @@ def _task_for_key(request: HttpRequest, task_id: str) -> Task:
 def _task_for_reader(request: HttpRequest, task_id: str) -> Task:
     """The API key, or a stream token bound to this task (`?token=`, tasks.events.tokens)."""
     token = request.GET.get("token")
-    if token is None or "Authorization" in request.headers:
+    if token is None or request.headers.get("Authorization", "").strip():
         return _task_for_key(request, task_id)
     task_uuid = _parse_uuid(task_id, "task")
     if not tokens.is_valid(task_uuid, token):

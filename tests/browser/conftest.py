@@ -5,11 +5,17 @@ screenshots (docs/screenshots/)."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+from collections.abc import Iterator
 
+import httpx
 import pytest
 from django.contrib.auth.models import User
 
-from tests.conftest import BASE_DIR, api_submit
+from dashboard.runtime.processes import web_argv
+from tests.conftest import BASE_DIR, api_submit, subprocess_env, wait_for
+from tests.stack import free_port
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 SHOTS = BASE_DIR / "docs" / "screenshots"
@@ -57,6 +63,42 @@ def page(browser, live_server, live_worker):
     yield page
     context.close()
     assert not errors, errors
+
+
+@pytest.fixture
+def served_web(transactional_db, tmp_path) -> Iterator[str]:
+    """The web process as deployed (gunicorn with uvicorn workers, the ASGI application, which
+    alone serves the event stream) on the test database and Redis: its base URL. Django's
+    live_server is WSGI and answers the event stream with 501."""
+    port = free_port()
+    log_path = tmp_path / "web.log"
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        web_argv(),
+        cwd=BASE_DIR,
+        env=subprocess_env(GUNICORN_BIND=f"127.0.0.1:{port}", WEB_CONCURRENCY="1"),
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
+        try:
+            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(up, timeout=30, interval=0.1)
+        yield base
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
 
 
 def screenshot(page, name: str) -> None:

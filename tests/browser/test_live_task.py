@@ -1,0 +1,157 @@
+"""The live task page in a real browser: against the web process as deployed (the ASGI event
+stream) the page follows the task's events without a reload and without its poll, under the
+strict CSP; against Django's WSGI live_server (the stream answers 501) the poll takes over."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+from django.conf import settings
+from django.contrib.auth.models import User
+
+from tasks.models import Task
+from tasks.statuses import FINISHED
+from tests.browser.conftest import logged_in_page, screenshot, submit
+from tests.conftest import wait_for_status
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+RUNNER = "tests.browser.test_live_task.live_runner"
+GATE = "test-live-task-gate:"
+LOG_LINE = "warming up the model"
+PIECES = ("Once upon ", "a time, ", "a browser ", "listened.")
+PROGRESS, PROGRESS_MESSAGE = 40, "drafting the story"
+OUTPUT = {"story": "".join(PIECES)}
+
+
+def live_runner(inputs, ctx):
+    """Waits for the test's "start" gate (so the page is open before anything happens), logs a
+    line, streams the pieces, reports progress with a message, then waits for "finish"."""
+    gates = redis.Redis.from_url(settings.REDIS_URL)
+
+    def wait(gate: str) -> None:
+        if gates.blpop([f"{GATE}{ctx.task_id}:{gate}"], timeout=60) is None:
+            raise RuntimeError(f"the test never opened the {gate} gate")
+
+    wait("start")
+    ctx.log(LOG_LINE)
+    for piece in PIECES:
+        ctx.emit(piece)
+    ctx.progress(PROGRESS, PROGRESS_MESSAGE)
+    wait("finish")
+    return OUTPUT
+
+
+@pytest.fixture
+def gate(live_worker) -> Iterator[Callable[[str, str], None]]:
+    """`gate(task_id, name)` lets the runner go on. At teardown every gate is opened and the
+    tasks finished, so a failed test does not hold the session's worker."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    tasks: set[str] = set()
+
+    def open_gate(task_id: str, name: str) -> None:
+        tasks.add(task_id)
+        client.rpush(f"{GATE}{task_id}:{name}", "go")
+
+    yield open_gate
+    for task_id in tasks:
+        for name in ("start", "finish"):
+            key = f"{GATE}{task_id}:{name}"
+            client.rpush(key, "go")
+            client.expire(key, 60)
+        wait_for_status(task_id, tuple(FINISHED), timeout=30)
+
+
+def test_the_page_follows_the_stream_without_reload_or_poll(browser, served_web, make_app, gate):
+    from playwright.sync_api import expect
+
+    User.objects.create_superuser("ops", "ops@example.com", "ops-password-123")
+    app = make_app(RUNNER)
+    task_id = submit(app, {"story": "short"})
+    wait_for_status(task_id, ("running",))
+    # The page runs under its real CSP here: only expect() and evaluate(), no wait_for_function.
+    context, page, errors = logged_in_page(browser, served_web, bypass_csp=False)
+    problems: list[str] = []
+    page.on("console", lambda msg: (msg.type == "error" or "Content Security Policy" in msg.text)
+            and problems.append(f"{msg.type}: {msg.text}"))  # fmt: skip
+    requests = []
+    page.on("request", lambda request: requests.append(request))
+    page_url = f"{served_web}/tasks/{task_id}/"
+
+    response = page.goto(f"/tasks/{task_id}/")
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    assert LOG_LINE not in response.text() and PIECES[0] not in response.text()
+    expect(page.locator("#task-status")).to_have_text("running")
+    expect(page.locator("#task-stream-state")).to_have_text("live")
+    page.evaluate("window.__noReload = true")
+
+    gate(task_id, "start")
+    expect(page.locator("#task-streamed")).to_have_text("".join(PIECES))
+    expect(page.locator("#task-log")).to_contain_text(f"[info] (run 1) {LOG_LINE}")
+    expect(page.locator("#task-progress")).to_have_js_property("value", PROGRESS)
+    expect(page.locator("#task-progress-text")).to_have_text(f"{PROGRESS}%")
+    expect(page.locator("#task-progress-message")).to_have_text(PROGRESS_MESSAGE)
+    expect(page.locator("#task-stream-state")).to_have_text("live")
+    screenshot(page, "task-live")
+    # The section's poll keeps ticking (htmx:beforeRequest) while the stream is open: two ticks,
+    # so at least one whole poll interval passed, none of them a request.
+    page.evaluate("""() => {
+        let ticks = 0;
+        document.addEventListener("htmx:beforeRequest", (event) => {
+            if (event.detail.elt.id === "task-live") document.body.dataset.pollTicks = ++ticks;
+        });
+    }""")
+    expect(page.locator("body")).to_have_attribute("data-poll-ticks", "2", timeout=10_000)
+    to_page = [r for r in requests if r.url == page_url]
+    assert [r.is_navigation_request() for r in to_page] == [True], "one load, no poll"
+    streams = [r for r in requests if r.url.startswith(f"{served_web}/api/tasks/{task_id}/events?")]
+    assert [r.resource_type for r in streams] == ["eventsource"]
+    assert page.evaluate("window.__noReload") is True
+
+    # task.finished closes the stream and fetches the section once: the result, no poll after.
+    gate(task_id, "finish")
+    expect(page.locator("#task-status")).to_have_text("succeeded", timeout=15_000)
+    expect(page.locator("#task-output")).to_contain_text('"story": "Once upon a time, a browser')
+    expect(page.locator("#task-streamed")).to_have_text("".join(PIECES))
+    expect(page.locator("#task-stream-state")).to_have_count(0)
+    expect(page.locator("#task-live[hx-get]")).to_have_count(0)
+    fetched = [r for r in requests if r.url == page_url and not r.is_navigation_request()]
+    assert [r.headers.get("hx-request") for r in fetched] == ["true"]
+    assert len(streams) == 1 and page.evaluate("window.__noReload") is True
+    assert Task.objects.get(pk=task_id).streamed_output == "".join(PIECES)
+    context.close()
+    assert not problems, problems
+    assert not errors, errors
+
+
+def test_without_the_stream_the_poll_takes_over(page, live_server, make_app, gate):
+    from playwright.sync_api import expect
+
+    app = make_app(RUNNER)
+    task_id = submit(app, {"story": "short"})
+    wait_for_status(task_id, ("running",))
+    stream_statuses: list[int] = []
+    page.on("response", lambda r: "/events?token=" in r.url and stream_statuses.append(r.status))
+    page.goto(f"/tasks/{task_id}/")
+    unavailable = re.compile(r"live updates unavailable")
+    expect(page.locator("#task-stream-state")).to_have_text(unavailable)
+    assert stream_statuses == [501]  # live_server is WSGI: no event stream there
+    page.evaluate("window.__noReload = true")
+
+    gate(task_id, "start")
+    # Only the poll can bring these: the stream never opened.
+    expect(page.locator("#task-progress-text")).to_have_text(f"{PROGRESS}%", timeout=10_000)
+    expect(page.locator("#task-progress")).to_have_js_property("value", PROGRESS)
+    expect(page.locator("#task-log")).to_contain_text(f"[info] (run 1) {LOG_LINE}")
+    expect(page.locator("#task-stream-state")).to_have_text(unavailable)
+
+    gate(task_id, "finish")
+    expect(page.locator("#task-status")).to_have_text("succeeded", timeout=10_000)
+    expect(page.locator("#task-output")).to_contain_text('"story": "Once upon a time, a browser')
+    expect(page.locator("#task-streamed")).to_have_text("".join(PIECES))
+    assert page.evaluate("window.__noReload") is True
+    # A failed stream is not reopened on every poll (each render carries a fresh token).
+    assert stream_statuses == [501]
