@@ -170,17 +170,27 @@ class WakeHub:
         self.client = async_redis()
         self._pubsub = self.client.pubsub()
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._subscribed: dict[str, asyncio.Event] = {}  # set when Redis confirmed it
         self._reader: asyncio.Task[None] | None = None
 
     async def watch(self, task_id: uuid.UUID) -> asyncio.Event:
+        """A waiter the task's wake-ups set, once Redis confirmed the subscription: a stream
+        reads only after that, so an event written meanwhile is either read or wakes it."""
         channel = event_stream.wake_channel(task_id)
         waiter = asyncio.Event()
         waiters = self._waiters.setdefault(channel, set())
         waiters.add(waiter)
         if len(waiters) == 1:
-            await self._pubsub.subscribe(channel)
+            self._subscribed[channel] = asyncio.Event()
+            try:
+                await self._pubsub.subscribe(channel)
+            except (redis.RedisError, OSError) as exc:
+                logger.warning("cannot subscribe to the events of %s: %s", task_id, exc)
+                self._subscribed[channel].set()  # read anyway; keepalives re-read
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._read())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._subscribed[channel].wait(), timeout=2.0)
         return waiter
 
     async def unwatch(self, task_id: uuid.UUID, waiter: asyncio.Event) -> None:
@@ -189,6 +199,7 @@ class WakeHub:
         waiters.discard(waiter)
         if not waiters:
             self._waiters.pop(channel, None)
+            self._subscribed.pop(channel, None)
             with contextlib.suppress(redis.RedisError, OSError):
                 await self._pubsub.unsubscribe(channel)
 
@@ -198,9 +209,7 @@ class WakeHub:
                 if not self._pubsub.subscribed:
                     await asyncio.sleep(0.1)
                     continue
-                message = await self._pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=1.0
-                )
+                message = await self._pubsub.get_message(timeout=1.0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away: wake everyone to fall back, retry shortly
@@ -212,10 +221,18 @@ class WakeHub:
                 continue
             channel = message["channel"]
             channel = channel.decode() if isinstance(channel, bytes) else channel
+            if message["type"] == "subscribe":
+                if channel in self._subscribed:
+                    self._subscribed[channel].set()
+                continue
+            if message["type"] != "message":
+                continue
             for waiter in self._waiters.get(channel, ()):
                 waiter.set()
 
     def _wake_all(self) -> None:
+        for subscribed in self._subscribed.values():
+            subscribed.set()
         for waiters in self._waiters.values():
             for waiter in waiters:
                 waiter.set()
