@@ -266,6 +266,7 @@ def test_poll_reflects_delivery(make_app, live_worker, receiver):
         "attempts": 1,
         "last_status_code": 200,
         "next_attempt_at": None,
+        "events": ["finished"],
     }
 
 

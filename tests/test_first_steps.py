@@ -88,6 +88,11 @@ def test_first_steps_work_literally(tmp_path):
         assert (poll["status"], poll["output"]) == ("succeeded", {"query": "hello"})
         assert poll["callback"]["url"] == f"http://127.0.0.1:{receiver_port}/hooks/taskhook"
         assert "Taskhook webhook receiver" in text  # the readiness curl reached it
+        # The event stream, served by make run's web process, ended with the same result.
+        assert "\nevent: task.finished\n" in text
+        (streamed,) = [json.loads(line[len("data: "):]) for line in text.splitlines()
+                       if line.startswith("data: ")]  # fmt: skip
+        assert streamed == event
     finally:
         if shell is not None:
             _stop_group(shell.pid)

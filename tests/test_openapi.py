@@ -85,6 +85,7 @@ def test_document_is_served_as_written_and_is_valid_openapi_3_1():
     assert operations == {
         ("POST", "/api/applications/{app_id}/generate"),
         ("GET", "/api/tasks/{task_id}"),
+        ("GET", "/api/tasks/{task_id}/events"),
         ("POST", "/api/tasks/{task_id}/cancel"),
         ("GET", "/api/openapi.json"),
     }

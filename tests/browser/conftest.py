@@ -8,8 +8,10 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import httpx
+import psutil
 import pytest
 from django.contrib.auth.models import User
 
@@ -65,11 +67,25 @@ def page(browser, live_server, live_worker):
     assert not errors, errors
 
 
+@dataclass
+class WebProcess:
+    """The web process a test started: its base URL and gunicorn's master."""
+
+    url: str
+    master: subprocess.Popen
+
+    def kill_workers(self) -> None:
+        """SIGKILL gunicorn's workers (the master starts new ones): every open connection
+        drops, as in a crash or a proxy cutting idle streams."""
+        for child in psutil.Process(self.master.pid).children():
+            child.kill()
+
+
 @pytest.fixture
-def served_web(transactional_db, tmp_path) -> Iterator[str]:
+def served_web(transactional_db, tmp_path) -> Iterator[WebProcess]:
     """The web process as deployed (gunicorn with uvicorn workers, the ASGI application, which
-    alone serves the event stream) on the test database and Redis: its base URL. Django's
-    live_server is WSGI and answers the event stream with 501."""
+    alone serves the event stream) on the test database and Redis. Django's live_server is
+    WSGI and answers the event stream with 501."""
     port = free_port()
     log_path = tmp_path / "web.log"
     log = log_path.open("wb")
@@ -90,7 +106,7 @@ def served_web(transactional_db, tmp_path) -> Iterator[str]:
 
     try:
         wait_for(up, timeout=30, interval=0.1)
-        yield base
+        yield WebProcess(url=base, master=process)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:

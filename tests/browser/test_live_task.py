@@ -24,8 +24,9 @@ GATE = "test-live-task-gate:"
 GATE_SECONDS = 60
 LOG_LINE = "warming up the model"
 PIECES = ("Once upon ", "a time, ", "a browser ", "listened.")
+STREAMED = "".join(PIECES)
 PROGRESS, PROGRESS_MESSAGE = 40, "drafting the story"
-OUTPUT = {"story": "".join(PIECES)}
+UNAVAILABLE = re.compile(r"live updates unavailable")
 
 
 def live_runner(inputs, ctx):
@@ -44,7 +45,7 @@ def live_runner(inputs, ctx):
         ctx.emit(piece)
     ctx.progress(PROGRESS, PROGRESS_MESSAGE)
     wait("finish")
-    return OUTPUT
+    return {"story": STREAMED}
 
 
 @pytest.fixture
@@ -63,25 +64,31 @@ def gate(live_worker) -> Iterator[Callable[[str, str], None]]:
         for name in ("start", "finish"):
             key = f"{GATE}{task_id}:{name}"
             client.rpush(key, "go")
-            client.expire(key, 60)
-        wait_for_status(task_id, tuple(FINISHED), timeout=30)
+            client.expire(key, GATE_SECONDS)
+        wait_for_status(task_id, FINISHED, timeout=30)
+
+
+def running_task(make_app, gate) -> str:
+    """A task of live_runner, running and held at its "start" gate."""
+    task_id = submit(make_app(RUNNER), {"story": "short"})
+    gate(task_id, "registered")  # teardown opens its gates, whatever happens from here
+    wait_for_status(task_id, ("running",))
+    return task_id
 
 
 def test_the_page_follows_the_stream_without_reload_or_poll(browser, served_web, make_app, gate):
     from playwright.sync_api import expect
 
     User.objects.create_superuser("ops", "ops@example.com", "ops-password-123")
-    app = make_app(RUNNER)
-    task_id = submit(app, {"story": "short"})
-    wait_for_status(task_id, ("running",))
-    # The page runs under its real CSP here: only expect() and evaluate(), no wait_for_function.
-    context, page, errors = logged_in_page(browser, served_web, bypass_csp=False)
+    task_id = running_task(make_app, gate)
+    # The page runs under its real CSP: expect() and evaluate() only, no wait_for_function.
+    context, page, errors = logged_in_page(browser, served_web.url, bypass_csp=False)
     problems: list[str] = []
     page.on("console", lambda msg: (msg.type == "error" or "Content Security Policy" in msg.text)
             and problems.append(f"{msg.type}: {msg.text}"))  # fmt: skip
     requests = []
     page.on("request", lambda request: requests.append(request))
-    page_url = f"{served_web}/tasks/{task_id}/"
+    page_url = f"{served_web.url}/tasks/{task_id}/"
 
     response = page.goto(f"/tasks/{task_id}/")
     assert "script-src 'self'" in response.headers["content-security-policy"]
@@ -91,15 +98,15 @@ def test_the_page_follows_the_stream_without_reload_or_poll(browser, served_web,
     page.evaluate("window.__noReload = true")
 
     gate(task_id, "start")
-    expect(page.locator("#task-streamed")).to_have_text("".join(PIECES))
+    expect(page.locator("#task-streamed")).to_have_text(STREAMED)
     expect(page.locator("#task-log")).to_contain_text(f"[info] (run 1) {LOG_LINE}")
     expect(page.locator("#task-progress")).to_have_js_property("value", PROGRESS)
     expect(page.locator("#task-progress-text")).to_have_text(f"{PROGRESS}%")
     expect(page.locator("#task-progress-message")).to_have_text(PROGRESS_MESSAGE)
     expect(page.locator("#task-stream-state")).to_have_text("live")
     screenshot(page, "task-live")
-    # The section's poll keeps ticking (htmx:beforeRequest) while the stream is open: two ticks,
-    # so at least one whole poll interval passed, none of them a request.
+    # The section's poll keeps ticking (htmx:beforeRequest) while the stream is open: after two
+    # ticks at least one whole poll interval has passed, and no tick may have been a request.
     page.evaluate("""() => {
         let ticks = 0;
         document.addEventListener("htmx:beforeRequest", (event) => {
@@ -109,37 +116,35 @@ def test_the_page_follows_the_stream_without_reload_or_poll(browser, served_web,
     expect(page.locator("body")).to_have_attribute("data-poll-ticks", "2", timeout=10_000)
     to_page = [r for r in requests if r.url == page_url]
     assert [r.is_navigation_request() for r in to_page] == [True], "one load, no poll"
-    streams = [r for r in requests if r.url.startswith(f"{served_web}/api/tasks/{task_id}/events?")]
+    events_url = f"{served_web.url}/api/tasks/{task_id}/events?token="
+    streams = [r for r in requests if r.url.startswith(events_url)]
     assert [r.resource_type for r in streams] == ["eventsource"]
     assert page.evaluate("window.__noReload") is True
 
-    # task.finished closes the stream and fetches the section once: the result, no poll after.
+    # task.finished closes the stream and fetches the section once: the result, and no poll.
     gate(task_id, "finish")
     expect(page.locator("#task-status")).to_have_text("succeeded", timeout=15_000)
-    expect(page.locator("#task-output")).to_contain_text('"story": "Once upon a time, a browser')
-    expect(page.locator("#task-streamed")).to_have_text("".join(PIECES))
+    expect(page.locator("#task-output")).to_contain_text(f'"story": "{STREAMED}"')
+    expect(page.locator("#task-streamed")).to_have_text(STREAMED)
     expect(page.locator("#task-stream-state")).to_have_count(0)
     expect(page.locator("#task-live[hx-get]")).to_have_count(0)
     fetched = [r for r in requests if r.url == page_url and not r.is_navigation_request()]
     assert [r.headers.get("hx-request") for r in fetched] == ["true"]
     assert len(streams) == 1 and page.evaluate("window.__noReload") is True
-    assert Task.objects.get(pk=task_id).streamed_output == "".join(PIECES)
+    assert Task.objects.get(pk=task_id).streamed_output == STREAMED
     context.close()
     assert not problems, problems
     assert not errors, errors
 
 
-def test_without_the_stream_the_poll_takes_over(page, live_server, make_app, gate):
+def test_without_the_stream_the_poll_takes_over(page, make_app, gate):
     from playwright.sync_api import expect
 
-    app = make_app(RUNNER)
-    task_id = submit(app, {"story": "short"})
-    wait_for_status(task_id, ("running",))
+    task_id = running_task(make_app, gate)
     stream_statuses: list[int] = []
     page.on("response", lambda r: "/events?token=" in r.url and stream_statuses.append(r.status))
     page.goto(f"/tasks/{task_id}/")
-    unavailable = re.compile(r"live updates unavailable")
-    expect(page.locator("#task-stream-state")).to_have_text(unavailable)
+    expect(page.locator("#task-stream-state")).to_have_text(UNAVAILABLE)
     assert stream_statuses == [501]  # live_server is WSGI: no event stream there
     page.evaluate("window.__noReload = true")
 
@@ -148,12 +153,49 @@ def test_without_the_stream_the_poll_takes_over(page, live_server, make_app, gat
     expect(page.locator("#task-progress-text")).to_have_text(f"{PROGRESS}%", timeout=10_000)
     expect(page.locator("#task-progress")).to_have_js_property("value", PROGRESS)
     expect(page.locator("#task-log")).to_contain_text(f"[info] (run 1) {LOG_LINE}")
-    print("STATE AFTER POLL:", repr(page.locator("#task-stream-state").text_content()))
 
     gate(task_id, "finish")
     expect(page.locator("#task-status")).to_have_text("succeeded", timeout=10_000)
-    expect(page.locator("#task-output")).to_contain_text('"story": "Once upon a time, a browser')
-    expect(page.locator("#task-streamed")).to_have_text("".join(PIECES))
+    expect(page.locator("#task-output")).to_contain_text(f'"story": "{STREAMED}"')
+    expect(page.locator("#task-streamed")).to_have_text(STREAMED)
     assert page.evaluate("window.__noReload") is True
     # A failed stream is not reopened on every poll (each render carries a fresh token).
     assert stream_statuses == [501]
+
+
+@pytest.mark.xfail(strict=True, reason="page bug: a poll's swap empties #task-stream-state and "
+                   "followTaskStream returns before writing the note again")  # fmt: skip
+def test_the_unavailable_note_outlasts_the_polls_swap(page, make_app, gate):
+    from playwright.sync_api import expect
+
+    task_id = running_task(make_app, gate)
+    page.goto(f"/tasks/{task_id}/")
+    expect(page.locator("#task-stream-state")).to_have_text(UNAVAILABLE)
+    page.evaluate("document.getElementById('task-live').dataset.before = 'poll'")
+    expect(page.locator("#task-live:not([data-before])")).to_have_count(1, timeout=10_000)
+    expect(page.locator("#task-stream-state")).to_have_text(UNAVAILABLE)
+
+
+@pytest.mark.xfail(strict=True, reason="page bug: on a reconnect the open handler empties the "
+                   "streamed output and the run's log, and the stream resumes after "
+                   "Last-Event-ID, so they are not sent again")  # fmt: skip
+def test_a_reconnect_keeps_the_streamed_output_and_the_log(browser, served_web, make_app, gate):
+    from playwright.sync_api import expect
+
+    User.objects.create_superuser("ops", "ops@example.com", "ops-password-123")
+    task_id = running_task(make_app, gate)
+    context, page, _ = logged_in_page(browser, served_web.url, bypass_csp=True)
+    page.goto(f"/tasks/{task_id}/")
+    gate(task_id, "start")
+    expect(page.locator("#task-streamed")).to_have_text(STREAMED)
+    expect(page.locator("#task-log")).to_contain_text(LOG_LINE)
+
+    resumed = lambda r: "/events?token=" in r.url and "last-event-id" in r.headers  # noqa: E731
+    with page.expect_request(resumed, timeout=30_000):
+        served_web.kill_workers()
+    expect(page.locator("#task-stream-state")).to_have_text("live", timeout=30_000)
+    try:
+        expect(page.locator("#task-streamed")).to_have_text(STREAMED)
+        expect(page.locator("#task-log")).to_contain_text(LOG_LINE)
+    finally:
+        context.close()
