@@ -54,6 +54,7 @@ RATE = float(os.environ.get("BENCH_STREAM_RATE", 2.0))  # events/s per task, so 
 QUIET_SECONDS = float(os.environ.get("BENCH_STREAM_QUIET_SECONDS", 20))
 WRK_SECONDS = int(os.environ.get("BENCH_STREAM_WRK_SECONDS", 5))
 WRK_CLIENTS = 10
+COLD_STREAMS = int(os.environ.get("BENCH_STREAMS_COLD", 200))  # the burst on a fresh process
 CLIENT = os.environ.get("BENCH_STREAM_CLIENT", "raw")  # "raw" asyncio sockets, or "httpx"
 GATE = "bench-streams-gate:"
 MARK_BEGIN = "<!-- bench/streams.py: this section is rewritten by each run -->"
@@ -495,6 +496,60 @@ class Throughput:
         return started, time.time()
 
 
+def running_tasks(app: Any, count: int) -> list[str]:
+    """`count` running tasks of `app` (rows only: no worker runs them)."""
+    from django.utils import timezone
+
+    from tasks.models import Task
+
+    now = timezone.now()
+    created = Task.objects.bulk_create(
+        Task(application=app.application, inputs={}, status="running", started_at=now,
+             created_at=now) for _ in range(count)
+    )  # fmt: skip
+    return [str(task.id) for task in created]
+
+
+def stream_url(base: str, task_id: str) -> str:
+    from tasks.events import tokens
+
+    return f"{base}/api/tasks/{task_id}/events?token={tokens.issue(task_id)}"
+
+
+def start_publisher(group: Group, env: dict[str, str], task_ids: list[str], *, count: int,
+                    rate: float, start_at: float) -> subprocess.Popen:  # fmt: skip
+    publisher = group.start(
+        [sys.executable, str(Path(__file__).resolve()), "--publisher"], env,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, text=True,
+    )  # fmt: skip
+    assert publisher.stdin is not None
+    publisher.stdin.write(json.dumps({"task_ids": task_ids, "count": count, "rate": rate,
+                                      "start_at": start_at}))  # fmt: skip
+    publisher.stdin.close()
+    return publisher
+
+
+def finish_publisher(publisher: subprocess.Popen) -> dict[str, Any]:
+    assert publisher.stdout is not None
+    published = json.loads(publisher.stdout.read())
+    publisher.wait(30)
+    return published
+
+
+def pubsub_clients() -> tuple[int, int]:
+    """Redis pub/sub connections on the benchmark's database, and their subscriptions."""
+    from tasks.plumbing.queueing import redis_client
+
+    client = redis_client()
+    db = client.connection_pool.connection_kwargs.get("db", 0)
+    listing = client.execute_command("CLIENT", "LIST", "TYPE", "pubsub")
+    listing = listing.decode() if isinstance(listing, bytes) else listing
+    fields = [dict(item.split("=", 1) for item in line.split() if "=" in item)
+              for line in listing.splitlines()]  # fmt: skip
+    ours = [f for f in fields if f.get("db") == str(db)]
+    return len(ours), sum(int(f.get("sub", 0)) for f in ours)
+
+
 def child() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dashboard.runtime.settings")
     raise_fd_limit()
@@ -545,39 +600,53 @@ def child() -> None:
         load.measure("before")  # also warms the web process up
         queue(settings.TASK_QUEUE).empty()
 
+        # --- a burst of streams on the fresh process (as after a deploy, every client
+        # reconnecting at once): does each stream get its first event without a delay?
+        cold_ids = running_tasks(echo, COLD_STREAMS)
+        pubsub_before = pubsub_clients()
+        clients = Clients(group, env, [{"url": stream_url(base, tid), "expected": 1}
+                                       for tid in cold_ids], deadline_seconds=60)  # fmt: skip
+        opened = clients.opened()
+        time.sleep(1)
+        pubsub_open = pubsub_clients()
+        publisher = start_publisher(group, env, cold_ids, count=1, rate=1.0,
+                                    start_at=time.time() + 0.5)  # fmt: skip
+        published = finish_publisher(publisher)
+        result = clients.result()
+        latencies = result["latency_ms"]
+        out["cold"] = {
+            "streams": COLD_STREAMS,
+            "opened": opened,
+            "received": len(latencies),
+            "within_1s": sum(1 for value in latencies if value <= 1000),
+            "latency": window(result, 0, float("inf")),
+            "check": completeness(result, published["published"]),
+            "pubsub_connections_opened": pubsub_open[0] - pubsub_before[0],
+            "pubsub_channels": pubsub_open[1] - pubsub_before[1],
+        }
+        print(f"  cold: {out['cold']}", file=sys.stderr)
+
         # --- "distinct": a task per stream, events from the publisher process ---------------
-        now = timezone.now()
-        distinct = Task.objects.bulk_create(
-            Task(application=echo.application, inputs={}, status="running", started_at=now,
-                 created_at=now) for _ in range(STREAMS)
-        )  # fmt: skip
-        task_ids = [str(task.id) for task in distinct]
+        task_ids = running_tasks(echo, STREAMS)
         count_b = int(RATE * (QUIET_SECONDS + 2 * WRK_SECONDS + 4))
-        streams = [{"url": f"{base}/api/tasks/{tid}/events?token={tokens.issue(tid)}",
-                    "expected": None} for tid in task_ids]  # fmt: skip
+        streams = [{"url": stream_url(base, tid), "expected": None} for tid in task_ids]
         rss_before = worker.memory_info().rss
         clients = Clients(group, env, streams, deadline_seconds=count_b / RATE + 120)
         opened = clients.opened()
         time.sleep(1)  # the last streams' first reads are done
         rss_open = worker.memory_info().rss
         out["distinct_open"] = opened | {"rss_before": rss_before, "rss_open": rss_open,
-                                         "fds_open": worker.num_fds()}  # fmt: skip
-        print(f"  distinct: {opened}", file=sys.stderr)
+                                         "fds_open": worker.num_fds(),
+                                         "pubsub": pubsub_clients()}  # fmt: skip
+        print(f"  distinct: {out['distinct_open']}", file=sys.stderr)
         load.measure("idle streams")
 
         start_at = time.time() + 1.0
-        publisher = group.start(
-            [sys.executable, str(Path(__file__).resolve()), "--publisher"], env,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert publisher.stdin is not None and publisher.stdout is not None
-        publisher.stdin.write(json.dumps({"task_ids": task_ids, "count": count_b,
-                                          "rate": RATE, "start_at": start_at}))  # fmt: skip
-        publisher.stdin.close()
+        publisher = start_publisher(group, env, task_ids, count=count_b, rate=RATE,
+                                    start_at=start_at)  # fmt: skip
         quiet = _quiet_window(start_at + 1.0, worker)
         flowing = load.measure("distinct flowing")
-        published = json.loads(publisher.stdout.read())
-        publisher.wait(30)
+        published = finish_publisher(publisher)
         # The tasks finish (database, then their finish markers): each stream ends on it.
         Task.objects.filter(pk__in=task_ids).update(status="succeeded", finished_at=timezone.now(),
                                                     output={})  # fmt: skip
@@ -783,6 +852,12 @@ def _ratio(data: dict[str, Any], phase: str, kind: str) -> str:
 
 
 ROWS: list[tuple[str, Any]] = [
+    ("**burst**: streams opened at once on the fresh process, one event each: received within "
+     "1 s / at all",
+     lambda d: f"{d['cold']['within_1s']} / {d['cold']['received']} of {d['cold']['streams']}"),
+    ("**burst**: emit -> client latency p50 / p99 / max (ms)", lambda d: _ms(d["cold"]["latency"])),
+    ("**burst**: Redis pub/sub connections the web process opened, channels on them",
+     lambda d: f"{d['cold']['pubsub_connections_opened']}, {d['cold']['pubsub_channels']}"),
     ("**distinct**: streams opened, seconds to open them all",
      lambda d: f"{d['distinct_open']['opened']:,} in {d['distinct']['open_seconds']:.1f} s"),
     ("**distinct**: output deltas received / published; streams complete (every event, in "

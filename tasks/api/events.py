@@ -383,7 +383,7 @@ async def json_error(send: Any, status: int, code: str, message: str, field=None
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     match = PATH.match(scope["path"])
     assert match is not None  # dashboard.runtime.asgi routes only this path here
-    if scope["method"] not in ("GET", "HEAD"):
+    if scope["method"] != "GET":
         await json_error(
             send, 405, "method_not_allowed", f"{scope['method']} is not allowed here; use GET.",
             headers=[(b"allow", b"GET")],
