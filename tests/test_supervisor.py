@@ -252,3 +252,52 @@ def test_worker_registers_again_after_flushall_and_keeps_its_task(tmp_path, sett
     finally:
         stack.close()
         redis_client.cache_clear()
+
+
+@pytest.mark.parametrize("victim", ["web", "redis"])
+def test_an_event_stream_resumes_over_a_killed_web_process_or_redis(make_run, victim):
+    """`make run` as users run it: a client follows a task's stream, the web process (or the
+    embedded Redis, which keeps its append-only file) is killed under it, make run restarts it,
+    and the client's resume with Last-Event-ID gets every event it missed, none twice."""
+    import httpx
+    from httpx_sse import connect_sse
+
+    run = make_run()
+    client = Client(run, None, runner="sleep")
+    (task_id,) = client.submit(1, inputs={"seconds": 8})
+    url = f"{run.base_url}/api/tasks/{task_id}/events"
+    received: list[tuple[str, str, dict]] = []
+
+    def follow(last_id: str | None) -> None:
+        headers = client.headers | ({"Last-Event-ID": last_id} if last_id else {})
+        with (
+            httpx.Client(headers=headers, timeout=30) as http,
+            connect_sse(http, "GET", url) as source,
+        ):
+            for sse in source.iter_sse():
+                if sse.data:
+                    received.append((sse.id, sse.event, json.loads(sse.data)))
+                if sse.event == "task.finished" or (
+                    last_id is None and sse.event == "task.progress" and len(received) >= 5
+                ):
+                    return
+
+    follow(None)  # until the second progress event (queued, started, log, 10 %, 20 %)
+    before = run.children()[victim]
+    os.kill(before.pid, signal.SIGKILL)
+    wait_for(lambda: restarted(run, victim, before), timeout=20, interval=0.1)
+    run.wait_ready(timeout=30)
+
+    def resumed() -> bool:
+        try:
+            follow(received[-1][0])
+        except (httpx.HTTPError, AssertionError):
+            return False
+        return received[-1][1] == "task.finished"
+
+    wait_for(resumed, timeout=60, interval=0.5)
+    ids = [tuple(map(int, event_id.split("-"))) for event_id, _, _ in received]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids), "nothing repeated"
+    progress = [data["progress"] for _, name, data in received if name == "task.progress"]
+    assert progress == list(range(10, 101, 10)), "nothing lost"
+    assert received[-1][2]["status"] == "succeeded"

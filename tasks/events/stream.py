@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 STREAM_PREFIX = "taskhook:events:"
 WAKE_PREFIX = "taskhook:events-wake:"
 _ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+COMMANDS = 3  # what `add` queues per event: XADD, EXPIRE, PUBLISH
 
 
 class Event(NamedTuple):
@@ -80,16 +81,18 @@ def publish(*, task_id: uuid.UUID | str, run: int, event: str, data: dict[str, A
     except redis.RedisError as exc:
         logger.warning("could not publish %s of task %s: %s", event, task_id, exc)
         return None
-    return _text(entry_id)
+    return text(entry_id)
 
 
 def decode(entry: tuple[Any, dict[Any, Any]]) -> Event:
     entry_id, fields = entry
-    text = {_text(k): _text(v) for k, v in fields.items()}
-    return Event(id=_text(entry_id), event=text["e"], run=int(text.get("r") or 0), data=text["d"])
+    values = {text(k): text(v) for k, v in fields.items()}
+    return Event(
+        id=text(entry_id), event=values["e"], run=int(values.get("r") or 0), data=values["d"]
+    )
 
 
-def _text(value: bytes | str) -> str:
+def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 

@@ -38,8 +38,10 @@ class TaskContext:
 
     # Streamed output reaches the database in batches, at most this often (and at the end).
     OUTPUT_FLUSH_SECONDS = 0.5
-    # After a failed publish, events are not tried again for this long (Redis is away).
-    EVENTS_BACKOFF_SECONDS = 5.0
+    # While Redis is away, events wait in the run (at most MAX_UNPUBLISHED, oldest dropped
+    # first) and are tried again at most this often, in order, so an outage loses none.
+    EVENTS_RETRY_SECONDS = 1.0
+    MAX_UNPUBLISHED = 10_000
 
     def __init__(
         self,
@@ -55,18 +57,37 @@ class TaskContext:
         self.webhooks = webhooks
         self._unflushed: list[str] = []
         self._flushed_at = time.monotonic()
-        self._events_paused_until = 0.0
+        self._unpublished: list[tuple[str, dict[str, Any]]] = []
+        self._retry_at = 0.0
 
     def publish(self, event: str, data: dict[str, Any]) -> None:
         """Publish on the task's event stream and offer it to the intermediate webhooks."""
-        entry_id = None
-        if time.monotonic() >= self._events_paused_until:
-            entry_id = event_stream.publish(task_id=self.task_id, run=self.run, event=event,
-                                            data=data)  # fmt: skip
-            if entry_id is None:
-                self._events_paused_until = time.monotonic() + self.EVENTS_BACKOFF_SECONDS
+        if len(self._unpublished) >= self.MAX_UNPUBLISHED:
+            del self._unpublished[0]
+            logger.warning("task %s: an event dropped while Redis is away", self.task_id)
+        self._unpublished.append((event, data))
+        entry_ids = self.publish_waiting()
         if self.webhooks is not None:
-            self.webhooks.offer(event, data, entry_id)
+            self.webhooks.offer(event, data, entry_ids[-1] if entry_ids else None)
+
+    def publish_waiting(self, *, force: bool = False) -> list[str]:
+        """Send the events waiting (all at once, in order); their ids, or [] while Redis is
+        away. `force`: try now even within the retry interval (the end of the run)."""
+        if not self._unpublished or (not force and time.monotonic() < self._retry_at):
+            return []
+        pipeline = redis_client().pipeline(transaction=False)
+        for event, data in self._unpublished:
+            event_stream.add(pipeline, task_id=self.task_id, run=self.run, event=event, data=data)
+        try:
+            results = pipeline.execute()
+        except redis.RedisError as exc:
+            logger.warning("task %s: %d events wait for Redis: %s",
+                           self.task_id, len(self._unpublished), exc)  # fmt: skip
+            self._retry_at = time.monotonic() + self.EVENTS_RETRY_SECONDS
+            return []
+        self._unpublished = []
+        # Each event is three commands (XADD, EXPIRE, PUBLISH): the XADDs answer the ids.
+        return [event_stream.text(entry_id) for entry_id in results[:: event_stream.COMMANDS]]
 
     def progress(self, percent: int, message: str | None = None) -> None:
         percent = max(0, min(100, int(percent)))
@@ -143,6 +164,7 @@ def execute_task(*, task_id: str, run: int, worker_name: str = "") -> str:
         output = runner(dict(started_run.inputs), ctx)
         _check_output(output)  # a result that cannot be stored or served fails the task
         ctx.flush_output()  # streamed output is stored before the result that ends the run
+        ctx.publish_waiting(force=True)  # and its events go out before task.finished
     except TaskCancelled:
         logger.info("task stopped: cancelled", extra=log_extra)
         if webhooks is not None:
