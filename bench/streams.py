@@ -213,7 +213,7 @@ async def follow_httpx(
 
     opened = False
     try:
-        async with aconnect_sse(client, "GET", spec["url"], headers=spec.get("headers")) as source:
+        async with aconnect_sse(client, "GET", spec["url"], headers=dict(spec.get("headers", {}))) as source:
             if source.response.status_code != 200:
                 tally.error = f"status {source.response.status_code}"
                 return
@@ -368,12 +368,25 @@ class Group:
         self.items.clear()
 
 
-def start_web(port: int, env: dict[str, str], group: Group) -> subprocess.Popen:
-    from bench.common import start_gunicorn
+WEB_LOG = BASE_DIR / "var" / "bench-streams-web.log"
 
-    web = start_gunicorn(port, env, workers=1)
-    group.items.append(web)
-    return web
+
+def start_web(port: int, env: dict[str, str], group: Group) -> subprocess.Popen:
+    """gunicorn as bench.common.start_gunicorn starts it, its output kept in WEB_LOG."""
+    import httpx
+
+    from dashboard.runtime.processes import web_argv
+
+    with WEB_LOG.open("ab") as log:
+        web = group.start(web_argv(), env | {"GUNICORN_BIND": f"127.0.0.1:{port}"},
+                          stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return web
+        time.sleep(0.1)
+    raise RuntimeError(f"gunicorn did not start; see {WEB_LOG}")
 
 
 def web_worker(web: subprocess.Popen) -> Any:
@@ -550,190 +563,225 @@ def pubsub_clients() -> tuple[int, int]:
     return len(ours), sum(int(f.get("sub", 0)) for f in ours)
 
 
+class Bench:
+    """One backend's run: the web process, its load generator, the applications."""
+
+    def __init__(self, group: Group, env: dict[str, str]) -> None:
+        import httpx
+
+        from bench.common import free_port
+        from tasks.applications import create_application
+
+        def unlimited(app: Any) -> Any:
+            app.application.rate_limit_per_second = 1_000_000
+            app.application.rate_limit_burst = 1_000_000
+            app.application.save()
+            return app
+
+        self.group, self.env = group, env
+        self.echo = unlimited(create_application(name="bench-streams-echo", runner="echo",
+                                                 retry_schedule=[]))  # fmt: skip
+        self.ticking = unlimited(create_application(name="bench-streams-ticking",
+                                                    runner="bench.streams.ticking_runner",
+                                                    retry_schedule=[]))  # fmt: skip
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        self.web = start_web(port, env, group)
+        self.worker = web_worker(self.web)
+        self.http = httpx.Client(timeout=10)
+        answer = self.submit(self.echo, {})
+        self.load = Throughput(self.base, self.echo, answer["task_id"])
+        # One stream first, alone: the process's pub/sub connection exists before the
+        # figures (the burst phase measures a fresh process).
+        url = stream_url(self.base, running_tasks(self.echo, 1)[0])
+        with self.http.stream("GET", url) as response:
+            assert response.status_code == 200, response.status_code
+
+    def submit(self, app: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        return self.http.post(
+            f"{self.base}/api/applications/{app.application.id}/generate",
+            headers={"Authorization": f"Bearer {app.api_key}"},
+            json={"inputs": inputs, "response_mode": "async"},
+        ).json()
+
+    def rss(self) -> int:
+        return self.worker.memory_info().rss
+
+    def clients(self, streams: list[dict[str, Any]], deadline_seconds: float) -> Clients:
+        return Clients(self.group, self.env, streams, deadline_seconds)
+
+
+def phase_burst(bench: Bench) -> dict[str, Any]:
+    """COLD_STREAMS streams opened at once on a fresh web process of its own (as after a
+    deploy, every client reconnecting at once), one event each: does each get it at once?"""
+    from bench.common import free_port
+
+    cold_ids = running_tasks(bench.echo, COLD_STREAMS)
+    port = free_port()
+    web = start_web(port, bench.env, bench.group)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        pubsub_before = pubsub_clients()
+        clients = bench.clients([{"url": stream_url(base, tid), "expected": 1}
+                                 for tid in cold_ids], deadline_seconds=60)  # fmt: skip
+        opened = clients.opened()
+        time.sleep(1)
+        pubsub_open = pubsub_clients()
+        publisher = start_publisher(bench.group, bench.env, cold_ids, count=1, rate=1.0,
+                                    start_at=time.time() + 0.5)  # fmt: skip
+        published = finish_publisher(publisher)
+        result = clients.result()
+    finally:
+        bench.group.stop(web)
+    latencies = result["latency_ms"]
+    return {
+        "streams": COLD_STREAMS,
+        "opened": opened,
+        "received": len(latencies),
+        "within_1s": sum(1 for value in latencies if value <= 1000),
+        "latency": window(result, 0, float("inf")),
+        "check": completeness(result, published["published"]),
+        "pubsub_connections_opened": pubsub_open[0] - pubsub_before[0],
+        "pubsub_channels": pubsub_open[1] - pubsub_before[1],
+    }
+
+
+def phase_distinct(bench: Bench) -> dict[str, Any]:
+    """A task per stream, events from the publisher process; wrk with the streams idle, then
+    with the events flowing."""
+    from django.utils import timezone
+
+    from tasks.events import catalog
+    from tasks.events import stream as event_stream
+    from tasks.models import Task
+
+    task_ids = running_tasks(bench.echo, STREAMS)
+    count = int(RATE * (QUIET_SECONDS + 2 * WRK_SECONDS + 4))
+    streams = [{"url": stream_url(bench.base, tid), "expected": None} for tid in task_ids]
+    rss_before = bench.rss()
+    clients = bench.clients(streams, deadline_seconds=count / RATE + 120)
+    opened = clients.opened()
+    time.sleep(1)  # the last streams' first reads are done
+    out: dict[str, Any] = {"open": opened | {"rss_before": rss_before, "rss_open": bench.rss(),
+                                             "fds_open": bench.worker.num_fds(),
+                                             "pubsub": pubsub_clients()}}  # fmt: skip
+    print(f"  distinct: {out['open']}", file=sys.stderr)
+    bench.load.measure("idle streams")
+
+    start_at = time.time() + 1.0
+    publisher = start_publisher(bench.group, bench.env, task_ids, count=count, rate=RATE,
+                                start_at=start_at)  # fmt: skip
+    quiet = quiet_window(start_at + 1.0, bench.worker)
+    flowing = bench.load.measure("distinct flowing")
+    published = finish_publisher(publisher)
+    # The tasks finish (database, then their finish markers): each stream ends on it.
+    Task.objects.filter(pk__in=task_ids).update(status="succeeded", finished_at=timezone.now(),
+                                                output={})  # fmt: skip
+    for tid in task_ids:
+        event_stream.publish(task_id=tid, run=1, event=catalog.FINISHED, data={})
+    result = clients.result()
+    return out | flow_figures(result, quiet, flowing, published["published"]) | {
+        "published_late_by_s": published["late_by_s"], "count_per_task": count}
+
+
+def phase_tasks(bench: Bench) -> dict[str, Any]:
+    """STREAMS streams over TASKS running tasks (a worker each), ctx.emit in the runner."""
+    from django.conf import settings
+
+    from dashboard.runtime.processes import worker_argv
+    from tasks.models import Task
+    from tasks.plumbing.queueing import queue, redis_client
+
+    queue(settings.TASK_QUEUE).empty()
+    env = bench.env | {"RQ_LOG_LEVEL": "ERROR"}
+    workers = [bench.group.start(worker_argv("worker", name=f"bench-streams-{os.getpid()}-{n}"),
+                                 env) for n in range(TASKS)]  # fmt: skip
+    count = int(RATE * (QUIET_SECONDS + 2 * WRK_SECONDS + 4))
+    answers = [bench.submit(bench.ticking, {"count": count, "interval": 1 / RATE})
+               for _ in range(TASKS)]  # fmt: skip
+    ids = [answer["task_id"] for answer in answers]
+    running = Task.objects.filter(pk__in=ids, status="running")
+    wait_until(lambda: running.count() == TASKS, timeout=120)
+    streams = [{"url": answers[n % TASKS]["stream_url"], "expected": None}
+               for n in range(STREAMS)]  # fmt: skip
+    rss_before = bench.rss()
+    clients = bench.clients(streams, deadline_seconds=count / RATE + 120)
+    opened = clients.opened()
+    time.sleep(1)
+    out: dict[str, Any] = {"open": opened | {"rss_before": rss_before, "rss_open": bench.rss(),
+                                             "pubsub": pubsub_clients()}}  # fmt: skip
+    print(f"  tasks: {out['open']}", file=sys.stderr)
+    gate = redis_client()
+    go_at = time.time()
+    for tid in ids:
+        gate.rpush(GATE + tid, "go")
+    quiet = quiet_window(go_at + 1.0, bench.worker)
+    flowing = bench.load.measure("tasks flowing")
+    result = clients.result()
+    rows = Task.objects.filter(pk__in=ids)
+    # Each piece is "<seq> <time>": one space each.
+    emitted = {str(task.id): task.streamed_output.count(" ") for task in rows}
+    out |= flow_figures(result, quiet, flowing, [emitted[ids[n % TASKS]] for n in range(STREAMS)])
+    out |= {"count_per_task": count, "emitted_per_task": sorted(set(emitted.values())),
+            "task_statuses": sorted({task.status for task in rows})}  # fmt: skip
+    queue(settings.TASK_QUEUE).empty()
+    for process in workers:
+        bench.group.stop(process)
+    return out
+
+
+def flow_figures(result: dict[str, Any], quiet: dict[str, Any], flowing: tuple[float, float],
+                 expected: list[int]) -> dict[str, Any]:  # fmt: skip
+    events = max(1, len(result["latency_ms"]))
+    return {
+        "quiet": window(result, *quiet["window"]) | quiet,
+        "loaded": window(result, *flowing),
+        "check": completeness(result, expected),
+        "client_cpu_per_event_ms": 1000 * result["flow_cpu_seconds"] / events,
+        "open_seconds": result["open_seconds"],
+        "finished": sum(1 for stream in result["streams"] if stream[2]),
+    }
+
+
+PHASES = {"burst": phase_burst, "distinct": phase_distinct, "tasks": phase_tasks}
+
+
 def child() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dashboard.runtime.settings")
     raise_fd_limit()
     import django
 
     django.setup()
-    import httpx
     from django.conf import settings
     from django.core.management import call_command
-    from django.utils import timezone
 
-    from bench.common import free_port
-    from dashboard.runtime.processes import worker_argv
-    from tasks.applications import create_application
-    from tasks.events import catalog, tokens
-    from tasks.events import stream as event_stream
-    from tasks.models import Task
     from tasks.plumbing.queueing import queue, redis_client
 
     call_command("migrate", verbosity=0)
     redis_client().flushdb()
-    env = dict(os.environ)
+    phases = os.environ.get("BENCH_STREAMS_PHASES", ",".join(PHASES)).split(",")
     group = Group()
     out: dict[str, Any] = {"client": CLIENT}
-
-    def unlimited(app: Any) -> Any:
-        app.application.rate_limit_per_second = 1_000_000
-        app.application.rate_limit_burst = 1_000_000
-        app.application.save()
-        return app
-
-    echo = unlimited(create_application(name="bench-streams-echo", runner="echo",
-                                        retry_schedule=[]))  # fmt: skip
-    ticking = unlimited(create_application(name="bench-streams-ticking",
-                                           runner="bench.streams.ticking_runner",
-                                           retry_schedule=[]))  # fmt: skip
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    run_started = time.monotonic()
+    started = time.monotonic()
     try:
-        web = start_web(port, env, group)
-        worker = web_worker(web)
-        http = httpx.Client(timeout=10)
-        answer = http.post(f"{base}/api/applications/{echo.application.id}/generate",
-                           headers={"Authorization": f"Bearer {echo.api_key}"},
-                           json={"inputs": {}, "response_mode": "async"}).json()  # fmt: skip
-        load = Throughput(base, echo, answer["task_id"])
-        load.measure("before")  # also warms the web process up
-        queue(settings.TASK_QUEUE).empty()
-
-        # --- a burst of streams on the fresh process (as after a deploy, every client
-        # reconnecting at once): does each stream get its first event without a delay?
-        cold_ids = running_tasks(echo, COLD_STREAMS)
-        pubsub_before = pubsub_clients()
-        clients = Clients(group, env, [{"url": stream_url(base, tid), "expected": 1}
-                                       for tid in cold_ids], deadline_seconds=60)  # fmt: skip
-        opened = clients.opened()
-        time.sleep(1)
-        pubsub_open = pubsub_clients()
-        publisher = start_publisher(group, env, cold_ids, count=1, rate=1.0,
-                                    start_at=time.time() + 0.5)  # fmt: skip
-        published = finish_publisher(publisher)
-        result = clients.result()
-        latencies = result["latency_ms"]
-        out["cold"] = {
-            "streams": COLD_STREAMS,
-            "opened": opened,
-            "received": len(latencies),
-            "within_1s": sum(1 for value in latencies if value <= 1000),
-            "latency": window(result, 0, float("inf")),
-            "check": completeness(result, published["published"]),
-            "pubsub_connections_opened": pubsub_open[0] - pubsub_before[0],
-            "pubsub_channels": pubsub_open[1] - pubsub_before[1],
-        }
-        print(f"  cold: {out['cold']}", file=sys.stderr)
-
-        # --- "distinct": a task per stream, events from the publisher process ---------------
-        task_ids = running_tasks(echo, STREAMS)
-        count_b = int(RATE * (QUIET_SECONDS + 2 * WRK_SECONDS + 4))
-        streams = [{"url": stream_url(base, tid), "expected": None} for tid in task_ids]
-        rss_before = worker.memory_info().rss
-        clients = Clients(group, env, streams, deadline_seconds=count_b / RATE + 120)
-        opened = clients.opened()
-        time.sleep(1)  # the last streams' first reads are done
-        rss_open = worker.memory_info().rss
-        out["distinct_open"] = opened | {"rss_before": rss_before, "rss_open": rss_open,
-                                         "fds_open": worker.num_fds(),
-                                         "pubsub": pubsub_clients()}  # fmt: skip
-        print(f"  distinct: {out['distinct_open']}", file=sys.stderr)
-        load.measure("idle streams")
-
-        start_at = time.time() + 1.0
-        publisher = start_publisher(group, env, task_ids, count=count_b, rate=RATE,
-                                    start_at=start_at)  # fmt: skip
-        quiet = _quiet_window(start_at + 1.0, worker)
-        flowing = load.measure("distinct flowing")
-        published = finish_publisher(publisher)
-        # The tasks finish (database, then their finish markers): each stream ends on it.
-        Task.objects.filter(pk__in=task_ids).update(status="succeeded", finished_at=timezone.now(),
-                                                    output={})  # fmt: skip
-        for tid in task_ids:
-            event_stream.publish(task_id=tid, run=1, event=catalog.FINISHED, data={})
-        result = clients.result()
-        out["distinct"] = {
-            "quiet": window(result, *quiet["window"]) | quiet,
-            "loaded": window(result, *flowing),
-            "check": completeness(result, published["published"]),
-            "published_late_by_s": published["late_by_s"],
-            "count_per_task": count_b,
-            "client_cpu_per_event_ms": 1000 * result["flow_cpu_seconds"]
-            / max(1, len(result["latency_ms"])),
-            "open_seconds": result["open_seconds"],
-            "finished": sum(1 for s in result["streams"] if s[2]),
-        }
-        print(f"  distinct: {out['distinct']['check']}", file=sys.stderr)
-        del result
-
-        # --- "tasks": STREAMS streams over TASKS running tasks, ctx.emit in the workers ---------
-        queue(settings.TASK_QUEUE).empty()
-        wenv = env | {"RQ_LOG_LEVEL": "ERROR"}
-        workers = [group.start(worker_argv("worker", name=f"bench-streams-{os.getpid()}-{n}"),
-                               wenv) for n in range(TASKS)]  # fmt: skip
-        count_a = int(RATE * (QUIET_SECONDS + 2 * WRK_SECONDS + 4))
-        ticking_ids = []
-        for _ in range(TASKS):
-            answer = http.post(
-                f"{base}/api/applications/{ticking.application.id}/generate",
-                headers={"Authorization": f"Bearer {ticking.api_key}"},
-                json={"inputs": {"count": count_a, "interval": 1 / RATE},
-                      "response_mode": "async"},
-            ).json()  # fmt: skip
-            ticking_ids.append((answer["task_id"], answer["stream_url"]))
-        running = Task.objects.filter(pk__in=[tid for tid, _ in ticking_ids], status="running")
-        _wait(lambda: running.count() == TASKS, timeout=120)
-        streams = [{"url": ticking_ids[n % TASKS][1], "expected": None} for n in range(STREAMS)]
-        rss_before = worker.memory_info().rss
-        clients = Clients(group, env, streams, deadline_seconds=count_a / RATE + 120)
-        opened = clients.opened()
-        time.sleep(1)
-        rss_open = worker.memory_info().rss
-        out["tasks_open"] = opened | {"rss_before": rss_before, "rss_open": rss_open}
-        print(f"  tasks: {opened}", file=sys.stderr)
-        gate = redis_client()
-        go_at = time.time()
-        for tid, _ in ticking_ids:
-            gate.rpush(GATE + tid, "go")
-        quiet = _quiet_window(go_at + 1.0, worker)
-        flowing = load.measure("tasks flowing")
-        result = clients.result()
-        emitted = {str(t.id): t.streamed_output.count(" ") for t in
-                   Task.objects.filter(pk__in=[tid for tid, _ in ticking_ids])}  # fmt: skip
-        statuses = list(Task.objects.filter(pk__in=[tid for tid, _ in ticking_ids])
-                        .values_list("status", flat=True))  # fmt: skip
-        out["tasks"] = {
-            "quiet": window(result, *quiet["window"]) | quiet,
-            "loaded": window(result, *flowing),
-            "check": completeness(result, [emitted[ticking_ids[n % TASKS][0]]
-                                           for n in range(STREAMS)]),  # fmt: skip
-            "count_per_task": count_a,
-            "emitted_per_task": sorted(set(emitted.values())),
-            "task_statuses": sorted(set(statuses)),
-            "client_cpu_per_event_ms": 1000 * result["flow_cpu_seconds"]
-            / max(1, len(result["latency_ms"])),
-            "open_seconds": result["open_seconds"],
-            "finished": sum(1 for s in result["streams"] if s[2]),
-        }
-        print(f"  tasks: {out['tasks']['check']}", file=sys.stderr)
-        del result
-        queue(settings.TASK_QUEUE).empty()
-        for process in workers:
-            group.stop(process)
-
-        load.measure("after")
-        out["throughput"] = load.figures
-        out["web_worker_same_pid"] = web_worker(web).pid == worker.pid
-        out["web_rss_end"] = worker.memory_info().rss
-        out["seconds"] = time.monotonic() - run_started
+        bench = Bench(group, dict(os.environ))
+        bench.load.measure("before")  # also warms the web process up
+        for name in phases:
+            queue(settings.TASK_QUEUE).empty()  # what the submits of wrk queued
+            out[name] = PHASES[name](bench)
+            print(f"  {name}: {out[name].get('check')}", file=sys.stderr)
+        bench.load.measure("after")
+        out["throughput"] = bench.load.figures
+        out["web_worker_same_pid"] = web_worker(bench.web).pid == bench.worker.pid
+        out["web_rss_end"] = bench.rss()
+        out["seconds"] = time.monotonic() - started
         out["load_average"] = os.getloadavg()
     finally:
         group.stop_all()
     print(json.dumps(out))
 
 
-def _wait(predicate: Any, timeout: float, interval: float = 0.1) -> None:
+def wait_until(predicate: Any, timeout: float, interval: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -742,7 +790,8 @@ def _wait(predicate: Any, timeout: float, interval: float = 0.1) -> None:
     raise TimeoutError("benchmark step did not finish in time")
 
 
-def _quiet_window(start: float, worker: Any) -> dict[str, Any]:
+def quiet_window(start: float, worker: Any) -> dict[str, Any]:
+
     """Waits out QUIET_SECONDS from `start` (events flowing, nothing else); the web worker's
     and the machine's CPU over it."""
     import psutil
@@ -765,7 +814,7 @@ def backends(embedded_url: str, sqlite: Path) -> list[tuple[str, dict[str, str]]
         "DJANGO_SETTINGS_MODULE": "dashboard.runtime.settings",
         "DEBUG": "false",
         "SECURE_SSL_REDIRECT": "false",  # plain HTTP on loopback, no TLS proxy in front
-        "LOG_LEVEL": "WARNING",
+        "LOG_LEVEL": os.environ.get("BENCH_STREAMS_LOG_LEVEL", "WARNING"),
         "RQ_LOG_LEVEL": "ERROR",
         "WEB_CONCURRENCY": "1",
         # A worker recycled mid-run would drop every open stream (and end the measurement).
@@ -810,6 +859,7 @@ def main() -> None:
 
     raise_fd_limit()
     started = time.monotonic()
+    WEB_LOG.write_bytes(b"")
     sqlite = BASE_DIR / "var" / f"bench-streams-{os.getpid()}.sqlite3"
     embedded = EmbeddedRedis(BASE_DIR / "var" / f"bench-streams-redis-{os.getpid()}",
                              persist=False)  # fmt: skip
@@ -830,6 +880,9 @@ def main() -> None:
         shutil.rmtree(embedded.data_dir, ignore_errors=True)
         for suffix in ("", "-wal", "-shm"):
             Path(f"{sqlite}{suffix}").unlink(missing_ok=True)
+    if "BENCH_STREAMS_PHASES" in os.environ:  # a partial run: figures only, no report
+        print(json.dumps(columns, indent=1))
+        return
     write_report(columns, time.monotonic() - started)
 
 
@@ -854,12 +907,12 @@ def _ratio(data: dict[str, Any], phase: str, kind: str) -> str:
 ROWS: list[tuple[str, Any]] = [
     ("**burst**: streams opened at once on the fresh process, one event each: received within "
      "1 s / at all",
-     lambda d: f"{d['cold']['within_1s']} / {d['cold']['received']} of {d['cold']['streams']}"),
-    ("**burst**: emit -> client latency p50 / p99 / max (ms)", lambda d: _ms(d["cold"]["latency"])),
+     lambda d: f"{d['burst']['within_1s']} / {d['burst']['received']} of {d['burst']['streams']}"),
+    ("**burst**: emit -> client latency p50 / p99 / max (ms)", lambda d: _ms(d["burst"]["latency"])),
     ("**burst**: Redis pub/sub connections the web process opened, channels on them",
-     lambda d: f"{d['cold']['pubsub_connections_opened']}, {d['cold']['pubsub_channels']}"),
+     lambda d: f"{d['burst']['pubsub_connections_opened']}, {d['burst']['pubsub_channels']}"),
     ("**distinct**: streams opened, seconds to open them all",
-     lambda d: f"{d['distinct_open']['opened']:,} in {d['distinct']['open_seconds']:.1f} s"),
+     lambda d: f"{d['distinct']['open']['opened']:,} in {d['distinct']['open_seconds']:.1f} s"),
     ("**distinct**: output deltas received / published; streams complete (every event, in "
      "order, ids increasing)", lambda d: _check(d["distinct"])),
     ("**distinct**: emit -> client latency p50 / p99 / max, quiet (ms)",
@@ -878,14 +931,14 @@ ROWS: list[tuple[str, Any]] = [
      lambda d: f"{d['tasks']['quiet']['web_cores']:.2f} / "
                f"{d['tasks']['quiet']['machine_percent']:.0f}"),
     ("Web worker RSS before -> with the streams open (MB): distinct / tasks",
-     lambda d: f"{d['distinct_open']['rss_before'] / 2**20:.0f} -> "
-               f"{d['distinct_open']['rss_open'] / 2**20:.0f} / "
-               f"{d['tasks_open']['rss_before'] / 2**20:.0f} -> "
-               f"{d['tasks_open']['rss_open'] / 2**20:.0f}"),
+     lambda d: f"{d['distinct']['open']['rss_before'] / 2**20:.0f} -> "
+               f"{d['distinct']['open']['rss_open'] / 2**20:.0f} / "
+               f"{d['tasks']['open']['rss_before'] / 2**20:.0f} -> "
+               f"{d['tasks']['open']['rss_open'] / 2**20:.0f}"),
     ("  per open stream (KB): distinct / tasks",
-     lambda d: f"{(d['distinct_open']['rss_open'] - d['distinct_open']['rss_before'])
+     lambda d: f"{(d['distinct']['open']['rss_open'] - d['distinct']['open']['rss_before'])
                   / STREAMS / 1024:.0f} / "
-               f"{(d['tasks_open']['rss_open'] - d['tasks_open']['rss_before'])
+               f"{(d['tasks']['open']['rss_open'] - d['tasks']['open']['rss_before'])
                   / STREAMS / 1024:.0f}"),
     ("Submits/s, 10 clients: no streams, before / after",
      lambda d: f"{d['throughput']['before']['submit']:.0f} / "

@@ -50,29 +50,41 @@ document.addEventListener("click", (event) => {
   dialog.showModal();
 }, true);
 // A live task's page follows its event stream: <section data-stream="…" data-run="N">. The
-// stream replays the current run from its start, so the run's log lines and streamed output
-// are rebuilt from it; while it is open the section's poll is skipped. When it ends with
-// task.finished the section is fetched once more (the result, the callback); if the stream
-// cannot be opened or fails, the poll takes over again.
+// first connection replays the current run from its start, so the run's log lines and streamed
+// output are rebuilt from it (a reconnect resumes after the last event, so nothing is cleared
+// then); while it is open the section's poll is skipped. When it ends with task.finished the
+// section is fetched once more (the result, the callback); if the stream cannot be opened or
+// fails, the poll takes over again.
+const UNAVAILABLE = "(live updates unavailable: refreshing every 2 s)";
 const liveStream = { source: null, url: null, failed: null };
 function followTaskStream() {
   const section = document.querySelector("[data-stream]");
   const url = section ? section.dataset.stream : null;
+  const byId = (id) => document.getElementById(id);
+  const state = (text) => { const el = byId("task-stream-state"); if (el) el.textContent = text; };
   if (liveStream.url === url) return;
   if (liveStream.source) liveStream.source.close();
   liveStream.source = null;
   liveStream.url = url;
-  // Each render carries a fresh token; a stream that failed is not retried on every poll.
-  if (!url || !window.EventSource || liveStream.failed === url.split("?")[0]) return;
+  // Each render carries a fresh token; a stream that failed is not retried on every poll (the
+  // poll's swap rendered the note afresh: say it again).
+  if (url && liveStream.failed === url.split("?")[0]) { state(UNAVAILABLE); return; }
+  if (!url || !window.EventSource) return;
   const run = section.dataset.run;
-  const byId = (id) => document.getElementById(id);
-  const state = (text) => { const el = byId("task-stream-state"); if (el) el.textContent = text; };
+  const clock = new Intl.DateTimeFormat([], {
+    timeZone: section.dataset.timeZone || "UTC", hour: "2-digit", minute: "2-digit",
+    second: "2-digit", fractionalSecondDigits: 3, hourCycle: "h23", timeZoneName: "short",
+  });
   const source = new EventSource(url);
   liveStream.source = source;
+  let replayed = false;
   source.addEventListener("open", () => {
-    const streamed = byId("task-streamed");
-    if (streamed) streamed.textContent = "";
-    document.querySelectorAll(`#task-log [data-run="${run}"]`).forEach((line) => line.remove());
+    if (!replayed) {
+      replayed = true;
+      const streamed = byId("task-streamed");
+      if (streamed) streamed.textContent = "";
+      document.querySelectorAll(`#task-log [data-run="${run}"]`).forEach((line) => line.remove());
+    }
     state("live");
   });
   const data = (event) => JSON.parse(event.data);
@@ -95,7 +107,7 @@ function followTaskStream() {
     if (!log) return;
     const line = document.createElement("span");
     line.dataset.run = run;
-    const time = new Date(at).toLocaleTimeString([], { hour12: false });
+    const time = clock.format(new Date(at));
     line.textContent = `${time} [${level}] (run ${run}) ${message}\n`;
     log.append(line);
   });
@@ -114,7 +126,7 @@ function followTaskStream() {
     if (source.readyState === EventSource.CLOSED) {
       liveStream.source = null;
       liveStream.failed = url.split("?")[0];
-      state("(live updates unavailable: refreshing every 2 s)");
+      state(UNAVAILABLE);
     } else {
       state("reconnecting…");
     }

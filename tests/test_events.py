@@ -37,7 +37,7 @@ GATE = "test-events-gate:"
 def gated_runner(inputs, ctx):
     """Streams `inputs.first` pieces, then waits until the test opens its gate (a Redis key),
     then streams `inputs.then` more; logs and reports progress on the way."""
-    client = redis.Redis.from_url(settings.REDIS_URL)
+    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=60)  # BLPOP waits 30 s
     ctx.log("starting")
     pieces = [f"p{i} " for i in range(inputs["first"] + inputs["then"])]
     for index, piece in enumerate(pieces):

@@ -171,22 +171,6 @@ def test_without_the_stream_the_poll_takes_over(page, make_app, gates):
     assert stream_statuses == [501]
 
 
-# Known page bugs (static/taskhook.js): strict, so a fix turns them into failures to unmark.
-POLL_EMPTIES_THE_NOTE = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a poll's swap renders an empty #task-stream-state and followTaskStream returns "
-    "(the stream failed before) without writing the note again",
-)
-RECONNECT_EMPTIES_THE_PAGE = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="EventSource reconnects with Last-Event-ID, the stream resumes after it, but the "
-    "open handler empties #task-streamed and the run's log lines first",
-)
-
-
-@POLL_EMPTIES_THE_NOTE
 def test_the_unavailable_note_outlasts_the_polls_swap(page, make_app, gates):
     from playwright.sync_api import expect
 
@@ -198,7 +182,6 @@ def test_the_unavailable_note_outlasts_the_polls_swap(page, make_app, gates):
     expect(page.locator("#task-stream-state")).to_have_text(UNAVAILABLE)
 
 
-@RECONNECT_EMPTIES_THE_PAGE
 def test_a_reconnect_keeps_the_streamed_output_and_the_log(browser, served_web, make_app, gates):
     from playwright.sync_api import expect
 
