@@ -18,6 +18,7 @@ live events, and nothing is sent twice.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -161,85 +162,122 @@ def async_redis() -> aioredis.Redis:
     return aioredis.Redis.from_url(settings.REDIS_URL, **options)
 
 
+class Follower:
+    """What the hub hands a stream: the live entries of its task, in order, and a flag that
+    says the stream must read its task's stream again (the start, a pub/sub interruption, a
+    backlog too long to hold, every keepalive)."""
+
+    MAX_PENDING = 10_000
+
+    def __init__(self, task_id: uuid.UUID) -> None:
+        self.channel = event_stream.wake_channel(task_id)
+        self.pending: collections.deque[tuple[event_stream.Event, bytes]] = collections.deque()
+        self.needs_catch_up = True
+        self.woken = asyncio.Event()
+
+    def deliver(self, entry: event_stream.Event, encoded: bytes) -> None:
+        if len(self.pending) >= self.MAX_PENDING:
+            self.resync()  # a client this far behind reads the stream again instead
+            return
+        self.pending.append((entry, encoded))
+        self.woken.set()
+
+    def resync(self) -> None:
+        self.pending.clear()
+        self.needs_catch_up = True
+        self.woken.set()
+
+
 class WakeHub:
-    """One pub/sub connection per web process; each task's open streams wait on an
-    asyncio.Event that a wake-up for the task sets. While Redis is away every stream is woken
-    once a second, so it re-reads (and ends on the database's word)."""
+    """One pub/sub connection per web process. Each message on a task's channel is the entry
+    itself (tasks.events.stream.ADD_SCRIPT): it is decoded and encoded as SSE once, and handed
+    to every stream following that task, which sends it without reading Redis. A stream reads
+    the task's stream (XRANGE) only to catch up: at its start, after an interruption of the
+    pub/sub connection, and at each keepalive."""
 
     def __init__(self) -> None:
         self.client = async_redis()
         self._pubsub = self.client.pubsub()
-        self._waiters: dict[str, set[asyncio.Event]] = {}
+        # One subscribe or unsubscribe at a time: concurrent first calls would each open a
+        # connection of their own, and nothing reads those.
+        self._lock = asyncio.Lock()
+        self._followers: dict[str, set[Follower]] = {}
         self._subscribed: dict[str, asyncio.Event] = {}  # set when Redis confirmed it
         self._reader: asyncio.Task[None] | None = None
 
-    async def watch(self, task_id: uuid.UUID) -> asyncio.Event:
-        """A waiter the task's wake-ups set, once Redis confirmed the subscription: a stream
-        reads only after that, so an event written meanwhile is either read or wakes it."""
-        channel = event_stream.wake_channel(task_id)
-        waiter = asyncio.Event()
-        waiters = self._waiters.setdefault(channel, set())
-        waiters.add(waiter)
-        if len(waiters) == 1:
+    async def watch(self, follower: Follower) -> None:
+        """Once Redis confirmed the subscription (or 2 s passed): a stream catches up only
+        after it, so an entry written meanwhile is either read or delivered."""
+        channel = follower.channel
+        followers = self._followers.setdefault(channel, set())
+        followers.add(follower)
+        if channel not in self._subscribed:
             self._subscribed[channel] = asyncio.Event()
-            try:
-                await self._pubsub.subscribe(channel)
-            except (redis.RedisError, OSError) as exc:
-                logger.warning("cannot subscribe to the events of %s: %s", task_id, exc)
-                self._subscribed[channel].set()  # read anyway; keepalives re-read
+            async with self._lock:
+                try:
+                    await self._pubsub.subscribe(channel)
+                except (redis.RedisError, OSError) as exc:
+                    logger.warning("cannot subscribe to %s: %s", channel, exc)
+                    self._subscribed[channel].set()  # catch up anyway; keepalives re-read
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._read())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._subscribed[channel].wait(), timeout=2.0)
-        return waiter
 
-    async def unwatch(self, task_id: uuid.UUID, waiter: asyncio.Event) -> None:
-        channel = event_stream.wake_channel(task_id)
-        waiters = self._waiters.get(channel, set())
-        waiters.discard(waiter)
-        if not waiters:
-            self._waiters.pop(channel, None)
+    async def unwatch(self, follower: Follower) -> None:
+        channel = follower.channel
+        followers = self._followers.get(channel, set())
+        followers.discard(follower)
+        if not followers and channel in self._subscribed:
+            self._followers.pop(channel, None)
             self._subscribed.pop(channel, None)
-            with contextlib.suppress(redis.RedisError, OSError):
-                await self._pubsub.unsubscribe(channel)
+            async with self._lock:
+                with contextlib.suppress(redis.RedisError, OSError):
+                    await self._pubsub.unsubscribe(channel)
 
     async def _read(self) -> None:
         while True:
             try:
                 if not self._pubsub.subscribed:
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(0.05)
                     continue
                 message = await self._pubsub.get_message(timeout=1.0)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # Redis away: wake everyone to fall back, retry shortly
+            except Exception as exc:  # Redis away: everyone catches up once it answers again
                 logger.warning("event wake-ups interrupted: %s", exc)
-                self._wake_all()
+                self._resync_all()
                 await asyncio.sleep(1.0)
                 continue
-            if message is None:
-                continue
-            channel = message["channel"]
-            channel = channel.decode() if isinstance(channel, bytes) else channel
-            if message["type"] == "subscribe":
-                if channel in self._subscribed:
-                    self._subscribed[channel].set()
-                continue
-            if message["type"] != "message":
-                continue
-            for waiter in self._waiters.get(channel, ()):
-                waiter.set()
+            if message is not None:
+                self._dispatch(message)
 
-    def _wake_all(self) -> None:
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        channel = event_stream.text(message["channel"])
+        if message["type"] == "subscribe":
+            if channel in self._subscribed:
+                self._subscribed[channel].set()
+            return
+        if message["type"] != "message":
+            return
+        followers = self._followers.get(channel)
+        if not followers:
+            return
+        entry = event_stream.decode_message(message["data"])
+        encoded = sse(entry.id, entry.event, entry.data)
+        for follower in followers:
+            follower.deliver(entry, encoded)
+
+    def _resync_all(self) -> None:
         for subscribed in self._subscribed.values():
             subscribed.set()
-        for waiters in self._waiters.values():
-            for waiter in waiters:
-                waiter.set()
+        for followers in self._followers.values():
+            for follower in followers:
+                follower.resync()
 
     @property
     def open_streams(self) -> int:
-        return sum(len(waiters) for waiters in self._waiters.values())
+        return sum(len(followers) for followers in self._followers.values())
 
 
 _hubs: dict[asyncio.AbstractEventLoop, WakeHub] = {}
@@ -270,6 +308,7 @@ class Stream:
         self.last: tuple[int, int] = opening.after or (0, 0)
         self.run = opening.run
         self.ended = False
+        self.follower = Follower(opening.task_id)
 
     async def body(self, data: bytes) -> None:
         await self.send({"type": "http.response.body", "body": data, "more_body": True})
@@ -324,19 +363,38 @@ class Stream:
         self.ended = True
         return True
 
+    async def send_entries(self, entries: list[tuple[event_stream.Event, bytes]]) -> None:
+        """Send those after `last`, in one write; stop at a `task.finished`."""
+        chunk: list[bytes] = []
+        for entry, encoded in entries:
+            pair = _pair(entry.id)
+            if pair <= self.last:
+                continue  # already sent (a catch-up and a live copy of the same entry)
+            self.last = pair
+            if entry.event == catalog.FINISHED:
+                if chunk:
+                    await self.body(b"".join(chunk))
+                    chunk = []
+                if await self.send_finished(entry.id, entry.run):
+                    return
+                continue  # a marker whose run is not finished in the database: skip it
+            chunk.append(encoded)
+        if chunk:
+            await self.body(b"".join(chunk))
+
     async def catch_up(self) -> None:
-        """Send every entry after `last`; stop after a `task.finished`."""
+        """Read and send every entry after `last` from the task's stream."""
+        self.follower.pending.clear()  # what arrives from here on is newer, or a copy
         while not self.ended:
             page = await self.entries(f"({event_stream.format_id(self.last)}")
-            for entry in page:
-                self.last = _pair(entry.id)
-                if entry.event == catalog.FINISHED:
-                    if await self.send_finished(entry.id, entry.run):
-                        return
-                    continue  # a marker whose run is not finished in the database: skip it
-                await self.body(sse(entry.id, entry.event, entry.data))
+            await self.send_entries([(e, sse(e.id, e.event, e.data)) for e in page])
             if len(page) < PAGE:
                 return
+
+    async def send_live(self) -> None:
+        pending = self.follower.pending
+        entries = [pending.popleft() for _ in range(len(pending))]
+        await self.send_entries(entries)
 
     async def end_if_finished_without_marker(self) -> None:
         """A finish whose marker never reached Redis (it was away) still ends the stream."""
@@ -416,7 +474,7 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
 async def serve(opening: Opening, receive: Any, send: Any) -> None:
     the_hub = hub()
     stream = Stream(opening, send, the_hub.client)
-    waiter = await the_hub.watch(opening.task_id)  # before any read: no wake-up is missed
+    await the_hub.watch(stream.follower)  # before any read: no entry is missed
     try:
         if opening.finished_at_ms is not None:
             finished = await stream.finished_id()
@@ -436,40 +494,48 @@ async def serve(opening: Opening, receive: Any, send: Any) -> None:
             ):
                 return
             stream.last = await stream.start_of_run()
-        await follow(stream, waiter, receive)
+        await follow(stream, receive)
     finally:
-        await the_hub.unwatch(opening.task_id, waiter)
+        await the_hub.unwatch(stream.follower)
         with contextlib.suppress(Exception):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def follow(stream: Stream, waiter: asyncio.Event, receive: Any) -> None:
+async def follow(stream: Stream, receive: Any) -> None:
+    follower = stream.follower
     disconnected = asyncio.Event()
 
     async def watch_disconnect() -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
         disconnected.set()
-        waiter.set()
+        follower.woken.set()
 
     watcher = asyncio.create_task(watch_disconnect())
     ends_at = time.monotonic() + settings.STREAM_MAX_SECONDS
     try:
         while not stream.ended and not disconnected.is_set():
-            waiter.clear()
-            await stream.catch_up()
-            if not stream.ended and stream.opening.finished_at_ms is not None:
-                await stream.end_if_finished_without_marker()  # finished before it opened
+            follower.woken.clear()
+            if follower.needs_catch_up:
+                follower.needs_catch_up = False
+                await stream.catch_up()
+                if not stream.ended and stream.opening.finished_at_ms is not None:
+                    await stream.end_if_finished_without_marker()  # finished before it opened
+            if not stream.ended:
+                await stream.send_live()
             if stream.ended:
                 return
             remaining = ends_at - time.monotonic()
             if remaining <= 0:
                 return  # the client resumes with Last-Event-ID
+            if follower.pending or follower.needs_catch_up:
+                continue
             try:
                 timeout = min(settings.STREAM_KEEPALIVE_SECONDS, remaining)
-                await asyncio.wait_for(waiter.wait(), timeout=timeout)
+                await asyncio.wait_for(follower.woken.wait(), timeout=timeout)
             except TimeoutError:
                 await stream.body(b": keepalive\n\n")
                 await stream.end_if_finished_without_marker()
+                follower.needs_catch_up = True  # and a read of the stream, in case
     finally:
         watcher.cancel()

@@ -29,10 +29,22 @@ from tasks.plumbing.queueing import redis_client
 
 logger = logging.getLogger(__name__)
 
+# The braces are a Redis Cluster hash tag: a task's stream and wake-up name share a slot.
 STREAM_PREFIX = "taskhook:events:"
 WAKE_PREFIX = "taskhook:events-wake:"
 _ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
-COMMANDS = 3  # what `add` queues per event: XADD, EXPIRE, PUBLISH
+COMMANDS = 1  # what `add` queues per event: one script
+
+# XADD (Redis's own id), EXPIRE, and PUBLISH of the whole entry, its id included, in one atomic
+# command: a reader that follows the wake-up channel needs no read of the stream for a live
+# event. EVAL, not EVALSHA: a pipeline (or a Redis that restarted) never meets NOSCRIPT.
+ADD_SCRIPT = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
+                      'e', ARGV[3], 'r', ARGV[4], 'd', ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('PUBLISH', KEYS[2], id .. '\\n' .. ARGV[3] .. '\\n' .. ARGV[4] .. '\\n' .. ARGV[5])
+return id
+"""
 
 
 class Event(NamedTuple):
@@ -43,11 +55,11 @@ class Event(NamedTuple):
 
 
 def stream_key(task_id: uuid.UUID | str) -> str:
-    return f"{STREAM_PREFIX}{task_id}"
+    return f"{STREAM_PREFIX}{{{task_id}}}"
 
 
 def wake_channel(task_id: uuid.UUID | str) -> str:
-    return f"{WAKE_PREFIX}{task_id}"
+    return f"{WAKE_PREFIX}{{{task_id}}}"
 
 
 def encode_data(data: dict[str, Any]) -> str:
@@ -62,12 +74,13 @@ def add(
     event: str,
     data: dict[str, Any],
 ) -> None:
-    """Queue one event on `pipeline` (the caller executes it, with its own commands)."""
-    key = stream_key(task_id)
-    fields = {"e": event, "r": str(run), "d": encode_data({"run": run, **data})}
-    pipeline.xadd(key, fields, maxlen=settings.EVENTS_MAX_PER_TASK, approximate=True)  # type: ignore[arg-type]
-    pipeline.expire(key, settings.EVENTS_TTL_HOURS * 3600)
-    pipeline.publish(wake_channel(task_id), b"")
+    """Queue one event on `pipeline` (the caller executes it, with its own commands); the
+    pipeline's answer for it is the event's id."""
+    pipeline.eval(
+        ADD_SCRIPT, 2, stream_key(task_id), wake_channel(task_id),
+        settings.EVENTS_MAX_PER_TASK, settings.EVENTS_TTL_HOURS * 3600,
+        event, run, encode_data({"run": run, **data}),
+    )  # fmt: skip
 
 
 def publish(*, task_id: uuid.UUID | str, run: int, event: str, data: dict[str, Any]) -> str | None:
@@ -90,6 +103,12 @@ def decode(entry: tuple[Any, dict[Any, Any]]) -> Event:
     return Event(
         id=text(entry_id), event=values["e"], run=int(values.get("r") or 0), data=values["d"]
     )
+
+
+def decode_message(payload: bytes | str) -> Event:
+    """A wake-up message: the entry itself (`id`, event, run and data, one per line)."""
+    entry_id, event, run, data = text(payload).split("\n", 3)
+    return Event(id=entry_id, event=event, run=int(run), data=data)
 
 
 def text(value: bytes | str) -> str:
