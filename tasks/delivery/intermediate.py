@@ -40,6 +40,8 @@ ATTEMPT_TIMEOUT_SECONDS = 5.0
 MAX_CONSECUTIVE_FAILURES = 3
 # What one run may hold waiting for a receiver that is slow (beyond it, the oldest is dropped).
 MAX_WAITING_EVENTS = 10_000
+# How long the end of a run waits for its last coalesced events to be posted.
+CLOSE_WAIT_SECONDS = 2 * COALESCE_SECONDS + ATTEMPT_TIMEOUT_SECONDS
 
 
 @dataclass
@@ -73,9 +75,10 @@ class RunWebhooks:
             return
         _sender().offer(self, _Waiting(kind=kind, data=data, event_id=event_id))
 
-    def close(self) -> None:
-        """The run ended: what waits is still posted, then the run is forgotten."""
-        _sender().close(self)
+    def close(self, wait_seconds: float = 0.0) -> None:
+        """The run ended: what waits is still posted (waiting up to `wait_seconds` for it),
+        then the run is forgotten."""
+        _sender().close(self, wait_seconds)
 
 
 def for_run(
@@ -168,14 +171,15 @@ class _Sender:
             if hooks not in self._runs:
                 self._runs.append(hooks)
             self._start()
-            self._changed.notify()
+            self._changed.notify_all()
 
-    def close(self, hooks: RunWebhooks) -> None:
+    def close(self, hooks: RunWebhooks, wait_seconds: float) -> None:
         with self._changed:
             hooks.closed = True
             if not hooks.waiting and hooks in self._runs:
                 self._forget(hooks)
-            self._changed.notify()
+            self._changed.notify_all()
+            self._changed.wait_for(lambda: hooks not in self._runs, timeout=wait_seconds)
 
     def _start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -235,6 +239,7 @@ class _Sender:
                 hooks.suspended = True
         if hooks.closed and not hooks.waiting and hooks in self._runs:
             self._forget(hooks)
+        self._changed.notify_all()  # a closing run may be waiting for this one
 
 
 _the_sender: _Sender | None = None

@@ -191,9 +191,9 @@ def execute_task(*, task_id: str, run: int, worker_name: str = "") -> str:
             # the task ends failed with that reason instead of running until the job timeout.
             won = _fail(task_uuid, run, f"the result could not be stored: {exc}", "")
             outcome = "failed"
-    if webhooks is not None:
-        webhooks.close()  # what is still coalescing goes out; the finished callback never waits
     if not won:
+        if webhooks is not None:
+            webhooks.close()
         return "discarded"  # cancelled (or re-run) while the runner worked: its end is dropped
     logger.info("task %s", outcome, extra=log_extra)
     on_task_finished(
@@ -206,14 +206,20 @@ def execute_task(*, task_id: str, run: int, worker_name: str = "") -> str:
         wake_waiters=started_run.response_mode == "blocking",
         run_seconds=time.monotonic() - started,
     )
+    if webhooks is not None:
+        # After the final callback is scheduled, so it never waits: the run's last coalesced
+        # events go out before this worker takes its next job (a forking worker's work horse
+        # exits with the job, its sender thread with it).
+        webhooks.close(wait_seconds=intermediate.CLOSE_WAIT_SECONDS)
     return outcome
 
 
 def _keep_streamed_output(ctx: TaskContext) -> None:
-    """A failing run keeps what it streamed (it shows what went wrong); cancelled meanwhile,
-    there is nothing to keep it for."""
+    """A failing run keeps what it streamed (it shows what went wrong), and its waiting events
+    go out before its task.finished; cancelled meanwhile, there is nothing to keep it for."""
     with contextlib.suppress(TaskCancelled, DatabaseError):
         ctx.flush_output()
+    ctx.publish_waiting(force=True)
 
 
 def _check_output(output: Any) -> None:
