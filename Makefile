@@ -80,6 +80,7 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 	env -u DATABASE_URL -u REDIS_URL $(PY) -m dashboard.runtime.embedded_redis exec -- $(PY) bench/isolation.py
 	env -u DATABASE_URL -u REDIS_URL $(PY) -m dashboard.runtime.embedded_redis exec -- $(PY) bench/blocking.py
+	env -u DATABASE_URL -u REDIS_URL $(PY) -m dashboard.runtime.embedded_redis exec -- $(PY) bench/servers.py
 
 clean:
 	rm -rf $(VENV) var

@@ -497,6 +497,9 @@ def main() -> None:
     finally:
         embedded.stop()
     write_report(columns)
+    # Live event streams on one web process: a section of its own, on the same backends.
+    subprocess.run([sys.executable, str(BASE_DIR / "bench" / "streams.py")], cwd=BASE_DIR,
+                   check=True)  # fmt: skip
 
 
 def run_backends() -> list[tuple[str, dict]]:
