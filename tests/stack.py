@@ -3,11 +3,13 @@ test controls, gunicorn, RQ workers and the cron process, all on the test databa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -119,3 +121,73 @@ class Stack:
         self.kill_web()
         if self.redis:
             self.redis.stop()
+
+
+class RedisCut:
+    """A TCP relay in front of the test Redis (TCP or unix socket) that a test can cut: every
+    relayed connection is closed, and new ones are closed as soon as they are accepted, until
+    it is mended. What a network partition or a Redis failover does to one process."""
+
+    def __init__(self, upstream_url: str) -> None:
+        import redis.connection
+
+        self.upstream = redis.connection.parse_url(upstream_url)
+        self.port = free_port()
+        self.cut = False
+        self._sockets: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/{self.upstream.get('db', 0)}"
+
+    def _connect_upstream(self) -> socket.socket:
+        if "path" in self.upstream:
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(self.upstream["path"])
+            return upstream
+        return socket.create_connection((self.upstream["host"], self.upstream["port"]))
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            if self.cut:
+                client.close()
+                continue
+            upstream = self._connect_upstream()
+            with self._lock:
+                self._sockets |= {client, upstream}
+            for source, target in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._relay, args=(source, target), daemon=True).start()
+
+    def _relay(self, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, target):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def sever(self) -> None:
+        self.cut = True
+        with self._lock:
+            sockets, self._sockets = self._sockets, set()
+        for end in sockets:
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+    def mend(self) -> None:
+        self.cut = False
+
+    def close(self) -> None:
+        self.sever()
+        self._listener.close()

@@ -4,6 +4,7 @@ intermediate webhooks, both signatures verified."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -25,9 +26,10 @@ from standardwebhooks import Webhook
 
 from dashboard.runtime.processes import web_argv
 from tasks.events import tokens
+from tasks.events.stream import stream_key
 from tasks.models import Task
 from tests.conftest import BASE_DIR, subprocess_env, wait_for, wait_for_status
-from tests.stack import free_port
+from tests.stack import RedisCut, free_port
 
 pytestmark = pytest.mark.processes
 
@@ -50,16 +52,16 @@ def gated_runner(inputs, ctx):
     return {"pieces": len(pieces)}
 
 
-@pytest.fixture
-def web(live_worker, tmp_path) -> Iterator[str]:
+@contextlib.contextmanager
+def web_process(log_path, **env: str) -> Iterator[str]:
     """The web process exactly as the Procfile runs it, on the test database and Redis."""
     port = free_port()
-    log = (tmp_path / "web.log").open("wb")
+    log = log_path.open("wb")
     process = subprocess.Popen(
         web_argv(),
         cwd=BASE_DIR,
         env=subprocess_env(GUNICORN_BIND=f"127.0.0.1:{port}", WEB_CONCURRENCY="1",
-                           STREAM_KEEPALIVE_SECONDS="1"),
+                           STREAM_KEEPALIVE_SECONDS="1", **env),
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -81,6 +83,12 @@ def web(live_worker, tmp_path) -> Iterator[str]:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         log.close()
+
+
+@pytest.fixture
+def web(live_worker, tmp_path) -> Iterator[str]:
+    with web_process(tmp_path / "web.log") as base:
+        yield base
 
 
 def submit(base: str, app, body: dict) -> dict:
@@ -153,6 +161,53 @@ def test_a_disconnect_mid_run_then_a_resume_loses_nothing_and_repeats_nothing(ma
                               "user", "created_at", "started_at", "finished_at"]  # fmt: skip
     # The streamed output is kept with the task, the final output is the runner's return value.
     assert task.streamed_output == text and task.output == {"pieces": 10}
+
+
+def test_a_stream_cut_off_from_redis_waits_and_then_sends_what_it_missed(
+    make_app, live_worker, tmp_path
+):
+    """The web process's Redis link is cut while the task goes on and finishes (the worker's
+    link is not): the open stream sends keepalives, does not end on the database's word while
+    Redis cannot say what it holds, and once the link is mended sends every event it missed and
+    the run's own `task.finished`."""
+    cut = RedisCut(settings.REDIS_URL)
+    app = make_app("tests.test_events.gated_runner")
+    try:
+        with web_process(tmp_path / "web.log", REDIS_URL=cut.url) as base:
+            task_id = submit(base, app, {"inputs": {"first": 2, "then": 5}})["task_id"]
+            headers = {"Authorization": f"Bearer {app.api_key}"}
+            received: list[tuple[str, str, dict]] = []
+            with (
+                httpx.Client(headers=headers, timeout=30) as client,
+                connect_sse(client, "GET", f"{base}/api/tasks/{task_id}/events") as source,
+            ):
+                events = source.iter_sse()
+                for sse in events:
+                    if sse.data:
+                        received.append((sse.id, sse.event, json.loads(sse.data)))
+                    if sum(name == "task.output.delta" for _, name, _ in received) == 2:
+                        break
+                cut.sever()
+                redis.Redis.from_url(settings.REDIS_URL).rpush(GATE + task_id, "go")
+                wait_for_status(task_id, ("succeeded",))
+                time.sleep(3)  # three keepalives (1 s here) with Redis unreadable
+                cut.mend()
+                for sse in events:
+                    if sse.data:
+                        received.append((sse.id, sse.event, json.loads(sse.data)))
+                    if sse.event == "task.finished":
+                        break
+    finally:
+        cut.close()
+
+    text = "".join(data["text"] for _, name, data in received if name == "task.output.delta")
+    assert text == "".join(f"p{i} " for i in range(7)), "nothing lost"
+    ids = [pair(event_id) for event_id, _, _ in received]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids), "nothing repeated"
+    stored = redis.Redis.from_url(settings.REDIS_URL).xrevrange(stream_key(task_id), count=1)
+    marker = stored[0][0].decode()
+    assert received[-1][:2] == (marker, "task.finished")  # the run's marker, not a made-up one
+    assert received[-1][2]["status"] == "succeeded"
 
 
 def test_after_the_finish_a_client_gets_finished_at_once_and_a_resume_after_it_204(make_app, web):

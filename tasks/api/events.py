@@ -13,6 +13,11 @@ Live events come through one Redis pub/sub connection per web process (`WakeHub`
 wake-up for a task wakes that task's streams, which read the entries after the last id they
 sent from the task's stream (tasks.events.stream). So nothing is lost between a replay and the
 live events, and nothing is sent twice.
+
+A stream never guesses past what it could not read: while Redis does not answer, it sends
+keepalives only and tries its catch-up again every CATCH_UP_RETRY_SECONDS; live entries wait
+until a catch-up succeeded, and a finished task's `task.finished` is made from the database
+only once Redis answered that the marker is not there.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import collections
 import contextlib
 import json
 import logging
+import random
 import re
 import time
 import uuid
@@ -47,6 +53,15 @@ logger = logging.getLogger(__name__)
 PATH = re.compile(r"^/api/tasks/(?P<task_id>[^/]+)/events/?$")
 PAGE = 500  # entries read from the stream at a time
 RETRY_MS = 2000  # the reconnect delay EventSource is told to use
+CATCH_UP_RETRY_SECONDS = 1.0  # after a read of the task's stream failed
+# Reads wait this long for a connection of the pool (shared by every stream of the process)
+# instead of failing at once when a burst of catch-ups takes them all.
+POOL_CONNECTIONS = 64
+POOL_WAIT_SECONDS = 5
+
+
+class StreamUnreadable(Exception):
+    """Redis did not answer a read of a task's stream: what it holds is unknown."""
 
 
 class StreamRefused(Exception):
@@ -157,9 +172,19 @@ def async_redis() -> aioredis.Redis:
         sentinel = Sentinel(settings.REDIS_SENTINELS, socket_connect_timeout=2)
         return sentinel.master_for(
             settings.REDIS_SENTINEL_MASTER, db=settings.REDIS_DB,
-            password=settings.REDIS_PASSWORD, **options,
+            password=settings.REDIS_PASSWORD, max_connections=POOL_CONNECTIONS, **options,
         )  # fmt: skip
-    return aioredis.Redis.from_url(settings.REDIS_URL, **options)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.REDIS_URL, max_connections=POOL_CONNECTIONS, timeout=POOL_WAIT_SECONDS,
+        **options,
+    )  # fmt: skip
+    return aioredis.Redis(connection_pool=pool)
+
+
+def keepalive_seconds() -> float:
+    """Spread over the last tenth of the interval, so that streams opened together (a burst,
+    every client reconnecting after a restart) do not all catch up in the same instant."""
+    return settings.STREAM_KEEPALIVE_SECONDS * random.uniform(0.9, 1.0)
 
 
 class Follower:
@@ -322,7 +347,7 @@ class Stream:
                 raw = await self.client.xrange(self.key, start, "+", count=PAGE)
         except (redis.RedisError, OSError) as exc:
             logger.info("event stream of %s unreadable: %s", self.opening.task_id, exc)
-            return []
+            raise StreamUnreadable from exc
         return [event_stream.decode(entry) for entry in raw]
 
     async def start_of_run(self) -> tuple[int, int]:
@@ -347,9 +372,10 @@ class Stream:
     async def finished_id(self) -> tuple[int, int]:
         """The current (finished) run's `task.finished` id: its marker's, or one made from the
         finish time when Redis lost the marker (never below what this stream already sent)."""
-        marker = await self.finish_marker()
-        if marker is not None:
-            return _pair(marker)
+        with contextlib.suppress(StreamUnreadable):  # the database's answer, then
+            marker = await self.finish_marker()
+            if marker is not None:
+                return _pair(marker)
         assert self.opening.finished_at_ms is not None
         return max((self.opening.finished_at_ms, 0), (self.last[0], self.last[1] + 1))
 
@@ -397,7 +423,8 @@ class Stream:
         await self.send_entries(entries)
 
     async def end_if_finished_without_marker(self) -> None:
-        """A finish whose marker never reached Redis (it was away) still ends the stream."""
+        """A finish whose marker never reached Redis (it was away) still ends the stream; raises
+        StreamUnreadable when Redis cannot say whether the marker is there."""
         state = await sync_to_async(current_run, thread_sensitive=False)(self.opening.task_id)
         if state is None:
             self.ended = True  # the task was deleted
@@ -482,18 +509,26 @@ async def serve(opening: Opening, receive: Any, send: Any) -> None:
                 await send({"type": "http.response.start", "status": 204, "headers": []})
                 await send({"type": "http.response.body", "body": b""})
                 return
+        if opening.after is None and opening.finished_at_ms is None:
+            try:
+                stream.last = await stream.start_of_run()
+            except StreamUnreadable:
+                await json_error(
+                    send, 503, "unavailable", "The event store is unavailable; retry shortly.",
+                    headers=[(b"retry-after", b"1")],
+                )  # fmt: skip
+                return
         await send({
             "type": "http.response.start", "status": 200,
             "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
                         (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")],
         })  # fmt: skip
         await stream.body(f"retry: {RETRY_MS}\n\n".encode())
-        if opening.after is None:
-            if opening.finished_at_ms is not None and await stream.send_finished(
-                event_stream.format_id(finished), opening.run
-            ):
+        if opening.after is None and opening.finished_at_ms is not None:
+            if await stream.send_finished(event_stream.format_id(finished), opening.run):
                 return
-            stream.last = await stream.start_of_run()
+            with contextlib.suppress(StreamUnreadable):  # else: from the start (a rare race)
+                stream.last = await stream.start_of_run()
         await follow(stream, receive)
     finally:
         await the_hub.unwatch(stream.follower)
@@ -512,30 +547,46 @@ async def follow(stream: Stream, receive: Any) -> None:
         follower.woken.set()
 
     watcher = asyncio.create_task(watch_disconnect())
-    ends_at = time.monotonic() + settings.STREAM_MAX_SECONDS
+    now = time.monotonic()
+    ends_at = now + settings.STREAM_MAX_SECONDS
+    keepalive_at = now + keepalive_seconds()
+    retry_at: float | None = None  # set while a catch-up waits to be tried again
     try:
         while not stream.ended and not disconnected.is_set():
             follower.woken.clear()
-            if follower.needs_catch_up:
+            now = time.monotonic()
+            if follower.needs_catch_up and (retry_at is None or now >= retry_at):
                 follower.needs_catch_up = False
-                await stream.catch_up()
-                if not stream.ended and stream.opening.finished_at_ms is not None:
-                    await stream.end_if_finished_without_marker()  # finished before it opened
-            if not stream.ended:
-                await stream.send_live()
+                try:
+                    await stream.catch_up()
+                    if not stream.ended and stream.opening.finished_at_ms is not None:
+                        await stream.end_if_finished_without_marker()  # finished before it opened
+                    retry_at = None
+                except StreamUnreadable:
+                    follower.needs_catch_up = True
+                    retry_at = now + CATCH_UP_RETRY_SECONDS * random.uniform(0.8, 1.2)
+            if not stream.ended and not follower.needs_catch_up:
+                await stream.send_live()  # never past entries a failed catch-up did not read
             if stream.ended:
                 return
-            remaining = ends_at - time.monotonic()
-            if remaining <= 0:
+            now = time.monotonic()
+            if now >= ends_at:
                 return  # the client resumes with Last-Event-ID
-            if follower.pending or follower.needs_catch_up:
-                continue
-            try:
-                timeout = min(settings.STREAM_KEEPALIVE_SECONDS, remaining)
-                await asyncio.wait_for(follower.woken.wait(), timeout=timeout)
-            except TimeoutError:
+            if now >= keepalive_at:
                 await stream.body(b": keepalive\n\n")
-                await stream.end_if_finished_without_marker()
-                follower.needs_catch_up = True  # and a read of the stream, in case
+                keepalive_at = now + keepalive_seconds()
+                follower.needs_catch_up = True  # a read of the stream, in case
+                with contextlib.suppress(StreamUnreadable):
+                    await stream.end_if_finished_without_marker()
+                continue
+            if follower.pending and not follower.needs_catch_up:
+                continue
+            wake_at = min(ends_at, keepalive_at)
+            if follower.needs_catch_up:
+                wake_at = min(wake_at, retry_at or now)
+                if wake_at <= now:
+                    continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(follower.woken.wait(), timeout=wake_at - now)
     finally:
         watcher.cancel()
