@@ -11,7 +11,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from tasks.plumbing.queueing import task_job_id
-from tasks.statuses import CallbackStatus, TaskStatus, is_finished
+from tasks.statuses import CallbackStatus, Priority, TaskStatus, is_finished
 
 
 def default_retry_schedule() -> list[int]:
@@ -55,6 +55,24 @@ class Application(models.Model):
     )
     task_retries = models.PositiveSmallIntegerField(default=0, validators=[MaxValueValidator(10)])
     max_concurrency = models.PositiveIntegerField(null=True, blank=True)
+
+    # Scheduling (tasks.scheduling): the lane of a submit that names none, the runs at once per
+    # end user (`concurrency_key`, else `user`), and how long a run may wait to start.
+    default_priority = models.CharField(
+        max_length=8, choices=Priority.choices, default=Priority.NORMAL
+    )
+    max_concurrency_per_key = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)]
+    )
+    max_queue_seconds = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(7 * 24 * 3600)]
+    )
+    # Automatic new runs after a retryable failure (tasks.execution.auto_retry): how many, and
+    # the wait before the first (doubling for each next one).
+    auto_retry = models.PositiveSmallIntegerField(default=0, validators=[MaxValueValidator(10)])
+    auto_retry_backoff_seconds = models.FloatField(
+        default=5.0, validators=[MinValueValidator(0), MaxValueValidator(3600)]
+    )
 
     # Stuck-task thresholds for alerts.
     queue_threshold_seconds = models.PositiveIntegerField(default=300)
@@ -139,6 +157,20 @@ class Task(models.Model):
     # What the current run's runner streamed with ctx.emit, in order (written in batches).
     streamed_output = models.TextField(blank=True, default="")
 
+    # Scheduling (tasks.scheduling).
+    priority = models.CharField(max_length=8, choices=Priority.choices, default=Priority.NORMAL)
+    concurrency_key = models.CharField(max_length=255, blank=True, default="")
+    queued_at = models.DateTimeField(null=True, blank=True)  # when the current run was queued
+    # The client's bound on the whole task (Cancel-After / deadline_seconds), and the
+    # application's bound on the current run's wait (max_queue_seconds).
+    deadline_at = models.DateTimeField(null=True, blank=True)
+    start_by = models.DateTimeField(null=True, blank=True)
+    # Why a run failed, for machines: null, or e.g. "deadline_exceeded" (tasks.statuses).
+    error_code = models.CharField(max_length=32, null=True, blank=True)  # noqa: DJ001
+    # Automatic retries: whether the submit allows them (`retry`), and how many were made.
+    auto_retry = models.BooleanField(default=True)
+    auto_retries = models.PositiveSmallIntegerField(default=0)
+
     # Failure triage (tasks.triage): the normalised error of a failed run and of a callback the
     # retry policy gave up on, so the Failures page groups by an index, not a scan.
     error_fingerprint = models.CharField(max_length=16, blank=True, default="")
@@ -191,6 +223,20 @@ class Task(models.Model):
                 name="task_cb_next_part_idx",
                 condition=Q(callback_next_attempt_at__isnull=False),
             ),
+            # The task list filtered by priority lane, newest first.
+            models.Index(fields=["priority", "-created_at", "-id"], name="task_priority_idx"),
+            # The deadline sweep: unfinished tasks with a deadline, soonest first.
+            models.Index(
+                fields=["deadline_at"],
+                name="task_deadline_part_idx",
+                condition=Q(deadline_at__isnull=False)
+                & Q(status__in=[TaskStatus.PENDING, TaskStatus.RUNNING]),
+            ),
+            models.Index(
+                fields=["start_by"],
+                name="task_start_by_part_idx",
+                condition=Q(start_by__isnull=False) & Q(status=TaskStatus.PENDING),
+            ),
             # Retention: finished tasks by application and finish time.
             models.Index(
                 fields=["application", "finished_at"],
@@ -233,8 +279,11 @@ class TaskRunHistory(models.Model):
     output = models.JSONField(null=True, blank=True)
     error = models.TextField(blank=True, default="")
     traceback = models.TextField(blank=True, default="")
+    error_code = models.CharField(max_length=32, null=True, blank=True)  # noqa: DJ001
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # The next run was started by an automatic retry, not by an operator.
+    retried_automatically = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["task", "run"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import transaction
@@ -162,20 +163,26 @@ def start_new_run(
     task_id: uuid.UUID | str,
     expected: Iterable[str] = RETRYABLE,
     lost_reason: str = "",
+    automatic: bool = False,
+    queued_at: datetime | None = None,
 ) -> int | None:
     """Begin run N+1 of a finished (or lost) task; keep run N's outcome in TaskRunHistory.
 
     `lost_reason` records why a run that never finished (a lost worker) ended: its history row
-    says failed with that error. Returns the new run number, or None when the task was not in
-    an expected status.
+    says failed with that error. `automatic`: an automatic retry starts it (counted in
+    `auto_retries`). `queued_at`: when the run joins the queue (later than now for a retry that
+    waits its backoff); the application's max_queue_seconds counts from then. Returns the new
+    run number, or None when the task was not in an expected status.
     """
     expected = tuple(expected)
+    queued_at = queued_at or timezone.now()
     with transaction.atomic():
         task = (
-            Task.objects.select_for_update()
+            Task.objects.select_for_update(of=("self",))
+            .select_related("application")
             .filter(pk=task_id, status__in=expected)
-            .only("id", "run", "status", "output", "error", "traceback", "started_at",
-                  "finished_at")
+            .only("id", "run", "status", "output", "error", "error_code", "traceback",
+                  "started_at", "finished_at", "application__max_queue_seconds")
             .first()
         )  # fmt: skip
         if task is None:
@@ -186,10 +193,13 @@ def start_new_run(
             status=S.FAILED if lost_reason else task.status,
             output=task.output,
             error=lost_reason or task.error,
+            error_code=None if lost_reason else task.error_code,
             traceback=task.traceback,
             started_at=task.started_at,
             finished_at=task.finished_at or timezone.now(),
+            retried_automatically=automatic,
         )
+        max_queue = task.application.max_queue_seconds
         won = _guarded_update(
             task.id,
             to=S.PENDING,
@@ -198,11 +208,15 @@ def start_new_run(
             run=F("run") + 1,
             output=None,
             error="",
+            error_code=None,
             traceback="",
             error_fingerprint="",
             callback_error_fingerprint="",
             progress=0,
             streamed_output="",
+            queued_at=queued_at,
+            start_by=queued_at + timedelta(seconds=max_queue) if max_queue else None,
+            **({"auto_retries": F("auto_retries") + 1} if automatic else {}),
             started_at=None,
             finished_at=None,
             worker_name="",

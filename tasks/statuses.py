@@ -41,6 +41,20 @@ class TaskStatus(models.TextChoices):
     CANCELLED = "cancelled"
 
 
+class Priority(models.TextChoices):
+    """The lanes a task waits in (tasks.scheduling), highest first."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+class ErrorCode(models.TextChoices):
+    """`error_code` of a failed run, for machines; null for any other failure."""
+
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+
+
 class CallbackStatus(models.TextChoices):
     NONE = "none"
     PENDING = "pending"

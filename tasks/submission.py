@@ -7,9 +7,11 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
 
 from tasks import idempotency, jsonsafety
 from tasks.delivery import ssrf
@@ -155,8 +157,13 @@ def submit_task(
         existing = idempotency.existing_for_key(application, idempotency_key, request.request_hash)
         if existing is not None:
             return existing, False
+    now = timezone.now()
+    max_queue = application.max_queue_seconds
     task = Task(
         application=application,
+        created_at=now,
+        queued_at=now,
+        start_by=now + timedelta(seconds=max_queue) if max_queue else None,
         inputs=request.inputs,
         response_mode=request.response_mode,
         user=request.user,
