@@ -70,7 +70,13 @@ SETTINGS = (
     "blocking_timeout_seconds", "job_timeout_seconds", "task_retries", "max_concurrency",
     "queue_threshold_seconds", "run_threshold_seconds", "rate_limit_per_second",
     "rate_limit_burst", "retention_hours", "endpoint_max_in_flight",
+    # Scheduling (tasks.scheduling, tasks.execution.deadlines, tasks.execution.auto_retry).
+    "default_priority", "max_concurrency_per_key", "max_queue_seconds", "auto_retry",
+    "auto_retry_backoff_seconds",
 )  # fmt: skip
+
+# Settings where 0, like empty, means none (no cap, no bound): NULL is how the model says it.
+ZERO_IS_NONE = ("max_concurrency", "max_concurrency_per_key", "max_queue_seconds")
 
 
 def validate_runner(runner: str) -> None:
@@ -105,8 +111,8 @@ def _clean_setting(name: str, value: Any) -> Any:
         value = {} if value in (None, "") else value
         if not isinstance(value, dict):
             raise InvalidApplication(name, "must be a JSON object")
-    elif name == "max_concurrency" and value in (0, "0"):
-        value = None  # 0 and empty both mean no cap; NULL is how the model says it
+    elif name in ZERO_IS_NONE and value in (0, "0"):
+        value = None
     field = Application._meta.get_field(name)
     assert isinstance(field, Field)  # each of SETTINGS is a field of the model's own
     try:

@@ -5,14 +5,18 @@ from __future__ import annotations
 from rq import get_current_job
 
 from tasks.delivery import callbacks
+from tasks.execution import auto_retry
 from tasks.execution.executor import execute_task
+from tasks.scheduling import dispatch
 from tasks.upkeep import bulk
 
 
 def run_task(task_id: str, run: int) -> str:
     job = get_current_job()
     worker_name = (job.worker_name or "") if job else ""
-    return execute_task(task_id=task_id, run=run, worker_name=worker_name)
+    outcome = execute_task(task_id=task_id, run=run, worker_name=worker_name)
+    dispatch.run_ended()  # not after an exception: RQ runs the job again (queueing)
+    return outcome
 
 
 def deliver_callback(
@@ -23,6 +27,11 @@ def deliver_callback(
         task_id=task_id, run=run, trigger=trigger, auto_attempt=auto_attempt,
         endpoint=endpoint, job_id=job.id if job else "",
     )  # fmt: skip
+
+
+def enqueue_due_run(task_id: str, run: int) -> bool:
+    """An automatic retry's backoff is over (scheduled by tasks.execution.auto_retry)."""
+    return auto_retry.enqueue_due_run(task_id=task_id, run=run)
 
 
 def run_bulk_operation(operation_id: int) -> int:

@@ -80,6 +80,7 @@ def result_fields(task: Task) -> dict[str, Any]:
     return {
         "output": task.output,
         "error": task.error or None,
+        "error_code": task.error_code,  # for machines: "deadline_exceeded", else null
         "user": task.user or None,
         "created_at": iso(task.created_at),
         "started_at": iso(task.started_at),
@@ -99,7 +100,8 @@ def callback_body(task: Task) -> dict[str, Any]:
     }
 
 
-def task_body(task: Task) -> dict[str, Any]:
+def task_body(task: Task, *, queue: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The poll body; `queue` is a waiting run's place (tasks.scheduling.estimates)."""
     return {
         "task_id": str(task.id),
         "app_id": str(task.application_id),
@@ -108,6 +110,8 @@ def task_body(task: Task) -> dict[str, Any]:
         "progress": task.progress,
         **result_fields(task),
         "elapsed_ms": elapsed_ms(task),
+        "priority": task.priority,
+        "queue": queue,
         "callback": {
             "url": task.callback_url or None,
             "status": task.callback_status,

@@ -34,9 +34,12 @@ class StartedRun(NamedTuple):
     application_id: uuid.UUID
     response_mode: str
     callback_events: str
+    deadline_at: datetime | None  # the client's bound: ctx calls check it (execution.deadlines)
 
 
-STARTED_FIELDS = ("inputs", "callback_url", "application", "response_mode", "callback_events")
+STARTED_FIELDS = (
+    "inputs", "callback_url", "application", "response_mode", "callback_events", "deadline_at",
+)  # fmt: skip
 
 
 @functools.cache
@@ -45,6 +48,8 @@ def _start_sql() -> str:
     return (
         f"UPDATE {rawsql.quote(Task._meta.db_table)} SET status = %s, started_at = %s, "  # noqa: S608
         "worker_name = %s, progress = 0 WHERE id = %s AND status = %s AND run = %s "
+        # A run past a bound must not start (tasks.execution.deadlines).
+        "AND (start_by IS NULL OR start_by > %s) AND (deadline_at IS NULL OR deadline_at > %s) "
         f"RETURNING {', '.join(rawsql.quote_column(field) for field in fields)}"
     )
 
@@ -53,12 +58,11 @@ def start_run(
     *, task_id: uuid.UUID, run: int, worker_name: str, now: datetime, to: str, expected: str
 ) -> StartedRun | None:
     """One round trip: the guarded UPDATE and the read (UPDATE ... RETURNING: PostgreSQL and
-    SQLite >= 3.35)."""
+    SQLite >= 3.35). None also when `now` is past the run's start_by or deadline_at."""
     pk = Task._meta.pk.get_db_prep_value(task_id, connection)
     started_at = Task._meta.get_field("started_at").get_db_prep_value(now, connection)
-    row = rawsql.fetchone(
-        rawsql.Statement(_start_sql(), [to, started_at, worker_name, pk, expected, run])
-    )
+    params = [to, started_at, worker_name, pk, expected, run, started_at, started_at]
+    row = rawsql.fetchone(rawsql.Statement(_start_sql(), params))
     if row is None:
         return None
     fields = (rawsql.get_field(Task, name) for name in STARTED_FIELDS)
@@ -68,12 +72,16 @@ def start_run(
 def start_run_orm(
     *, task_id: uuid.UUID, run: int, worker_name: str, now: datetime, to: str, expected: str
 ) -> StartedRun | None:
-    won = Task.objects.filter(pk=task_id, status=expected, run=run).update(
-        status=to, started_at=now, worker_name=worker_name, progress=0
+    won = (
+        Task.objects.filter(pk=task_id, status=expected, run=run)
+        .filter(Q(start_by__isnull=True) | Q(start_by__gt=now))
+        .filter(Q(deadline_at__isnull=True) | Q(deadline_at__gt=now))
+        .update(status=to, started_at=now, worker_name=worker_name, progress=0)
     )
     if not won:
         return None
-    names = ("inputs", "callback_url", "application_id", "response_mode", "callback_events")
+    names = ("inputs", "callback_url", "application_id", "response_mode", "callback_events",
+             "deadline_at")  # fmt: skip
     return StartedRun(*Task.objects.values_list(*names).get(pk=task_id))
 
 
@@ -81,7 +89,7 @@ def start_run_orm(
 
 # The fields a delivery needs (the payload, the URL), returned by the claim itself.
 CLAIMED_FIELDS = (
-    "id", "run", "application", "status", "output", "error", "user",
+    "id", "run", "application", "status", "output", "error", "error_code", "user",
     "created_at", "started_at", "finished_at", "callback_url", "callback_attempts",
 )  # fmt: skip
 
@@ -153,9 +161,10 @@ def claim_attempt_orm(
 
 # What the poll shows (presenters.task_body); any other field loads on access.
 POLL_FIELDS = (
-    "id", "application", "status", "run", "progress", "output", "error", "user", "created_at",
-    "started_at", "finished_at", "callback_url", "callback_status", "callback_attempts",
-    "callback_last_status_code", "callback_next_attempt_at", "callback_events",
+    "id", "application", "status", "run", "progress", "output", "error", "error_code", "user",
+    "created_at", "started_at", "finished_at", "callback_url", "callback_status",
+    "callback_attempts", "callback_last_status_code", "callback_next_attempt_at",
+    "callback_events", "priority", "concurrency_key", "queued_at",
 )  # fmt: skip
 
 

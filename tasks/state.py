@@ -83,7 +83,8 @@ def start_returning(
     *, task_id: uuid.UUID | str, run: int, worker_name: str = ""
 ) -> StartedRun | None:
     """`start`, and what the worker needs to run the task, in one round trip (the worker's hot
-    path, `tasks.sql.start_run`); None when the transition lost."""
+    path, `tasks.sql.start_run`); None when the transition lost, or when the run is past its
+    start_by or deadline_at (it must not start: tasks.execution.deadlines)."""
     (expected,) = task_transition(to=S.RUNNING, expected=[S.PENDING])
     return sql.start_run(
         task_id=uuid.UUID(str(task_id)), run=run, worker_name=worker_name[:255],
@@ -113,8 +114,10 @@ def fail(
     error: str,
     traceback: str = "",
     expected: Iterable[str] = (S.RUNNING,),
+    error_code: str | None = None,
 ) -> bool:
-    """-> failed, with the error's group (tasks.triage) stored by the same UPDATE."""
+    """-> failed, with the error's group (tasks.triage) stored by the same UPDATE, and its
+    `error_code` (tasks.statuses.ErrorCode; None for any other failure)."""
     group = triage.task_error(error)
     won = _guarded_update(
         task_id,
@@ -122,6 +125,7 @@ def fail(
         expected=expected,
         expected_run=run,
         error=error,
+        error_code=error_code,
         traceback=traceback,
         error_fingerprint=group.fingerprint,
         finished_at=timezone.now(),
@@ -162,25 +166,32 @@ def start_new_run(
     *,
     task_id: uuid.UUID | str,
     expected: Iterable[str] = RETRYABLE,
+    expected_run: int | None = None,
     lost_reason: str = "",
+    error: str = "",
+    traceback: str = "",
     automatic: bool = False,
     queued_at: datetime | None = None,
 ) -> int | None:
     """Begin run N+1 of a finished (or lost) task; keep run N's outcome in TaskRunHistory.
 
     `lost_reason` records why a run that never finished (a lost worker) ended: its history row
-    says failed with that error. `automatic`: an automatic retry starts it (counted in
-    `auto_retries`). `queued_at`: when the run joins the queue (later than now for a retry that
-    waits its backoff); the application's max_queue_seconds counts from then. Returns the new
-    run number, or None when the task was not in an expected status.
+    says failed with that error. `error` and `traceback`: the failure a running run ends with
+    here instead of in `fail` (an automatic retry); its history row says failed with them.
+    `expected_run`: only if run N is this run. `automatic`: an automatic retry starts it
+    (counted in `auto_retries`). `queued_at`: when the run joins the queue (later than now for
+    a retry that waits its backoff); the application's max_queue_seconds counts from then.
+    Returns the new run number, or None when the task was not in an expected status (or run).
     """
     expected = tuple(expected)
     queued_at = queued_at or timezone.now()
+    failure = lost_reason or error
+    run_filter = {} if expected_run is None else {"run": expected_run}
     with transaction.atomic():
         task = (
             Task.objects.select_for_update(of=("self",))
             .select_related("application")
-            .filter(pk=task_id, status__in=expected)
+            .filter(pk=task_id, status__in=expected, **run_filter)
             .only("id", "run", "status", "output", "error", "error_code", "traceback",
                   "started_at", "finished_at", "application__max_queue_seconds")
             .first()
@@ -190,11 +201,11 @@ def start_new_run(
         TaskRunHistory.objects.create(
             task_id=task.id,
             run=task.run,
-            status=S.FAILED if lost_reason else task.status,
+            status=S.FAILED if failure else task.status,
             output=task.output,
-            error=lost_reason or task.error,
-            error_code=None if lost_reason else task.error_code,
-            traceback=task.traceback,
+            error=failure or task.error,
+            error_code=None if failure else task.error_code,
+            traceback=traceback if error else task.traceback,
             started_at=task.started_at,
             finished_at=task.finished_at or timezone.now(),
             retried_automatically=automatic,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import redis
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
@@ -17,9 +18,12 @@ from tasks import idempotency, jsonsafety
 from tasks.delivery import ssrf
 from tasks.events import catalog
 from tasks.events import stream as event_stream
+from tasks.execution import deadlines
 from tasks.models import Application, IdempotencyRecord, Task
 from tasks.plumbing import rawsql
-from tasks.plumbing.queueing import enqueue_task_run
+from tasks.plumbing.queueing import enqueue_task_run, task_job_id
+from tasks.scheduling import estimates, fairness, lanes
+from tasks.statuses import Priority
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,12 @@ class SubmitRequest:
     user: str
     callback_url: str
     callback_events: str = ""  # Task.callback_events (tasks.events.catalog.store_kinds)
+    priority: str | None = None  # None: the application's default_priority
+    concurrency_key: str = ""
+    retry: bool | None = None  # automatic retries (tasks.execution.auto_retry); None: allowed
+    # The client's bound in seconds from the submit, the sooner of `Cancel-After` and
+    # `deadline_seconds` (tasks.execution.deadlines); None: none.
+    deadline_seconds: float | None = None
 
     @functools.cached_property
     def request_hash(self) -> str:
@@ -52,6 +62,14 @@ class SubmitRequest:
         }
         if self.callback_events:  # absent: the hash of requests from before it existed
             fields["callback_events"] = self.callback_events
+        if self.priority is not None:
+            fields["priority"] = self.priority
+        if self.concurrency_key:
+            fields["concurrency_key"] = self.concurrency_key
+        if self.retry is not None:
+            fields["retry"] = self.retry
+        if self.deadline_seconds is not None:
+            fields["deadline_seconds"] = self.deadline_seconds
         canonical = json.dumps(
             fields,
             sort_keys=True,
@@ -60,8 +78,9 @@ class SubmitRequest:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def parse_submit_body(body: Any) -> SubmitRequest:
-    """Validate a decoded JSON body against the README's API rules; raises ValidationFailed."""
+def parse_submit_body(body: Any, *, cancel_after: str | None = None) -> SubmitRequest:
+    """Validate a decoded JSON body (and the `Cancel-After` header) against the README's API
+    rules; raises ValidationFailed."""
     if not isinstance(body, dict):
         raise ValidationFailed(None, "The request body must be a JSON object.")
     for name, value in body.items():  # anywhere in the body, known fields or not
@@ -101,7 +120,43 @@ def parse_submit_body(body: Any) -> SubmitRequest:
         user=user,
         callback_url=callback_url,
         callback_events=_callback_events(body.get("callback_events"), callback_url),
+        priority=_priority(body.get("priority")),
+        concurrency_key=_concurrency_key(body.get("concurrency_key")),
+        retry=_retry(body.get("retry")),
+        deadline_seconds=_deadline_seconds(body.get("deadline_seconds"), cancel_after),
     )
+
+
+def _deadline_seconds(value: Any, cancel_after: str | None) -> float | None:
+    try:
+        return deadlines.client_bound(cancel_after=cancel_after, deadline_seconds=value)
+    except deadlines.InvalidDeadline as exc:
+        raise ValidationFailed(exc.field, exc.message) from None
+
+
+def _retry(value: Any) -> bool | None:
+    """`retry`: false opts this task out of its application's automatic retries."""
+    if value is None or isinstance(value, bool):
+        return value
+    raise ValidationFailed("retry", "retry must be true or false.")
+
+
+def _priority(value: Any) -> str | None:
+    if value is None:
+        return None
+    if value not in Priority.values:
+        raise ValidationFailed("priority", 'priority must be "high", "normal" or "low".')
+    return str(value)
+
+
+def _concurrency_key(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValidationFailed("concurrency_key", "concurrency_key must be a string.")
+    if len(value) > 255:
+        raise ValidationFailed("concurrency_key", "concurrency_key must be at most 255 characters.")
+    return value
 
 
 def _callback_events(value: Any, callback_url: str) -> str:
@@ -164,11 +219,19 @@ def submit_task(
         created_at=now,
         queued_at=now,
         start_by=now + timedelta(seconds=max_queue) if max_queue else None,
+        deadline_at=(
+            now + timedelta(seconds=request.deadline_seconds)
+            if request.deadline_seconds is not None
+            else None
+        ),
         inputs=request.inputs,
         response_mode=request.response_mode,
         user=request.user,
         callback_url=request.callback_url,
         callback_events=request.callback_events,
+        priority=request.priority or application.default_priority,
+        concurrency_key=request.concurrency_key,
+        auto_retry=request.retry is not False,
         idempotency_key=idempotency_key,
         request_hash=request.request_hash if idempotency_key else "",
     )
@@ -192,24 +255,39 @@ def submit_task(
 
 
 def enqueue_pending_task(*, task: Task, fresh: bool = False, announce: bool = False) -> bool:
-    """Enqueue the task's current run; on a Redis failure log it and leave it pending.
+    """Enqueue the task's current run in its priority lane, or put it in its key's line when
+    the key has no free slot (tasks.scheduling.fairness); on a Redis failure log it and leave
+    it pending for the reconciler. True when it was queued or put in a line.
 
     `fresh`: the task was inserted a moment ago (see queueing.enqueue_task_run). `announce`:
     this run is new (a submit, a retry), so its `task.queued` event goes in the same trip; a
     re-enqueue of a run already announced sends none."""
     application = task.application
-    queued = (
-        functools.partial(
-            event_stream.add,
-            task_id=task.id,
-            run=task.run,
-            event=catalog.QUEUED,
-            data={"status": task.status, "position": None},
-        )
-        if announce
-        else None
-    )
+    queue_name = lanes.queue_name(task.priority)
+    job_id = task_job_id(task.id, task.run)
+
+    def queued_event(place: dict[str, Any] | None) -> dict[str, Any]:
+        position = place["position"] if place else None
+        return {"status": task.status, "priority": task.priority, "position": position,
+                "queue": place}  # fmt: skip
+
+    def queued(pipeline: redis.client.Pipeline) -> None:
+        lanes.take_ticket(pipeline, queue=queue_name, job_id=job_id)
+        if announce:
+            event_stream.add(
+                pipeline, task_id=task.id, run=task.run, event=catalog.QUEUED,
+                data=queued_event(estimates.for_new_run(task.priority)),
+            )  # fmt: skip
+
     try:
+        key = fairness.key_of(task)
+        if key is not None and not fairness.acquire(task, key=key):
+            if announce:
+                event_stream.publish(
+                    task_id=task.id, run=task.run, event=catalog.QUEUED,
+                    data=queued_event(estimates.for_task(task)),
+                )  # fmt: skip
+            return True  # its key's line: enqueued when a slot frees
         return enqueue_task_run(
             task_id=task.id,
             run=task.run,
@@ -218,6 +296,8 @@ def enqueue_pending_task(*, task: Task, fresh: bool = False, announce: bool = Fa
             application_id=application.id,
             max_concurrency=application.max_concurrency,
             fresh=fresh,
+            queue_name=queue_name,
+            meta={fairness.META_FIELD: key.member} if key else None,
             also=queued,
         )
     except Exception:  # Redis down, or anything else: the accepted task must not be lost

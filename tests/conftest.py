@@ -29,10 +29,11 @@ from dashboard.runtime.handlers import ApiMiddlewareMixin, is_api
 from dashboard.runtime.processes import TASK_WORKER_CLASS, worker_argv
 from tasks.applications import CreatedApplication, create_application
 from tasks.models import Application, Task
+from tasks.plumbing.lane_names import task_lanes
 from tasks.plumbing.queueing import redis_client
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-QUEUES = (settings.TASK_QUEUE, settings.CALLBACK_QUEUE, settings.MAINTENANCE_QUEUE)
+QUEUES = (*task_lanes(settings.TASK_QUEUE), settings.CALLBACK_QUEUE, settings.MAINTENANCE_QUEUE)
 
 
 def test_database_url() -> str:
@@ -134,7 +135,7 @@ def private_queues(settings) -> Iterator[None]:
     settings.TASK_QUEUE = "tasks-reconciler-test"
     settings.CALLBACK_QUEUE = "callbacks-reconciler-test"
     yield
-    for name in (settings.TASK_QUEUE, settings.CALLBACK_QUEUE):
+    for name in (*task_lanes(settings.TASK_QUEUE), settings.CALLBACK_QUEUE):
         Queue(name, connection=redis_client()).empty()
 
 

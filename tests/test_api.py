@@ -214,9 +214,13 @@ def test_poll_of_pending_task_has_retry_after(client, app):
         "created_at",
         "started_at",
         "finished_at",
+        "error_code",
         "elapsed_ms",
+        "priority",
+        "queue",
         "callback",
     }
+    assert poll["priority"] == "normal" and poll["queue"]["position"] == 0
     assert set(poll["callback"]) == {
         "url",
         "status",

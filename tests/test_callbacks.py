@@ -54,9 +54,10 @@ def test_receiver_verifies_both_signatures(make_app, live_worker, receiver, runn
     payload = Webhook(app.webhook_secret).verify(request.body, headers)
     assert payload["status"] == status
     assert set(payload) == {
-        "event", "task_id", "run", "app_id", "status", "output", "error", "user",
+        "event", "task_id", "run", "app_id", "status", "output", "error", "error_code", "user",
         "created_at", "started_at", "finished_at",
     }  # fmt: skip
+    assert payload["error_code"] is None  # a runner's failure has none
     assert payload["event"] == "task.finished" and payload["task_id"] == task_id
     assert payload["run"] == 1 and payload["app_id"] == str(app.application.id)
     # Compact JSON, UTF-8.

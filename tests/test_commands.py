@@ -19,7 +19,7 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 
 from tasks.credentials import authenticate, hash_api_key
-from tasks.models import ApiKey, Application, CallbackAttempt, Task
+from tasks.models import ApiKey, Application, AuditEntry, CallbackAttempt, Task
 from tests.conftest import BASE_DIR, subprocess_env, wait_for
 
 
@@ -222,6 +222,8 @@ def test_setapplication_changes_every_setting_of_the_form_and_bumps_updated_at(m
         "--job-timeout", "120", "--task-retries", "2", "--max-concurrency", "4",
         "--queue-threshold", "60", "--run-threshold", "90", "--rate-limit", "5/7",
         "--retention-hours", "72", "--endpoint-max-in-flight", "9",
+        "--default-priority", "high", "--max-concurrency-per-key", "3",
+        "--max-queue-seconds", "45", "--auto-retry", "4", "--auto-retry-backoff", "2.5",
     )  # fmt: skip
     row = Application.objects.get(pk=app.application.id)
     assert {name: getattr(row, name) for name in SETTINGS} == {
@@ -230,10 +232,14 @@ def test_setapplication_changes_every_setting_of_the_form_and_bumps_updated_at(m
         "blocking_timeout_seconds": 3.0, "job_timeout_seconds": 120, "task_retries": 2,
         "max_concurrency": 4, "queue_threshold_seconds": 60, "run_threshold_seconds": 90,
         "rate_limit_per_second": 5.0, "rate_limit_burst": 7, "retention_hours": 72,
-        "endpoint_max_in_flight": 9,
+        "endpoint_max_in_flight": 9, "default_priority": "high", "max_concurrency_per_key": 3,
+        "max_queue_seconds": 45, "auto_retry": 4, "auto_retry_backoff_seconds": 2.5,
     }  # fmt: skip
     assert row.updated_at > before  # the workers' caches key on it
     assert "rate_limit             5/7" in out and "retention_hours        72 h" in out
+    assert "default_priority       high" in out and "concurrency_per_key    3" in out
+    assert "max_queue              45 s" in out and "auto_retry             4 retries" in out
+    assert "auto_retry_backoff     2.5 s, doubling" in out
     # Every setting of the dashboard's form has a flag (the form's extra fields map to two).
     form_settings = {*ApplicationForm.Meta.fields, "retry_schedule", "retention_hours"}
     assert form_settings == set(SETTINGS)
@@ -251,6 +257,23 @@ def test_setapplication_zero_lifts_the_rate_limit_and_clears_the_cap(make_app):
     assert "0 (unlimited)" in out and "none (no cap)" in out
     _set(app.application.id, "--max-concurrency", "0")
     assert Application.objects.get(pk=app.application.id).max_concurrency is None
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("clear", ["0", "none", "default", ""])
+def test_setapplication_zero_or_none_clears_the_per_key_cap_and_the_queue_bound(make_app, clear):
+    app = make_app("echo", max_concurrency_per_key=2, max_queue_seconds=30, auto_retry=3)
+    out = _set(app.application.id, "--max-concurrency-per-key", clear,
+               "--max-queue-seconds", clear, "--auto-retry", "0")  # fmt: skip
+    row = Application.objects.get(pk=app.application.id)
+    assert (row.max_concurrency_per_key, row.max_queue_seconds, row.auto_retry) == (None, None, 0)
+    assert "concurrency_per_key    none (no cap)" in out
+    assert "max_queue              none (no bound)" in out
+    assert "auto_retry             0 (off)" in out
+    entry = AuditEntry.objects.get(action="application.update")
+    assert entry.detail == {"changes": {"max_concurrency_per_key": [2, None],
+                                        "max_queue_seconds": [30, None],
+                                        "auto_retry": [3, 0]}}  # fmt: skip
 
 
 @pytest.mark.django_db
@@ -285,6 +308,17 @@ def test_setapplication_without_flags_prints_and_changes_nothing(make_app):
         (["--runner-config", "[1, 2]"], "--runner-config"),
         (["--runner-config", "{bad"], "--runner-config"),
         (["--name", " "], "--name"),
+        (["--default-priority", "urgent"], "--default-priority"),
+        (["--default-priority", "HIGH"], "--default-priority"),
+        (["--max-concurrency-per-key", "-1"], "--max-concurrency-per-key"),
+        (["--max-concurrency-per-key", "two"], "--max-concurrency-per-key"),
+        (["--max-queue-seconds", "604801"], "--max-queue-seconds"),
+        (["--max-queue-seconds", "-5"], "--max-queue-seconds"),
+        (["--auto-retry", "11"], "--auto-retry"),
+        (["--auto-retry", "-1"], "--auto-retry"),
+        (["--auto-retry-backoff", "3601"], "--auto-retry-backoff"),
+        (["--auto-retry-backoff", "-0.5"], "--auto-retry-backoff"),
+        (["--auto-retry-backoff", "soon"], "--auto-retry-backoff"),
     ],
 )
 def test_setapplication_errors_name_the_flag_and_change_nothing(make_app, args, flag):
@@ -322,10 +356,17 @@ def test_createapplication_takes_the_setting_flags():
     out = StringIO()
     call_command("createapplication", "capped", "--runner", "echo", "--rate-limit", "0",
                  "--max-concurrency", "2", "--callback-timeout", "3", "--task-retries", "1",
+                 "--default-priority", "low", "--max-concurrency-per-key", "1",
+                 "--max-queue-seconds", "600", "--auto-retry", "2", "--auto-retry-backoff", "0",
                  "--json", stdout=out)  # fmt: skip
     app = Application.objects.get(pk=json.loads(out.getvalue())["app_id"])
     assert (app.rate_limit_per_second, app.max_concurrency, app.callback_timeout_seconds,
             app.task_retries) == (0, 2, 3.0, 1)  # fmt: skip
+    assert (app.default_priority, app.max_concurrency_per_key, app.max_queue_seconds,
+            app.auto_retry, app.auto_retry_backoff_seconds) == ("low", 1, 600, 2, 0.0)  # fmt: skip
+    with pytest.raises(CommandError, match=r"^--max-queue-seconds: "):
+        call_command("createapplication", "x", "--runner", "echo", "--max-queue-seconds",
+                     "forever", stdout=StringIO())  # fmt: skip
     with pytest.raises(CommandError, match=r"^--callback-timeout: "):
         call_command("createapplication", "x", "--runner", "echo", "--callback-timeout", "0",
                      stdout=StringIO())  # fmt: skip

@@ -685,6 +685,63 @@ def test_settings_form_accepts_an_unlimited_rate_and_bumps_updated_at(operator, 
     assert "field-error" in body and "Settings saved" not in body
 
 
+# --- settings form: the scheduling settings of #19 ---------------------------------------------
+
+FORM_DATA = {"name": "app-echo", "runner": "echo", "retry_schedule_text": "10,60,300",
+             "retention_preset": "24", "callback_timeout_seconds": 10,
+             "job_timeout_seconds": 600, "task_retries": 0, "queue_threshold_seconds": 300,
+             "run_threshold_seconds": 1800, "rate_limit_per_second": 20, "rate_limit_burst": 40,
+             "runner_config": "{}"}  # fmt: skip
+
+
+def test_settings_form_shows_and_saves_the_scheduling_settings(operator, app):
+    url = f"/applications/{app.application.id}/"
+    page = operator.get(url).content.decode()
+    for name in ("default_priority", "max_concurrency_per_key", "max_queue_seconds",
+                 "auto_retry", "auto_retry_backoff_seconds"):  # fmt: skip
+        assert f'name="{name}"' in page, name
+    data = FORM_DATA | {"default_priority": "low", "max_concurrency_per_key": 2,
+                        "max_queue_seconds": 90, "auto_retry": 3,
+                        "auto_retry_backoff_seconds": 1.5}  # fmt: skip
+    body = htmx(operator, url, "post", **data).content.decode()
+    assert "Settings saved (" in body, body
+    row = Application.objects.get(pk=app.application.id)
+    assert (row.default_priority, row.max_concurrency_per_key, row.max_queue_seconds,
+            row.auto_retry, row.auto_retry_backoff_seconds) == ("low", 2, 90, 3, 1.5)  # fmt: skip
+    entry = AuditEntry.objects.get(action="application.update")
+    assert entry.detail["changes"] == {
+        "default_priority": ["normal", "low"], "max_concurrency_per_key": [None, 2],
+        "max_queue_seconds": [None, 90], "auto_retry": [0, 3],
+        "auto_retry_backoff_seconds": [5.0, 1.5],
+    }  # fmt: skip
+    # 0 and empty clear the cap and the bound, as on the command line.
+    htmx(operator, url, "post", **(data | {"max_concurrency_per_key": 0, "max_queue_seconds": ""}))
+    row = Application.objects.get(pk=app.application.id)
+    assert (row.max_concurrency_per_key, row.max_queue_seconds) == (None, None)
+    # Left out of a POST (a page from before them): kept, not cleared or refused.
+    Application.objects.filter(pk=row.pk).update(max_concurrency_per_key=4, max_queue_seconds=60)
+    body = htmx(operator, url, "post", **(FORM_DATA | {"name": "renamed"})).content.decode()
+    assert "Settings saved (name)." in body, body
+    row = Application.objects.get(pk=app.application.id)
+    assert (row.default_priority, row.max_concurrency_per_key, row.max_queue_seconds,
+            row.auto_retry, row.auto_retry_backoff_seconds) == ("low", 4, 60, 3, 1.5)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"default_priority": "urgent"}, {"max_concurrency_per_key": -1},
+     {"max_queue_seconds": 604801}, {"auto_retry": 11}, {"auto_retry_backoff_seconds": 3601},
+     {"auto_retry_backoff_seconds": -1}],
+)  # fmt: skip
+def test_settings_form_refuses_bad_scheduling_settings_inline(operator, app, bad):
+    url = f"/applications/{app.application.id}/"
+    before = Application.objects.values().get(pk=app.application.id)
+    body = htmx(operator, url, "post", **(FORM_DATA | bad)).content.decode()
+    assert body.count("field-error") == 1 and "Settings saved" not in body
+    assert f'id="id_{next(iter(bad))}"' in body
+    assert Application.objects.values().get(pk=app.application.id) == before
+
+
 # --- favicon ------------------------------------------------------------------------------------
 
 

@@ -68,7 +68,10 @@ def test_a_run_publishes_its_life_in_order_and_keeps_the_streamed_output(
     pairs = [event_stream.parse_id(e.id) for e in events]
     assert pairs == sorted(pairs) and len(set(pairs)) == len(pairs)
     data = [json.loads(e.data) for e in events]
-    assert data[0] == {"run": 1, "status": "pending", "position": None}
+    # Nothing started during the ETA window yet: no estimate.
+    queue = {"position": 0, "eta_seconds": None}
+    assert data[0] == {"run": 1, "status": "pending", "priority": "normal", "position": 0,
+                       "queue": queue}  # fmt: skip
     assert data[1]["worker"] == "w-1" and data[1]["started_at"].endswith("Z")
     assert data[2] == {"run": 1, "progress": 10, "message": "warming up"}
     assert [d["text"] for d in data[3:6]] == ["Hel", "lo", " wörld"]

@@ -14,11 +14,14 @@ import sys
 from pathlib import Path
 from typing import TypedDict
 
+from tasks.plumbing.lane_names import task_lanes
+
 BASE_DIR = Path(__file__).resolve().parents[2]
 
 TASK_QUEUE = "tasks"
 CALLBACK_QUEUE = "callbacks"
 MAINTENANCE_QUEUE = "maintenance"
+
 
 TASK_WORKER_CLASS = "tasks.execution.worker.TaskhookWorker"
 DELIVERY_WORKER_CLASS = "tasks.execution.worker.TaskhookDeliveryWorker"
@@ -26,10 +29,10 @@ WEB_APPLICATION = "dashboard.runtime.asgi"
 GUNICORN_CONFIG = "dashboard/runtime/gunicorn.conf.py"
 CRON_CONFIG = "tasks.upkeep.cron"
 
-# Procfile process name -> the queues its workers listen on (the maintenance queue on both, so
-# periodic jobs run wherever there is a worker).
+# Procfile process name -> the queues its workers listen on, in the order a worker takes jobs
+# (the maintenance queue on both, so periodic jobs run wherever there is a worker).
 WORKER_QUEUES = {
-    "worker": (TASK_QUEUE, MAINTENANCE_QUEUE),
+    "worker": (*task_lanes(TASK_QUEUE), MAINTENANCE_QUEUE),
     "callbacks": (CALLBACK_QUEUE, MAINTENANCE_QUEUE),
 }
 WORKER_CLASSES = {"worker": TASK_WORKER_CLASS, "callbacks": DELIVERY_WORKER_CLASS}

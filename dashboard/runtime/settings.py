@@ -128,6 +128,7 @@ REDIS_SENTINEL_MASTER = env.str("REDIS_SENTINEL_MASTER", default="mymaster")
 
 # The queue names are fixed: the Procfile and every process command spell them out.
 from dashboard.runtime.processes import CALLBACK_QUEUE, MAINTENANCE_QUEUE, TASK_QUEUE  # noqa: E402
+from tasks.plumbing.lane_names import task_lanes  # noqa: E402
 
 _redis_url = urlsplit(REDIS_URL)
 REDIS_DB = int(_redis_url.path.strip("/") or 0) if _redis_url.scheme.startswith("redis") else 0
@@ -140,11 +141,15 @@ _rq_connection = (
 )  # fmt: skip
 RQ_QUEUES = {
     name: {**_rq_connection, "DEFAULT_TIMEOUT": 600}
-    for name in (TASK_QUEUE, CALLBACK_QUEUE, MAINTENANCE_QUEUE)
+    for name in (*task_lanes(TASK_QUEUE), CALLBACK_QUEUE, MAINTENANCE_QUEUE)
 }
 RQ_SHOW_ADMIN_LINK = False
 
 # --- Taskhook behaviour -------------------------------------------------------------------------
+# Scheduling (tasks.scheduling): a normal or low task waiting longer than this is served next,
+# so no lane starves; the drain rate behind queue ETAs is measured over this many seconds.
+PRIORITY_AGING_SECONDS = env.int("PRIORITY_AGING_SECONDS", default=300)
+ETA_WINDOW_SECONDS = env.int("ETA_WINDOW_SECONDS", default=180)
 BLOCKING_TIMEOUT = env.float("BLOCKING_TIMEOUT", default=30.0)
 # Blocking submits waiting at once per web process, and per API key within it (tasks.api.blocking):
 # by default half of a gunicorn process's threads, so the other half always serves.

@@ -9,11 +9,18 @@ from tasks.applications import InvalidApplication, validate_runner
 from tasks.delivery import retry_policy
 from tasks.models import Application, CallbackStatus, TaskStatus
 from tasks.selectors.task_lists import TaskFilters
+from tasks.statuses import Priority
 
 RETENTION_PRESETS = [("24", "1 day"), ("72", "3 days"), ("168", "7 days"), ("custom", "Custom")]
 # How long the old API key / webhook secret keeps working after a rotation.
 GRACE_CHOICES = [("0", "none (stops at once)"), ("1", "1 h"), ("24", "24 h"), ("168", "7 days")]
 DEFAULT_GRACE_HOURS = 24
+# Settings a POST may leave out (a page from before they existed, a script): left out, each
+# keeps its current value rather than failing or clearing a cap.
+KEPT_WHEN_ABSENT = (
+    "default_priority", "max_concurrency_per_key", "max_queue_seconds", "auto_retry",
+    "auto_retry_backoff_seconds",
+)  # fmt: skip
 
 
 # The browser's datetime-local control shows no zone and wants "YYYY-MM-DDTHH:MM[:SS]"; the
@@ -30,6 +37,7 @@ class TaskFilterForm(forms.Form):
     callback_status = forms.ChoiceField(
         choices=[("", "Any callback"), *CallbackStatus.choices], required=False
     )
+    priority = forms.ChoiceField(choices=[("", "Any priority"), *Priority.choices], required=False)
     created_from = forms.DateTimeField(required=False, widget=LOCAL_DATETIME)
     created_to = forms.DateTimeField(required=False, widget=LOCAL_DATETIME)
     q = forms.CharField(
@@ -54,6 +62,7 @@ class TaskFilterForm(forms.Form):
             application=str(application.pk) if application else "",
             status=data.get("status") or "",
             callback_status=data.get("callback_status") or "",
+            priority=data.get("priority") or "",
             created_from=data.get("created_from"),
             created_to=data.get("created_to"),
             q=(data.get("q") or "").strip(),
@@ -73,6 +82,22 @@ class ApplicationForm(forms.ModelForm):
     retention_custom_hours = forms.IntegerField(
         label="Custom retention (hours)", required=False, min_value=1, max_value=365 * 24
     )
+    # 0, like empty, is no cap / no bound (as on the command line): the model's minimum is 1.
+    max_concurrency_per_key = forms.IntegerField(
+        label="Max concurrency per key",
+        required=False,
+        min_value=0,
+        help_text="Runs queued or running at once per concurrency_key (else user); more wait "
+        "in their key's line. Empty or 0 = no cap.",
+    )
+    max_queue_seconds = forms.IntegerField(
+        label="Max time in queue (s)",
+        required=False,
+        min_value=0,
+        max_value=7 * 24 * 3600,
+        help_text="A run not started within this fails with error_code deadline_exceeded. "
+        "Empty or 0 = no bound.",
+    )
 
     class Meta:
         model = Application
@@ -80,8 +105,14 @@ class ApplicationForm(forms.ModelForm):
             "name", "runner", "runner_config", "callback_timeout_seconds",
             "blocking_timeout_seconds", "job_timeout_seconds", "task_retries", "max_concurrency",
             "queue_threshold_seconds", "run_threshold_seconds", "rate_limit_per_second",
-            "rate_limit_burst", "endpoint_max_in_flight",
+            "rate_limit_burst", "endpoint_max_in_flight", "default_priority",
+            "max_concurrency_per_key", "max_queue_seconds", "auto_retry",
+            "auto_retry_backoff_seconds",
         ]  # fmt: skip
+        labels = {
+            "auto_retry": "Automatic retries",
+            "auto_retry_backoff_seconds": "Automatic retry backoff (s)",
+        }
         help_texts = {
             "rate_limit_per_second": "Requests per second per API key; 0 = unlimited.",
             "rate_limit_burst": "Requests a key may make at once before the rate applies.",
@@ -89,6 +120,10 @@ class ApplicationForm(forms.ModelForm):
             "blocking_timeout_seconds": "Empty: BLOCKING_TIMEOUT.",
             "endpoint_max_in_flight": "Deliveries in flight at once per callback origin, across "
             "all callback workers; more wait their turn without holding a thread. 0 = no cap.",
+            "default_priority": "The lane of a submit that names no priority.",
+            "auto_retry": "New runs after a retryable failure (0-10); 0 = off.",
+            "auto_retry_backoff_seconds": "Seconds before the first automatic retry, doubling "
+            "for each next one (0-3600).",
         }
 
     def __init__(self, *args, **kwargs):
@@ -102,6 +137,8 @@ class ApplicationForm(forms.ModelForm):
         self.fields["retention_custom_hours"].initial = hours if preset == "custom" else None
         # Left out of a POST (an older page, a script): the current value, not an error.
         self.fields["endpoint_max_in_flight"].required = False
+        for name in KEPT_WHEN_ABSENT:
+            self.fields[name].required = False
 
     def clean_endpoint_max_in_flight(self) -> int:
         value = self.cleaned_data.get("endpoint_max_in_flight")
@@ -131,9 +168,18 @@ class ApplicationForm(forms.ModelForm):
         except retry_policy.InvalidSchedule as exc:
             raise forms.ValidationError(str(exc)) from exc
 
+    def clean_max_concurrency_per_key(self) -> int | None:
+        return self.cleaned_data.get("max_concurrency_per_key") or None
+
+    def clean_max_queue_seconds(self) -> int | None:
+        return self.cleaned_data.get("max_queue_seconds") or None
+
     def clean(self):
         cleaned = super().clean()
         assert cleaned is not None  # ModelForm.clean returns cleaned_data
+        for name in KEPT_WHEN_ABSENT:
+            if self.add_prefix(name) not in self.data:
+                cleaned[name] = getattr(self.instance, name)
         preset = cleaned.get("retention_preset")
         if preset == "custom":
             hours = cleaned.get("retention_custom_hours")

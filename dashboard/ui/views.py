@@ -7,7 +7,6 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-from django.conf import settings
 from django.contrib import messages
 from django.contrib.staticfiles import finders
 from django.db import transaction
@@ -39,8 +38,8 @@ from tasks.models import (
     CallbackStatus,
     Task,
 )
-from tasks.plumbing.queueing import queue_length
 from tasks.presenters import stream_path
+from tasks.scheduling import estimates, lanes
 from tasks.selectors import alerts as alerting
 from tasks.selectors import overview as stats
 from tasks.selectors import task_lists
@@ -208,7 +207,7 @@ def _bulk_action(request: HtmxHttpRequest, *, kind: str, act, noun: str, back_to
 
 def _waiting_note(new_runs: int) -> str:
     """Retried tasks join the end of the task queue: say how many wait ahead of them."""
-    depth = queue_length(settings.TASK_QUEUE)
+    depth = lanes.total_waiting()
     if depth is None:
         return ""
     ahead = max(0, depth - new_runs)
@@ -233,7 +232,7 @@ def callbacks_redeliver(request: HtmxHttpRequest) -> HttpResponse:
 @staff_required
 def bulk_progress(request: HtmxHttpRequest, operation_id: int) -> HttpResponse:
     operation = get_object_or_404(BulkOperation, pk=operation_id)
-    context = {"operation": operation, "queued_now": queue_length(settings.TASK_QUEUE)}
+    context = {"operation": operation, "queued_now": lanes.total_waiting()}
     response = render(request, "dashboard/_operations.html#bulk-operation", context)
     if operation.finished_at:
         # The lists on the page refresh their rows at once: they show the new runs.
@@ -254,6 +253,7 @@ def _task_context(task_id: uuid.UUID) -> dict:
         "live": not task.is_finished or task.callback_status in CALLBACK_IN_FLIGHT,
         # The operator may read this task: the page follows its events with a token bound to it.
         "stream_url": None if task.is_finished else stream_path(task.id),
+        "queue": estimates.for_task(task),
     }
 
 

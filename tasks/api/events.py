@@ -150,7 +150,8 @@ def finished_state(task_id: uuid.UUID, run: int) -> tuple[dict[str, Any] | None,
     return {
         "event": catalog.FINISHED, "task_id": str(task_id), "run": run,
         "app_id": str(task.application_id), "status": past.status, "output": past.output,
-        "error": past.error or None, "user": task.user or None, "created_at": iso(task.created_at),
+        "error": past.error or None, "error_code": past.error_code,
+        "user": task.user or None, "created_at": iso(task.created_at),
         "started_at": iso(past.started_at), "finished_at": iso(past.finished_at),
     }, task.run  # fmt: skip
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import Callable
 from functools import wraps
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import DisallowedHost, RequestDataTooBig
@@ -15,7 +17,7 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from tasks import credentials, jsonsafety
-from tasks.api import blocking, ratelimit
+from tasks.api import blocking, prefer, ratelimit
 from tasks.events import tokens
 from tasks.idempotency import IdempotencyConflict
 from tasks.models import ApiKey, IdempotencyRecord, Task
@@ -28,6 +30,7 @@ from tasks.presenters import (
     stream_url,
     task_body,
 )
+from tasks.scheduling import estimates
 from tasks.selectors.polling import task_for_client
 from tasks.services import cancel_task
 from tasks.statuses import FINISHED
@@ -177,9 +180,13 @@ def _too_large() -> ApiError:
     )
 
 
-def _with_retry_after(response: JsonResponse, task: Task) -> JsonResponse:
+def _with_retry_after(
+    response: JsonResponse, task: Task, queue: dict[str, Any] | None = None
+) -> JsonResponse:
+    """While the task waits, its ETA within 1-5 s; else 1 s growing to 5 s with its age."""
     if not task.is_finished:
-        response["Retry-After"] = str(retry_after_seconds(task))
+        seconds = estimates.retry_after(queue) or retry_after_seconds(task)
+        response["Retry-After"] = str(seconds)
     return response
 
 
@@ -199,10 +206,17 @@ def generate(request: HttpRequest, app_id: str) -> JsonResponse:
             headers={"Retry-After": str(exc.retry_after)},
         ) from None
     try:
-        submit = parse_submit_body(_read_json(request))
+        submit = parse_submit_body(
+            _read_json(request), cancel_after=request.headers.get("Cancel-After")
+        )
         idempotency_key = validate_idempotency_key(request.headers.get("Idempotency-Key"))
     except ValidationFailed as exc:
         raise ApiError(400, "invalid_request", exc.message, exc.field) from None
+    timeout = application.blocking_timeout_seconds or settings.BLOCKING_TIMEOUT
+    # `Prefer: wait=N` asks for a blocking answer within N s, whatever the response_mode says.
+    wait = prefer.applied_wait(request.headers.get("Prefer"), cap=timeout)
+    if wait is not None:
+        submit = dataclasses.replace(submit, response_mode="blocking")
     try:
         task, _created = submit_task(
             application=application, request=submit, idempotency_key=idempotency_key
@@ -222,22 +236,24 @@ def generate(request: HttpRequest, app_id: str) -> JsonResponse:
     if submit.response_mode == "async":
         return JsonResponse(accepted_body(request, task))
 
-    timeout = application.blocking_timeout_seconds or settings.BLOCKING_TIMEOUT
     with blocking.wait_slot(key_id=key.pk) as may_wait:
-        if may_wait:
+        if may_wait and wait != 0:
             wait_for_finish(
                 task.id,
-                timeout=timeout,
+                timeout=timeout if wait is None else wait,
                 is_finished=lambda: Task.objects.filter(pk=task.id, status__in=FINISHED).exists(),
             )
     task.refresh_from_db()
+    # Past the blocking caps nothing was waited for: the preference applied is then wait=0.
+    applied = {} if wait is None else {"Preference-Applied": f"wait={wait if may_wait else 0}"}
     if task.is_finished:
-        return JsonResponse(task_body(task))
-    body = task_body(task) | {
+        return JsonResponse(task_body(task), headers=applied)
+    queue = estimates.for_task(task)
+    body = task_body(task, queue=queue) | {
         "poll_url": poll_url(request, task),
         "stream_url": stream_url(request, task),
     }
-    return _with_retry_after(JsonResponse(body, status=202), task)
+    return _with_retry_after(JsonResponse(body, status=202, headers=applied), task, queue)
 
 
 def _task_for_key(request: HttpRequest, task_id: str) -> Task:
@@ -265,7 +281,8 @@ def _task_for_reader(request: HttpRequest, task_id: str) -> Task:
 @api_view("GET")
 def task_detail(request: HttpRequest, task_id: str) -> JsonResponse:
     task = _task_for_reader(request, task_id)
-    return _with_retry_after(JsonResponse(task_body(task)), task)
+    queue = estimates.for_task(task)
+    return _with_retry_after(JsonResponse(task_body(task, queue=queue)), task, queue)
 
 
 @api_view("POST")

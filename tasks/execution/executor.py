@@ -7,6 +7,7 @@ import logging
 import time
 import traceback
 import uuid
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -19,10 +20,13 @@ from tasks.applications import cached_application
 from tasks.delivery import intermediate
 from tasks.events import catalog
 from tasks.events import stream as event_stream
-from tasks.execution.runners import RunnerError, TaskCancelled, resolve_runner
+from tasks.execution import auto_retry, deadlines
+from tasks.execution.deadlines import DeadlineExceeded
+from tasks.execution.runners import Runner, RunnerError, TaskCancelled, resolve_runner
 from tasks.models import Application, Task, TaskLog, TaskStatus
 from tasks.plumbing.queueing import publish_finished, redis_client
 from tasks.presenters import iso
+from tasks.scheduling import estimates
 from tasks.telemetry.metrics import observe_task_duration
 from tasks.telemetry.stats_history import count_finished
 
@@ -34,7 +38,8 @@ MAX_LOG_MESSAGE = 10_000
 class TaskContext:
     """The `ctx` a runner receives: progress, log lines and streamed output, each kept in the
     database and published on the task's event stream (tasks.events), and its application's
-    runner_config. Every call stops a run that was cancelled (or lost and re-run)."""
+    runner_config. Every call stops a run that was cancelled (or lost and re-run), and one past
+    its deadline (`deadline_at`, known from the start: no database read)."""
 
     # Streamed output reaches the database in batches, at most this often (and at the end).
     OUTPUT_FLUSH_SECONDS = 0.5
@@ -50,11 +55,13 @@ class TaskContext:
         run: int,
         config: dict[str, Any],
         webhooks: intermediate.RunWebhooks | None = None,
+        deadline_at: datetime | None = None,
     ) -> None:
         self.task_id = task_id
         self.run = run
         self.config = config
         self.webhooks = webhooks
+        self.deadline_at = deadline_at
         self._unflushed: list[str] = []
         self._flushed_at = time.monotonic()
         self._unpublished: list[tuple[str, dict[str, Any]]] = []
@@ -90,6 +97,7 @@ class TaskContext:
         return [event_stream.text(entry_id) for entry_id in results[:: event_stream.COMMANDS]]
 
     def progress(self, percent: int, message: str | None = None) -> None:
+        deadlines.check(self.deadline_at)
         percent = max(0, min(100, int(percent)))
         if not state.set_progress(task_id=self.task_id, run=self.run, progress=percent):
             raise TaskCancelled(f"task {self.task_id} run {self.run} is no longer running")
@@ -99,6 +107,7 @@ class TaskContext:
     def log(self, message: str, level: str = "info") -> None:
         """Keep a log line of this run; then, like `progress`, stop a run that was cancelled (or
         lost and re-run), so a runner that only logs still stops early."""
+        deadlines.check(self.deadline_at)
         line = TaskLog.objects.create(
             task_id=self.task_id,
             run=self.run,
@@ -117,6 +126,7 @@ class TaskContext:
     def emit(self, text: str) -> None:
         """Append a piece of streamed output: published at once, stored in batches (a stored
         batch is where a cancelled run is noticed, so a runner that only emits stops too)."""
+        deadlines.check(self.deadline_at)
         text = jsonsafety.clean_text(str(text))
         if not text:
             return
@@ -138,6 +148,8 @@ def execute_task(*, task_id: str, run: int, worker_name: str = "") -> str:
     """Run one run of a task; returns the status it ended in (or why nothing was done)."""
     started_run = state.start_returning(task_id=task_id, run=run, worker_name=worker_name)
     if started_run is None:
+        if deadlines.expire_unstarted(task_id=task_id, run=run):
+            return "failed"  # past its start_by or deadline_at: failed, never started
         # Cancelled before it started, already taken by another worker, superseded by a newer
         # run, or gone (expired and cleaned up): in every case this job has nothing to do.
         return "not-started"
@@ -148,6 +160,7 @@ def execute_task(*, task_id: str, run: int, worker_name: str = "") -> str:
 
     application = cached_application(started_run.application_id)
     started = time.monotonic()
+    estimates.count_started()
     webhooks = intermediate.for_run(
         task_id=task_uuid,
         run=run,
@@ -156,15 +169,21 @@ def execute_task(*, task_id: str, run: int, worker_name: str = "") -> str:
         kinds=catalog.stored_kinds(started_run.callback_events),
     )
     ctx = TaskContext(
-        task_id=task_uuid, run=run, config=dict(application.runner_config or {}), webhooks=webhooks
-    )
+        task_id=task_uuid, run=run, config=dict(application.runner_config or {}),
+        webhooks=webhooks, deadline_at=started_run.deadline_at,
+    )  # fmt: skip
     ctx.publish(catalog.STARTED, {"worker": worker_name, "started_at": iso(timezone.now())})
     try:
         runner = resolve_runner(application.runner)
-        output = runner(dict(started_run.inputs), ctx)
+        output = _call_runner(runner, dict(started_run.inputs), ctx)
         _check_output(output)  # a result that cannot be stored or served fails the task
         ctx.flush_output()  # streamed output is stored before the result that ends the run
         ctx.publish_waiting(force=True)  # and its events go out before task.finished
+    except DeadlineExceeded as exc:  # a TaskCancelled, from ctx or from the end of the run
+        logger.info("task stopped: deadline exceeded", extra=log_extra)
+        _keep_streamed_output(ctx)
+        won = _fail(task_uuid, run, str(exc), traceback.format_exc(), error_code=deadlines.CODE)
+        outcome = "failed"
     except TaskCancelled:
         logger.info("task stopped: cancelled", extra=log_extra)
         if webhooks is not None:
@@ -178,7 +197,14 @@ def execute_task(*, task_id: str, run: int, worker_name: str = "") -> str:
     except Exception as exc:
         error = str(exc) if isinstance(exc, RunnerError) else f"{type(exc).__name__}: {exc}"
         _keep_streamed_output(ctx)
-        won = _fail(task_uuid, run, error, traceback.format_exc())
+        trace = traceback.format_exc()
+        if _retry_automatically(ctx, application, exc, error, trace):
+            # Run N+1 waits its backoff: no callback, no task.finished, no wake-up for run N.
+            logger.info("task failed, retried automatically", extra=log_extra)
+            if webhooks is not None:
+                webhooks.close(wait_seconds=intermediate.CLOSE_WAIT_SECONDS)
+            return "retrying"
+        won = _fail(task_uuid, run, error, trace)
         outcome = "failed"
     else:
         try:
@@ -247,14 +273,82 @@ def _store_result(task_id: uuid.UUID, run: int, output: Any, has_callback: bool)
     raise AssertionError("unreachable")
 
 
-def _fail(task_id: uuid.UUID, run: int, error: str, trace: str) -> bool:
+def _fail(
+    task_id: uuid.UUID, run: int, error: str, trace: str, *, error_code: str | None = None
+) -> bool:
     # Exception texts may carry NUL or lone surrogates (from inputs, receivers, C libraries).
     return state.fail(
         task_id=task_id,
         run=run,
         error=jsonsafety.clean_text(error)[:5000],
         traceback=jsonsafety.clean_text(trace),
+        error_code=error_code,
     )
+
+
+def _call_runner(runner: Runner, inputs: dict[str, Any], ctx: TaskContext) -> Any:
+    """The runner's call. An end past the run's deadline, returned or raised (a runner error,
+    the job timeout), is the deadline's: DeadlineExceeded, so the run ends with its code."""
+    try:
+        output = runner(inputs, ctx)
+    except Exception:
+        deadlines.check(ctx.deadline_at)
+        raise
+    deadlines.check(ctx.deadline_at)
+    return output
+
+
+def _retry_automatically(
+    ctx: TaskContext, application: Application, exc: Exception, error: str, trace: str
+) -> bool:
+    """A retryable failure becomes the task's next run, queued after its backoff, when the
+    application allows another automatic retry and the submit did not opt out
+    (tasks.execution.auto_retry). Run N is kept in the run history as failed, with its error
+    and traceback. False when the failure stands (or the run was cancelled or lost meanwhile:
+    the caller's fail then loses too)."""
+    if not application.auto_retry or not auto_retry.is_retryable(exc):
+        return False
+    flags = Task.objects.filter(pk=ctx.task_id, run=ctx.run).values_list(
+        "auto_retry", "auto_retries"
+    )
+    allows, made = flags.first() or (False, 0)
+    if not auto_retry.should_retry(
+        exc, allowed=application.auto_retry, made=made, opted_out=not allows
+    ):
+        return False
+    number = made + 1
+    delay = auto_retry.backoff_seconds(
+        number,
+        base=application.auto_retry_backoff_seconds,
+        retry_after=auto_retry.retry_after_of(exc),
+    )
+    due = auto_retry.due_time(delay) if delay > 0 else timezone.now()
+    error = jsonsafety.clean_text(error)[:5000]
+    new_run = state.start_new_run(
+        task_id=ctx.task_id,
+        expected=(TaskStatus.RUNNING,),
+        expected_run=ctx.run,
+        error=error,
+        traceback=jsonsafety.clean_text(trace),
+        automatic=True,
+        queued_at=due,
+    )
+    if new_run is None:
+        return False
+    # The operator's view of why the task goes on: a log line of the failed run.
+    message = auto_retry.describe(
+        number=number, allowed=application.auto_retry, delay=delay, error=error
+    )
+    line = TaskLog.objects.create(
+        task_id=ctx.task_id, run=ctx.run, level="warning", message=message[:MAX_LOG_MESSAGE]
+    )
+    ctx.publish(catalog.LOG, {"level": line.level, "message": line.message,
+                              "at": iso(line.created_at)})  # fmt: skip
+    if delay > 0:
+        auto_retry.schedule_due_run(task_id=ctx.task_id, run=new_run, due=due)
+    else:
+        auto_retry.enqueue_due_run(task_id=ctx.task_id, run=new_run)
+    return True
 
 
 def _database_down(exc: DatabaseError) -> bool:
@@ -285,6 +379,7 @@ def on_task_finished(
     count_finished()
     if run_seconds is not None and application is not None:
         observe_task_duration(application_id=application.id, seconds=run_seconds)
+        estimates.observe_run(application_id=application.id, seconds=run_seconds)
     if has_callback:
         schedule_first_delivery(
             task_id=task_id, run=run, application=application, callback_url=callback_url

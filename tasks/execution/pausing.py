@@ -28,6 +28,7 @@ from django.conf import settings
 from django.db import DatabaseError
 
 from tasks.models import PausedQueue
+from tasks.plumbing.lane_names import task_lanes
 from tasks.plumbing.queueing import redis_client
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,13 @@ def reassert(client: redis.Redis | None = None) -> set[str]:
                 continue
 
 
+def _with_lanes(names: set[str]) -> set[str]:
+    """The task queue paused is each of its priority lanes paused."""
+    if settings.TASK_QUEUE in names:
+        names |= set(task_lanes(settings.TASK_QUEUE))
+    return names
+
+
 def paused_names(
     client: redis.Redis, *, after_rebuild: Callable[[], None] | None = None
 ) -> set[str]:
@@ -123,9 +131,9 @@ def paused_names(
     members = {m.decode() if isinstance(m, bytes) else m for m in client.smembers(PAUSED_KEY)}
     if SENTINEL in members:
         members.discard(SENTINEL)
-        return members
+        return _with_lanes(members)
     try:
-        return reassert(client)
+        return _with_lanes(reassert(client))
     except DatabaseError as error:
         logger.warning("could not read the paused queues from the database: %s", error)
         return set()

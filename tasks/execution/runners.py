@@ -3,7 +3,10 @@
 Built-ins are named (`echo`, `sleep`, `fail`, `http`); any other runner is a dotted path to a
 callable. `ctx.progress(n)`, `ctx.log(msg)` and `ctx.emit(text)` (a piece of streamed output)
 report to the task's event stream and dashboard, and raise `TaskCancelled` once the task was
-cancelled, which is how a cooperative runner stops early.
+cancelled, which is how a cooperative runner stops early. A runner raises `RunnerError` for a
+clear failure, and `RetryableError` for one that may go away by itself (an upstream down or
+overloaded): the application's automatic retries (tasks.execution.auto_retry) then run the task
+again. The `http` runner raises it for a connection error, a timeout, a 5xx or a 429.
 """
 
 from __future__ import annotations
@@ -16,9 +19,21 @@ from typing import Any, Protocol
 import urllib3
 from django.utils.module_loading import import_string
 
+from tasks.delivery import retry_policy
+
 
 class RunnerError(Exception):
     """A runner's clear, expected failure (bad upstream answer, bad input)."""
+
+
+class RetryableError(RunnerError):
+    """A failure that may go away by itself (an upstream down, overloaded, slow): with automatic
+    retries on (`auto_retry`), the task runs again after a backoff instead of failing.
+    `retry_after`: the least wait in seconds the upstream asked for (its Retry-After), if any."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class TaskCancelled(Exception):
@@ -85,6 +100,10 @@ def http(inputs: dict[str, Any], ctx: RunContext) -> Any:
     chunk that had it (else null). Text is capped at MAX_STREAM_TEXT characters, one line or
     event at MAX_STREAM_EVENT bytes. `runner_config.timeout` bounds connecting and each wait for
     the next bytes.
+
+    A connection error, a timeout (connecting, waiting, mid-stream), a 5xx or a 429 raises
+    RetryableError (with the answer's Retry-After as its hint); any other failure, a 4xx
+    included, is a plain RunnerError.
     """
     url = ctx.config.get("url")
     if not url:
@@ -103,13 +122,13 @@ def http(inputs: dict[str, Any], ctx: RunContext) -> Any:
     ctx.log(f"POST {url}")
     response = _post(url, inputs, headers, timeout, preload=not stream)
     if not stream:
-        return _json_answer(response.status, response.data)
+        return _json_answer(response, response.data)
     try:
         if not 200 <= response.status < 300:
-            _check_status(response.status, _read_at_most(response, 500, timeout))
+            _check_status(response, _read_at_most(response, 500, timeout))
         kind = stream if stream != "auto" else _stream_kind(response.headers.get("Content-Type"))
         if kind is None:
-            return _json_answer(response.status, b"".join(_body_chunks(response, timeout)))
+            return _json_answer(response, b"".join(_body_chunks(response, timeout)))
         lines = _lines(_body_chunks(response, timeout), MAX_STREAM_EVENT)
         values = _sse_values(lines) if kind == "sse" else _ndjson_values(lines)
         return _emit_stream(values, ctx, text_path)
@@ -134,21 +153,28 @@ def _post(
             preload_content=preload,
         )
     except urllib3.exceptions.NewConnectionError as exc:  # before TimeoutError: a subclass
-        raise RunnerError(f"upstream request failed: {exc}") from exc
+        raise RetryableError(f"upstream request failed: {exc}") from exc
     except urllib3.exceptions.TimeoutError as exc:
-        raise RunnerError(f"upstream did not answer within {timeout:g} s") from exc
-    except urllib3.exceptions.HTTPError as exc:
+        raise RetryableError(f"upstream did not answer within {timeout:g} s") from exc
+    except urllib3.exceptions.ProtocolError as exc:  # the connection dropped mid-request
+        raise RetryableError(f"upstream request failed: {exc}") from exc
+    except urllib3.exceptions.HTTPError as exc:  # a bad URL, TLS refused: trying again won't do
         raise RunnerError(f"upstream request failed: {exc}") from exc
 
 
-def _check_status(status: int, body: bytes) -> None:
-    if not 200 <= status < 300:
-        text = body.decode("utf-8", errors="replace")
-        raise RunnerError(f"upstream answered HTTP {status}: {text[:500]}")
+def _check_status(response: urllib3.BaseHTTPResponse, body: bytes) -> None:
+    status = response.status
+    if 200 <= status < 300:
+        return
+    message = f"upstream answered HTTP {status}: {body.decode('utf-8', errors='replace')[:500]}"
+    if status >= 500 or status == 429:  # down or overloaded: may pass; any other 4xx will not
+        hint = retry_policy.parse_retry_after(response.headers.get("Retry-After"))
+        raise RetryableError(message, retry_after=hint)
+    raise RunnerError(message)
 
 
-def _json_answer(status: int, body: bytes) -> Any:
-    _check_status(status, body)
+def _json_answer(response: urllib3.BaseHTTPResponse, body: bytes) -> Any:
+    _check_status(response, body)
     try:
         return json.loads(body.decode("utf-8"))
     except ValueError as exc:
@@ -168,9 +194,9 @@ def _body_chunks(response: urllib3.BaseHTTPResponse, timeout: float) -> Iterator
         while chunk := response.read1(READ_SIZE):
             yield chunk
     except urllib3.exceptions.TimeoutError as exc:
-        raise RunnerError(f"upstream sent nothing for {timeout:g} s mid-answer") from exc
+        raise RetryableError(f"upstream sent nothing for {timeout:g} s mid-answer") from exc
     except urllib3.exceptions.HTTPError as exc:
-        raise RunnerError(f"upstream answer broke off: {exc}") from exc
+        raise RetryableError(f"upstream answer broke off: {exc}") from exc
 
 
 def _read_at_most(response: urllib3.BaseHTTPResponse, limit: int, timeout: float) -> bytes:

@@ -45,6 +45,7 @@ from rq.timeouts import TimerDeathPenalty
 from rq.worker import BaseWorker, SimpleWorker, Worker, WorkerStatus
 
 from tasks.execution import pausing
+from tasks.scheduling import lanes
 from tasks.telemetry import counters
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ IDLE_WAKE_SECONDS = 10
 SCHEDULER_RETRY_SECONDS = 10
 # How stale a worker's copy of the paused queues may be: a pause or resume takes effect this fast.
 PAUSED_READ_SECONDS = 1.0
+AGING_CHECK_SECONDS = 1.0
 
 
 def alive_key(name: str) -> str:
@@ -232,9 +234,25 @@ class LivenessMixin(_WorkerBase):
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
         while True:
             try:
-                return self._dequeue_unpaused(timeout, max_idle_time)
+                self._age_lanes()
+                result = self._dequeue_unpaused(timeout, max_idle_time)
+                if result is not None:
+                    lanes.count_taken(result[1].name)
+                return result
             except REDIS_ERRORS as error:  # RQ retries the dequeue itself, not what is around it
                 self._ride_out(error)
+
+    # --- priority lanes (tasks.scheduling.lanes) --------------------------------------------------
+
+    _aged_at = float("-inf")
+
+    def _age_lanes(self) -> None:
+        """At most once a second, by a worker of the lanes: the starvation guard."""
+        if time.monotonic() - self._aged_at < AGING_CHECK_SECONDS:
+            return
+        self._aged_at = time.monotonic()
+        if set(self.queue_names()) & set(lanes.lane_names()):
+            lanes.age(self.connection)
 
     # --- paused queues (tasks.execution.pausing) --------------------------------------------------
 

@@ -74,9 +74,12 @@ def enqueue_task_run(
     max_concurrency: int | None = None,
     at_front: bool = False,
     fresh: bool = False,
+    queue_name: str | None = None,
+    meta: dict[str, str] | None = None,
     also: Callable[[redis.client.Pipeline], None] | None = None,
 ) -> bool:
-    """Put one run of a task on the task queue. True if enqueued (or already there).
+    """Put one run of a task on `queue_name` (its priority lane; the task queue by default).
+    True if enqueued (or already there).
 
     `also` adds the caller's own commands (the task's `task.queued` event) to the enqueue's
     pipeline when it has one, else to a pipeline of their own sent right after.
@@ -102,7 +105,7 @@ def enqueue_task_run(
     one_trip = fresh and rate_limit is None
     pipeline = redis_client().pipeline() if one_trip else None
     try:
-        queue(settings.TASK_QUEUE).enqueue_call(
+        queue(queue_name or settings.TASK_QUEUE).enqueue_call(
             "tasks.jobs.run_task",
             args=(str(task_id), run),
             job_id=job_id,
@@ -116,6 +119,7 @@ def enqueue_task_run(
             at_front=at_front,
             unique=not fresh and rate_limit is None,
             description=f"task {task_id} run {run}",
+            meta=meta,
             rate_limit=rate_limit,
             retry=INFRASTRUCTURE_RETRY,
             pipeline=pipeline,

@@ -65,6 +65,8 @@ def alerts(overview_data: Overview | None = None, now: datetime | None = None) -
                       f"(threshold {settings.QUEUE_BACKLOG_THRESHOLD})", queue.queued)
             )  # fmt: skip
     for queue in data.queues:
+        if queue.lane and queue.name != settings.TASK_QUEUE:
+            continue  # paused with the task queue: one alert for the three lanes
         if queue.paused_at is not None:
             paused_for = (now - queue.paused_at).total_seconds()
             if paused_for > settings.QUEUE_PAUSE_ALERT_SECONDS:

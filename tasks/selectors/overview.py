@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import redis
-from django.db.models import Count, Q
+from django.db.models import Count, Q, Value
+from django.db.models.functions import Coalesce, NullIf
 from django.utils import timezone
 
 from tasks.models import Application, CallbackAttempt, Task, TaskStatus
 from tasks.selectors.queues import QueueStats, WorkerInfo, queue_stats, workers
 
 # --- overview ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeySlots:
+    """An end user (the `concurrency_key`, else the `user`) and how many runs it has running."""
+
+    application_id: str
+    application_name: str
+    key: str
+    running: int
 
 
 @dataclass
@@ -23,6 +34,7 @@ class Overview:
     callback_delivered: int
     queues: list[QueueStats]
     workers: list[WorkerInfo]
+    busiest_keys: list[KeySlots] = field(default_factory=list)
     redis_error: str = ""
 
     @property
@@ -51,6 +63,7 @@ def overview(now: datetime | None = None) -> Overview:
         callback_delivered=attempts["delivered"],
         queues=[],
         workers=[],
+        busiest_keys=busiest_keys(),
     )
     try:
         result.queues = queue_stats()
@@ -58,6 +71,22 @@ def overview(now: datetime | None = None) -> Overview:
     except redis.RedisError as exc:
         result.redis_error = f"{type(exc).__name__}: {exc}"
     return result
+
+
+def busiest_keys(limit: int = 5) -> list[KeySlots]:
+    """The end users holding the most running slots (running rows only: as many as workers)."""
+    rows = (
+        Task.objects.filter(status=TaskStatus.RUNNING)
+        .exclude(concurrency_key="", user="")
+        .annotate(key=Coalesce(NullIf("concurrency_key", Value("")), "user"))
+        .values("application_id", "application__name", "key")
+        .annotate(n=Count("id"))
+        .order_by("-n", "key")[:limit]
+    )
+    return [
+        KeySlots(str(row["application_id"]), row["application__name"], row["key"], row["n"])
+        for row in rows
+    ]
 
 
 # --- per-application health --------------------------------------------------------------------

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from django.conf import settings
 from django.utils import timezone
 from rq import Queue
 from rq.registry import (
@@ -18,6 +19,7 @@ from rq.worker import BaseWorker
 
 from tasks.execution import pausing
 from tasks.plumbing.queueing import redis_client
+from tasks.scheduling import lanes
 
 # --- Redis: queues and workers -----------------------------------------------------------------
 
@@ -33,6 +35,7 @@ class QueueStats:
     paused_at: datetime | None = None
     paused_by: str = ""
     pausable: bool = False  # the maintenance queue is not (tasks.execution.pausing)
+    lane: str = ""  # the priority of a task lane (tasks.scheduling.lanes)
 
     @property
     def paused(self) -> bool:
@@ -43,9 +46,12 @@ def queue_stats() -> list[QueueStats]:
     client = redis_client()
     paused = pausing.paused_queues()  # the table: one small query
     stats = []
-    for name in pausing.known_queues():
+    names = (*lanes.lane_names(), *pausing.known_queues()[1:])
+    for name in names:
         queue = Queue(name, connection=client)
-        pause = paused.get(name)
+        lane = lanes.priority_of_queue(name) or ""
+        # The lanes are paused and resumed together, as the task queue.
+        pause = paused.get(settings.TASK_QUEUE if lane else name)
         # ZCARD/LLEN only: constant time whatever the registry size.
         stats.append(
             QueueStats(
@@ -58,6 +64,7 @@ def queue_stats() -> list[QueueStats]:
                 paused_at=pause.paused_at if pause else None,
                 paused_by=pause.paused_by if pause else "",
                 pausable=name in pausing.pausable_queues(),
+                lane=lane,
             )
         )
     return stats

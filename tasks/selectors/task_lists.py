@@ -30,6 +30,7 @@ class TaskFilters:
     application: str = ""
     status: str = ""
     callback_status: str = ""
+    priority: str = ""
     created_from: datetime | None = None
     created_to: datetime | None = None
     q: str = ""
@@ -71,6 +72,8 @@ def filtered_tasks(filters: TaskFilters) -> QuerySet[Task]:
         tasks = tasks.filter(status=filters.status)
     if filters.callback_status:
         tasks = tasks.filter(callback_status=filters.callback_status)
+    if filters.priority:
+        tasks = tasks.filter(priority=filters.priority)
     if filters.error_fingerprint:
         tasks = tasks.filter(status=TaskStatus.FAILED, error_fingerprint=filters.error_fingerprint)
     if filters.callback_error_fingerprint:
@@ -95,7 +98,7 @@ def filtered_tasks(filters: TaskFilters) -> QuerySet[Task]:
 LIST_FIELDS = (
     "id", "status", "run", "user", "progress", "created_at", "started_at", "finished_at",
     "callback_status", "callback_attempts", "callback_last_status_code", "error",
-    "application__name", "application_id",
+    "application__name", "application_id", "priority",
 )  # fmt: skip
 
 

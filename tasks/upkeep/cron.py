@@ -9,8 +9,10 @@ the environment.
 from django.conf import settings
 from rq import cron
 
+from tasks.execution.deadlines import SWEEP_INTERVAL_SECONDS
 from tasks.upkeep.maintenance import (
     cleanup_job,
+    deadline_sweep_job,
     reconcile_job,
     rollup_job,
     sample_stats_job,
@@ -24,6 +26,17 @@ cron.register(
     job_timeout=300,
     result_ttl=3600,
     name="reconcile",
+)
+
+# Runs past their start_by (max_queue_seconds) or deadline_at (Cancel-After, deadline_seconds)
+# fail within about this interval, however long the queue in front of them.
+cron.register(
+    deadline_sweep_job,
+    settings.MAINTENANCE_QUEUE,
+    interval=SWEEP_INTERVAL_SECONDS,
+    job_timeout=60,
+    result_ttl=60,
+    name="deadline-sweep",
 )
 
 cron.register(

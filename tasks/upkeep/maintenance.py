@@ -18,6 +18,14 @@ def reconcile_job() -> dict[str, int | bool]:
     }
 
 
+def deadline_sweep_job() -> dict[str, int]:
+    """Fail the runs past their start_by or deadline_at (tasks.execution.deadlines)."""
+    from tasks.execution.deadlines import sweep
+
+    report = sweep()
+    return {"pending": len(report.expired_pending), "running": len(report.expired_running)}
+
+
 def sample_stats_job() -> dict[str, int]:
     from tasks.execution.pausing import reassert
 

@@ -2,7 +2,8 @@
 
 (a) pending tasks whose job is missing from Redis, or failed before it could start the task
     (database unreachable), are enqueued again (RQ refuses a duplicate job
-    id, so two reconcilers never enqueue a run twice);
+    id, so two reconcilers never enqueue a run twice); a run waiting out an automatic retry's
+    backoff only once it is due;
 (b) running tasks whose worker is gone, or that outlived their job timeout, are failed ("worker
     lost" / "timed out") or re-run when the application allows task retries;
 (c) finished tasks whose callback delivery was never scheduled, or whose scheduled retry
@@ -24,7 +25,6 @@ from datetime import datetime, timedelta
 from typing import cast
 
 import redis
-from django.conf import settings
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 from rq.job import Job
@@ -36,6 +36,7 @@ from tasks.execution.executor import on_task_finished
 from tasks.execution.worker import KNOWN_WORKERS_KEY, alive_key
 from tasks.models import CallbackAttempt, CallbackStatus, Task, TaskStatus
 from tasks.plumbing.queueing import delete_job, queue, redis_client
+from tasks.scheduling import dispatch, fairness, lanes
 from tasks.statuses import DELIVERABLE
 from tasks.submission import enqueue_pending_task
 from tasks.telemetry.metrics import record_reconciler_corrections
@@ -67,6 +68,7 @@ class ReconcileReport:
     rerun: list[str] = field(default_factory=list)
     callbacks_rescheduled: list[str] = field(default_factory=list)
     promoted: int = 0  # parked deliveries enqueued because their endpoint's slots expired
+    granted: int = 0  # runs moved from their key's line to their lane (tasks.scheduling)
     skipped: bool = False
 
     @property
@@ -91,6 +93,8 @@ def reconcile() -> ReconcileReport:
         _reschedule_callbacks(client, report)
         lock.reacquire()
         report.promoted = callbacks.promote_parked()
+        lock.reacquire()
+        report.granted = dispatch.refill()
         record_reconciler_corrections({kind: len(getattr(report, kind))
             for kind in ("requeued", "lost", "rerun", "callbacks_rescheduled")})  # fmt: skip
         return report
@@ -121,12 +125,18 @@ def _walk(client: redis.Redis, rule: str, rows: QuerySet[Task], order_field: str
 
 def _requeue_orphaned_pending(client: redis.Redis, report: ReconcileReport) -> None:
     cutoff = timezone.now() - PENDING_GRACE
+    # A run that waits out an automatic retry's backoff has no job before it is due (queued_at,
+    # RQ's scheduled tasks.jobs.enqueue_due_run brings it then); past that it is rescued here.
     pending = Task.objects.select_related("application").filter(
-        status=TaskStatus.PENDING, created_at__lt=cutoff
+        Q(queued_at__isnull=True) | Q(queued_at__lt=cutoff),
+        status=TaskStatus.PENDING,
+        created_at__lt=cutoff,
     )
     queued_ids: set[bytes] | None = set()  # the task queue's job ids, read once if needed
     read_queue = False
     for task in _walk(client, "pending", pending, "created_at"):
+        if fairness.line_place(task) is not None:
+            continue  # waits in its key's line, on purpose without a job (refill moves it)
         job_status = client.hget(Job.key_for(task.rq_job_id), "status")
         if job_status == b"queued" and not task.application.max_concurrency:
             if not read_queue:
@@ -151,10 +161,13 @@ SUSPECT_KEY = "taskhook:reconcile:suspect:{job_id}"
 
 
 def _queued_job_ids(client: redis.Redis) -> set[bytes] | None:
-    key = queue(settings.TASK_QUEUE).key
-    if client.llen(key) > MAX_QUEUE_SCAN:
+    keys = [queue(name).key for name in lanes.lane_names()]
+    if sum(client.llen(key) for key in keys) > MAX_QUEUE_SCAN:
         return None
-    return set(cast(list[bytes], client.lrange(key, 0, -1)))  # responses are not decoded
+    ids: set[bytes] = set()
+    for key in keys:
+        ids.update(cast(list[bytes], client.lrange(key, 0, -1)))  # responses are not decoded
+    return ids
 
 
 def _lost_in_transit(client: redis.Redis, task: Task, queued_ids: set[bytes] | None) -> bool:

@@ -15,7 +15,7 @@ from tasks.models import Application, IdempotencyRecord, Task
 T0 = datetime(2025, 3, 4, 5, 6, 7, 890123, tzinfo=UTC)
 TASK_ID = uuid.UUID("11111111-2222-3333-4444-555555555555")
 APP_ID = uuid.UUID("aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee")
-RESULT_KEYS = ["output", "error", "user", "created_at", "started_at", "finished_at"]
+RESULT_KEYS = ["output", "error", "error_code", "user", "created_at", "started_at", "finished_at"]
 
 
 def make_task(**fields) -> Task:
@@ -52,7 +52,7 @@ def test_iso():
 def test_task_body_fields_and_order():
     body = presenters.task_body(finished_task())
     assert list(body) == ["task_id", "app_id", "status", "run", "progress", *RESULT_KEYS,
-                          "elapsed_ms", "callback"]  # fmt: skip
+                          "elapsed_ms", "priority", "queue", "callback"]  # fmt: skip
     assert body == {
         "task_id": str(TASK_ID),
         "app_id": str(APP_ID),
@@ -61,11 +61,14 @@ def test_task_body_fields_and_order():
         "progress": 100,
         "output": {"text": "é"},
         "error": None,
+        "error_code": None,
         "user": "u-1",
         "created_at": "2025-03-04T05:06:07.890123Z",
         "started_at": "2025-03-04T05:06:08.890123Z",
         "finished_at": "2025-03-04T05:06:11.140123Z",
         "elapsed_ms": 2250,
+        "priority": "normal",
+        "queue": None,
         "callback": {
             "url": "https://hooks.example/x",
             "status": "delivered",
@@ -98,6 +101,15 @@ def test_callback_body_fields_and_order():
     assert body["run"] == 2 and body["status"] == "succeeded" and body["error"] == "boom"
     assert body["finished_at"] == "2025-03-04T05:06:11.140123Z"
     assert "callback" not in body and "elapsed_ms" not in body
+
+
+def test_error_code_follows_error_in_both_bodies():
+    task = make_task(status="failed", error="deadline exceeded: …", error_code="deadline_exceeded")
+    for body in (presenters.task_body(task), presenters.callback_body(task)):
+        keys = list(body)
+        assert keys[keys.index("error") + 1] == "error_code"
+        assert body["error_code"] == "deadline_exceeded"
+    assert presenters.task_body(make_task())["error_code"] is None
 
 
 def test_accepted_body(request_):

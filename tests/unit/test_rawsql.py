@@ -64,9 +64,10 @@ def test_start_returning_is_the_orm_update_and_read(application):
         == 1
     )
     read = Task.objects.values_list("inputs", "callback_url", "application_id",
-                                    "response_mode", "callback_events").get(pk=orm.pk)  # fmt: skip
+                                    "response_mode", "callback_events",
+                                    "deadline_at").get(pk=orm.pk)  # fmt: skip
     assert tuple(started) == read
-    assert started == state.StartedRun(INPUTS, URL, application.id, "async", "")
+    assert started == state.StartedRun(INPUTS, URL, application.id, "async", "", None)
     assert isinstance(started.application_id, uuid.UUID) and isinstance(started.inputs, dict)
     assert without(row(raw.pk), "started_at") == without(row(orm.pk), "started_at")
     assert abs(row(raw.pk)["started_at"] - now) < timedelta(seconds=5)
@@ -237,6 +238,23 @@ def test_start_run_and_its_orm_twin_agree(application):
     assert row(raw.pk) == row(orm.pk)
     # Both lose alike (no longer pending).
     assert sql.start_run(task_id=raw.id, **common) is sql.start_run_orm(task_id=orm.id, **common)
+
+
+@pytest.mark.parametrize(
+    ("bound", "seconds", "starts"),
+    [("start_by", 1, True), ("start_by", 0, False), ("start_by", -1, False),
+     ("deadline_at", 1, True), ("deadline_at", 0, False), ("deadline_at", -1, False)],
+)  # fmt: skip
+def test_start_run_and_its_orm_twin_refuse_a_run_past_a_bound(application, bound, seconds, starts):
+    now = timezone.now()
+    at = now + timedelta(seconds=seconds)
+    raw, orm = task(application, **{bound: at}), task(application, **{bound: at})
+    common = {"run": 1, "worker_name": "w", "now": now, "to": "running", "expected": "pending"}
+    started = sql.start_run(task_id=raw.id, **common)
+    assert started == sql.start_run_orm(task_id=orm.id, **common)
+    assert (started is not None) is starts and row(raw.pk) == row(orm.pk)
+    if starts and bound == "deadline_at":
+        assert started.deadline_at == at  # the worker knows the run's deadline from the start
 
 
 @pytest.mark.parametrize("callback", list(CallbackStatus))

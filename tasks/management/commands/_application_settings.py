@@ -47,11 +47,32 @@ FLAGS: dict[str, tuple[str, str, str]] = {
     "--endpoint-max-in-flight": (
         "endpoint_max_in_flight", "N", "deliveries in flight at once per callback origin; 0: no cap"
     ),
+    "--default-priority": (
+        "default_priority", "high|normal|low", "the lane of a submit that names no priority"
+    ),
+    "--max-concurrency-per-key": (
+        "max_concurrency_per_key", "N", "runs queued or running at once per concurrency_key (else "
+        "user); 0 or none: no cap"
+    ),
+    "--max-queue-seconds": (
+        "max_queue_seconds", "S", "a run not started within S seconds (1-604800) fails with "
+        "error_code deadline_exceeded; 0 or none: no bound"
+    ),
+    "--auto-retry": ("auto_retry", "N", "automatic retries of a retryable failure (0-10)"),
+    "--auto-retry-backoff": (
+        "auto_retry_backoff_seconds", "S", "seconds before the first automatic retry (0-3600), "
+        "doubling for each next one"
+    ),
 }  # fmt: skip
 FLAG_OF = {setting: flag for flag, (setting, _, _) in FLAGS.items()} | {
     "rate_limit_burst": "--rate-limit"
 }
-NULLABLE = ("blocking_timeout_seconds", "max_concurrency")
+NULLABLE = (
+    "blocking_timeout_seconds",
+    "max_concurrency",
+    "max_concurrency_per_key",
+    "max_queue_seconds",
+)
 
 
 def add_setting_arguments(parser: argparse.ArgumentParser, *, creating: bool) -> None:
@@ -127,6 +148,13 @@ def settings_lines(application: Application) -> list[str]:
         ("job_timeout", seconds(a.job_timeout_seconds)),
         ("task_retries", str(a.task_retries)),
         ("max_concurrency", str(a.max_concurrency) if a.max_concurrency else "none (no cap)"),
+        ("default_priority", a.default_priority),
+        ("concurrency_per_key", str(a.max_concurrency_per_key) if a.max_concurrency_per_key
+         else "none (no cap)"),
+        ("max_queue", seconds(a.max_queue_seconds) if a.max_queue_seconds
+         else "none (no bound)"),
+        ("auto_retry", f"{a.auto_retry} retries" if a.auto_retry else "0 (off)"),
+        ("auto_retry_backoff", f"{seconds(a.auto_retry_backoff_seconds)}, doubling"),
         ("queue_threshold", seconds(a.queue_threshold_seconds)),
         ("run_threshold", seconds(a.run_threshold_seconds)),
         ("rate_limit", "0 (unlimited)" if a.rate_limit_per_second <= 0
