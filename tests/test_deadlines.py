@@ -23,6 +23,7 @@ from django.utils import timezone
 from rq.job import Job
 from standardwebhooks import Webhook
 
+from dashboard.runtime.embedded_redis import EmbeddedRedis
 from dashboard.runtime.processes import DELIVERY_WORKER_CLASS, cron_argv, task_lanes
 from tasks.api.events import finished_state
 from tasks.events.stream import decode, stream_key
@@ -120,9 +121,10 @@ def verified(app, received) -> dict:
 def blocking_the_worker(make_app) -> Iterator[Task]:
     """A task that holds the (one) task worker until the block ends."""
     gate = uuid.uuid4().hex
-    blocker = submitted(make_app(f"{__name__}.gated"), {"inputs": {"gate": gate}})
+    blocker = submitted(make_app("tests.test_deadlines.gated"), {"inputs": {"gate": gate}})
     try:
-        wait_for_status(blocker.id, ("running",))
+        started = wait_for_status(blocker.id, ("running", "failed", "succeeded"))
+        assert started.status == "running", started.error
         yield blocker
     finally:
         client = redis_client()
@@ -230,13 +232,14 @@ def test_a_run_past_its_bound_is_failed_by_the_worker_and_never_starts(
 
 @pytest.mark.django_db
 def test_a_cooperative_runner_is_stopped_at_its_deadline(make_app):
-    app = make_app(f"{__name__}.reports_until_stopped")
+    app = make_app("tests.test_deadlines.reports_until_stopped")
     task = pending_task(app, deadline_at=timezone.now() + timedelta(seconds=0.3))
     assert execute_task(task_id=str(task.id), run=1, worker_name="inline") == "failed"
     task.refresh_from_db()
     assert (task.status, task.error_code) == ("failed", CODE)
     assert task.error == deadlines.CLIENT_BOUND_RUNNING and task.started_at is not None
-    assert "reports_until_stopped" in task.traceback  # where the runner was stopped
+    # Stopped at a ctx call (not at the end of the run, which would also end it so).
+    assert "reports_until_stopped" in task.traceback and "never stopped" not in task.traceback
     assert task.finished_at >= task.deadline_at
     assert events_of(task.id)[0] == "task.started" and events_of(task.id)[-1] == "task.finished"
 
@@ -244,7 +247,7 @@ def test_a_cooperative_runner_is_stopped_at_its_deadline(make_app):
 @pytest.mark.django_db
 @pytest.mark.parametrize("raises", [False, True])
 def test_a_run_that_ends_after_its_deadline_ends_with_the_deadline(make_app, raises):
-    app = make_app(f"{__name__}.returns_late")
+    app = make_app("tests.test_deadlines.returns_late")
     task = pending_task(app, inputs={"raise": raises},
                         deadline_at=timezone.now() + timedelta(seconds=0.2))  # fmt: skip
     assert execute_task(task_id=str(task.id), run=1, worker_name="inline") == "failed"
@@ -388,8 +391,9 @@ def test_a_running_sleep_task_past_its_deadline_is_stopped_and_fails(
     make_app, live_worker, receiver
 ):
     app = make_app("sleep")
+    # Long enough for the run to start first, even on a loaded machine.
     task = submitted(app, {"inputs": {"seconds": 30}, "callback_url": receiver.url},
-                     **{"Cancel-After": "1s"})  # fmt: skip
+                     **{"Cancel-After": "3s"})  # fmt: skip
     wait_for_status(task.id, ("running",))
     failed = wait_for_status(task.id, ("failed",), timeout=20)  # long before its 30 s
     assert (failed.error_code, failed.error) == (CODE, deadlines.CLIENT_BOUND_RUNNING)
@@ -408,18 +412,39 @@ def test_a_task_that_meets_its_deadline_succeeds_on_a_real_worker(make_app, live
     assert poll(app, task.id)["error_code"] is None
 
 
+@pytest.fixture
+def own_redis(tmp_path, settings) -> Iterator[str]:
+    """A Redis of this test's own, for this process and the workers it starts: the session's
+    worker listens on the task lanes of the suite's Redis and must not take these runs."""
+    server = EmbeddedRedis(tmp_path / "redis", persist=False)
+    server.start()
+    settings.REDIS_URL = server.url
+    redis_client.cache_clear()
+    try:
+        yield server.url
+    finally:
+        redis_client.cache_clear()  # the suite's Redis again, once `settings` is restored
+        server.stop()
+
+
 @pytest.mark.django_db(transaction=True)
-def test_a_forking_workers_horse_is_killed_at_the_deadline(make_app, settings):
+def test_a_forking_workers_horse_is_killed_at_the_deadline(make_app, own_redis):
     """A runner that never calls ctx, on a forking worker: the sweep fails the task and sends
     RQ's stop-job command, and the worker is free again long before the runner would be."""
-    settings.TASK_QUEUE = "tasks-deadline-fork"
-    lanes = task_lanes(settings.TASK_QUEUE)
-    worker = WorkerProcess(lanes, name="deadline-fork",
-                           worker_class="tasks.execution.worker.TaskhookForkingWorker")  # fmt: skip
+    worker = WorkerProcess(
+        task_lanes(settings.TASK_QUEUE),
+        name="deadline-fork",
+        env=subprocess_env(REDIS_URL=own_redis),
+        worker_class="tasks.execution.worker.TaskhookForkingWorker",
+    )
     try:
-        app = make_app(f"{__name__}.sleeps_quietly")
-        task = submitted(app, {"inputs": {"seconds": 60}, "deadline_seconds": 1})
-        wait_for_status(task.id, ("running",), timeout=30)
+        echo = make_app("echo")
+        warm = submitted(echo, {"inputs": {"n": 0}})  # the worker is up and taking jobs
+        assert wait_for_status(warm.id, ("succeeded",), timeout=30)
+        app = make_app("tests.test_deadlines.sleeps_quietly")
+        # Long enough for the run to start first, even on a loaded machine.
+        task = submitted(app, {"inputs": {"seconds": 60}, "deadline_seconds": 3})
+        wait_for_status(task.id, ("running",))
         assert task.deadline_at is not None
         wait_for(lambda: timezone.now() > task.deadline_at, timeout=10)
         assert deadlines.sweep().expired_running == [str(task.id)]
@@ -429,9 +454,7 @@ def test_a_forking_workers_horse_is_killed_at_the_deadline(make_app, settings):
         assert (failed.status, failed.error_code) == ("failed", CODE)
         assert failed.error == deadlines.CLIENT_BOUND_RUNNING
         # The horse is gone: the next run starts now, not after the 60 s sleep.
-        quick = submitted(make_app("echo"), {"inputs": {"n": 1}})
+        quick = submitted(echo, {"inputs": {"n": 1}})
         assert wait_for_status(quick.id, ("succeeded",), timeout=20)
     finally:
         worker.stop()
-        for name in lanes:
-            queue(name).empty()

@@ -318,7 +318,10 @@ def test_reconciler_reruns_a_pending_task_whose_job_failed(stack, make_app):
         queue("tasks").failed_job_registry.add(job, ttl=3600, exc_string="OperationalError",
                                                pipeline=pipeline)  # fmt: skip
         pipeline.execute()
-    Task.objects.filter(pk=task_id).update(created_at=task.created_at - timedelta(minutes=1))
+    Task.objects.filter(pk=task_id).update(
+        created_at=task.created_at - timedelta(minutes=1),
+        queued_at=task.created_at - timedelta(minutes=1),
+    )
 
     report = reconcile()
     assert report.requeued == [task_id]

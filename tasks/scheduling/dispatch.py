@@ -33,7 +33,7 @@ def run_ended() -> None:
     reconciler's refill frees what this could not)."""
     job = get_current_job()
     member = job.meta.get(fairness.META_FIELD) if job is not None else None
-    if not member:
+    if job is None or not member:
         return
     key = fairness.Key.parse(member)
     try:
@@ -68,7 +68,7 @@ def _pass_on(key: fairness.Key, ended: list[str]) -> int:
         ended = []
         for job_id, run in runs.items():
             task = tasks.get(run[0]) if run else None
-            if task is None or task.run != run[1] or task.status != TaskStatus.PENDING:
+            if run is None or task is None or task.run != run[1] or task.status != "pending":
                 ended.append(job_id)
             elif enqueue_pending_task(task=task, announce=True):
                 enqueued += 1
@@ -82,9 +82,7 @@ def refill() -> int:
     client = fairness.redis_client()
     enqueued = 0
     for key in fairness.keys_in_use(client):
-        holders = [
-            j.decode() if isinstance(j, bytes) else j for j in client.zrange(key.slots, 0, -1)
-        ]
+        holders = fairness.slot_holders(client, key)
         runs = {job_id: _run_of(job_id) for job_id in holders}
         current = dict(
             Task.objects.filter(

@@ -22,7 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import redis
 from django.conf import settings
@@ -155,9 +155,11 @@ def for_task(task, *, now: datetime | None = None) -> dict[str, Any] | None:
 
 def _held_place(client: redis.Redis, task, application, job_id: str, status: str | None):
     if status == "rate_limited" and application.max_concurrency:
-        rank = client.zrank(f"rq:rl:app-{task.application_id}:rate_limited", job_id)
+        rank = cast(
+            int | None, client.zrank(f"rq:rl:app-{task.application_id}:rate_limited", job_id)
+        )
         if rank is not None:
-            return int(rank), application.max_concurrency
+            return rank, application.max_concurrency
     return fairness.line_place(task, application=application)
 
 

@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import redis
 
@@ -146,11 +147,15 @@ def line_place(task, application=None) -> tuple[int, int] | None:
     key = key_of(task, application)
     if key is None:
         return None
-    rank = redis_client().zrank(key.line, task_job_id(task.id, task.run))
-    return None if rank is None else (int(rank), application.max_concurrency_per_key)
+    rank = cast(int | None, redis_client().zrank(key.line, task_job_id(task.id, task.run)))
+    return None if rank is None else (rank, application.max_concurrency_per_key)
 
 
 def keys_in_use(client: redis.Redis | None = None) -> list[Key]:
     client = client or redis_client()
-    members = client.srandmember(KEYS_KEY, REFILL_KEYS_PER_PASS) or []
-    return [Key.parse(m.decode() if isinstance(m, bytes) else m) for m in members]
+    members = cast(list[bytes], client.srandmember(KEYS_KEY, REFILL_KEYS_PER_PASS) or [])
+    return [Key.parse(m.decode()) for m in members]
+
+
+def slot_holders(client: redis.Redis, key: Key) -> list[str]:
+    return [j.decode() for j in cast(list[bytes], client.zrange(key.slots, 0, -1))]

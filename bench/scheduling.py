@@ -1,0 +1,773 @@
+"""Scheduling (issue #19): priority lanes, per-key fairness, the queue place's ETA, what they cost
+in throughput, and the cost of a pending task's poll at a long queue. `make bench` runs this
+from bench/run.py; `python bench/scheduling.py` runs it alone. Writes the "Scheduling" section
+of docs/benchmarks.md and every figure to var/bench-scheduling.json.
+
+Phases, each on the same gunicorn (as `make run` serves it) with task workers started for the
+phase (`worker_argv("worker")`: the lanes high, normal, low, RQ's BLPOP taking high first):
+
+- priority: PRIORITY_LOW low tasks of PRIORITY_SECONDS (the `sleep` runner) queued, 2 workers
+  busy with them; one high task submitted PRIORITY_ROUNDS times at random moments. Its wait is
+  started_at - created_at (database), set against the task duration and against the moment
+  the next worker came free (the first low run to finish after the submit).
+- fairness: 4 workers; user A submits FAIR_A tasks of 0.1 s, then user B one. B's wait with
+  max_concurrency_per_key = 2, and without a cap for contrast.
+- eta: 2 workers, tasks of 0.1 s. Steady: the normal lane topped up to ETA_BACKLOG every
+  0.1 s (submits at the drain rate over a standing backlog); bursty: ETA_BURST tasks at once
+  every ETA_BURST_EVERY s. Sampled tasks are polled once (GET /api/tasks/{id}) right after
+  their submit; `queue.eta_seconds` against the actual wait, started_at - poll time. The
+  rate window is ETA_WINDOW_SECONDS (BENCH_SCHEDULING_ETA_WINDOW, default 30 instead of
+  the product's 180, to keep the run short); sampling starts once a whole window of the
+  load has passed.
+- throughput: tasks/s drained by 2 workers of THROUGHPUT_TASKS queued echo tasks, and
+  submits/s through the API (wrk, 10 clients), (a) normal priority, no cap, against
+  (b) priorities high/normal/low in turn, max_concurrency_per_key = 2 over many users (3 tasks
+  each in the drain, so a third of the runs pass through their key's line) and
+  deadline_seconds = 3600 (never fires). Rounds a, b, a, b, a: each (b) over the mean of the
+  (a) right before and after it.
+- position: the poll of a pending task (GET, 1 client, keep-alive) behind 100 and behind
+  POSITION_LARGE queued runs (rows bulk-inserted, jobs pipelined into the normal lane with
+  their tickets; no worker runs).
+
+Backends: SQLite + an embedded Redis always; PostgreSQL + Redis when DATABASE_URL (or
+BENCH_PG_URL) is a PostgreSQL URL: database `taskhook_bench_scheduling` on that server
+(recreated, dropped at the end) and Redis BENCH_SCHEDULING_REDIS_URL (default: REDIS_URL's
+server, db 11), flushed before and after: it must be the benchmark's own.
+  python bench/scheduling.py           # orchestrate, write the section of docs/benchmarks.md
+  python bench/scheduling.py --child   # one backend (env says which), JSON on stdout
+BENCH_SCHEDULING_ONLY=sqlite|postgresql picks one backend; BENCH_SCHEDULING_PHASES=priority,eta
+runs a subset (figures printed, no report).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(BASE_DIR))
+
+from bench.common import free_port, start_gunicorn, write_report_section  # noqa: E402
+from bench.run import Processes, percentile, wait_until  # noqa: E402
+from dashboard.runtime.processes import worker_argv  # noqa: E402
+
+PRIORITY_LOW = int(os.environ.get("BENCH_SCHEDULING_LOW", 2000))
+PRIORITY_SECONDS = 0.2
+PRIORITY_ROUNDS = 7
+FAIR_A = int(os.environ.get("BENCH_SCHEDULING_A_TASKS", 2000))
+FAIR_SECONDS = 0.1
+FAIR_WORKERS = 4
+FAIR_CAP = 2
+ETA_WINDOW = int(os.environ.get("BENCH_SCHEDULING_ETA_WINDOW", 30))
+ETA_SECONDS = 0.1
+ETA_BACKLOG = 300
+ETA_STEADY_SAMPLE_SECONDS = 30
+ETA_BURST = 150
+ETA_BURST_EVERY = 15.0
+ETA_BURSTS = 5  # the first is not sampled: its window still holds the steady load
+ETA_BURST_SAMPLES = 10
+THROUGHPUT_TASKS = int(os.environ.get("BENCH_SCHEDULING_TASKS", 1500))
+THROUGHPUT_WORKERS = 2
+WRK_SECONDS = 4
+WRK_CLIENTS = 10
+USERS = 500  # distinct users in the throughput's (b): 3 tasks each in the drain
+POSITION_SMALL = 100
+POSITION_LARGE = int(os.environ.get("BENCH_SCHEDULING_QUEUED", 100_000))
+POLLS = 300
+PHASES = ("priority", "fairness", "eta", "throughput", "position")
+RESULTS = BASE_DIR / "var" / "bench-scheduling.json"
+
+
+# --- the stack of one backend (inside the child) -------------------------------------------------
+
+
+class Stack:
+    """gunicorn for the whole run; task workers started and stopped per phase."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.processes = Processes()
+        self.port = free_port()
+        self.processes.items.append(start_gunicorn(self.port, env))
+        self.workers: list[subprocess.Popen] = []
+        self.started = 0
+
+    def start_workers(self, count: int) -> None:
+        from rq import Worker
+
+        from tasks.plumbing.queueing import redis_client
+
+        for _ in range(count):
+            self.started += 1
+            name = f"bench-scheduling-{os.getpid()}-{self.started}"
+            self.workers.append(self.processes.start(worker_argv("worker", name=name), self.env))
+        wait_until(lambda: Worker.count(connection=redis_client()) >= count, timeout=60)
+
+    def stop_workers(self) -> None:
+        """A warm shutdown (each finishes its run), then the lanes emptied for the next phase."""
+        for worker in self.workers:
+            worker.terminate()
+        for worker in self.workers:
+            try:
+                worker.wait(60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        self.workers.clear()
+        reset_queues()
+
+    def connection(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+
+    def close(self) -> None:
+        self.processes.stop_all()
+
+
+def reset_queues() -> None:
+    """Empty the lanes and forget the keys' lines, and the lanes' ticket counters with them
+    (emptying a lane drops runs no worker counted as taken: later tickets would be off)."""
+    from tasks.plumbing.queueing import queue, redis_client
+    from tasks.scheduling import lanes
+
+    client = redis_client()
+    for name in lanes.lane_names():
+        queue(name).empty()
+        client.delete(lanes.PUSHED_KEY.format(queue=name), lanes.TAKEN_KEY.format(queue=name))
+    for key in client.scan_iter("taskhook:fair:*", count=1000):
+        client.delete(key)
+
+
+def new_application(runner: str, **settings: Any) -> tuple[Any, str]:
+    from tasks.applications import create_application
+
+    created = create_application(name=f"bench-scheduling-{uuid.uuid4().hex[:12]}", runner=runner,
+                                 retry_schedule=[], rate_limit_per_second=0, auto_retry=False,
+                                 **settings)  # fmt: skip
+    return created.application, created.api_key
+
+
+def submit(application, *, inputs: dict[str, Any], **fields: Any):
+    """One task through the submit service (the API's path after parsing), committed and
+    enqueued on return."""
+    from tasks.submission import SubmitRequest, submit_task
+
+    request = SubmitRequest(inputs=inputs, response_mode="async", callback_url="",
+                            user=fields.pop("user", ""), **fields)  # fmt: skip
+    task, _ = submit_task(application=application, request=request)
+    return task
+
+
+def poll(client: http.client.HTTPConnection, api_key: str, task_id) -> dict[str, Any]:
+    client.request("GET", f"/api/tasks/{task_id}", headers={"Authorization": f"Bearer {api_key}"})
+    response = client.getresponse()
+    body = response.read()
+    assert response.status == 200, (response.status, body[:200])
+    return json.loads(body)
+
+
+def waiting(priority: str = "normal") -> int:
+    from tasks.plumbing.queueing import redis_client
+    from tasks.scheduling import lanes
+
+    return int(redis_client().llen(f"rq:queue:{lanes.queue_name(priority)}"))
+
+
+def started(task_ids) -> bool:
+    from tasks.models import Task
+
+    ids = list(task_ids)
+    return Task.objects.filter(pk__in=ids, started_at__isnull=False).count() >= len(ids)
+
+
+# --- 1. priority -----------------------------------------------------------------------------------
+
+
+def phase_priority(stack: Stack) -> dict[str, Any]:
+    from django.db.models import Min
+
+    from tasks.models import Task
+
+    application, _ = new_application("sleep")
+    inputs = {"seconds": PRIORITY_SECONDS}
+    for _ in range(PRIORITY_LOW):
+        submit(application, inputs=inputs, priority="low")
+    stack.start_workers(2)
+    wait_until(lambda: Task.objects.filter(application=application, status="running").exists(),
+               timeout=60)  # fmt: skip
+    chance = random.Random(19)
+    rounds = []
+    for _ in range(PRIORITY_ROUNDS):
+        time.sleep(chance.uniform(0.5, 1.5))  # lands anywhere within the running low runs
+        low_queued = waiting("low")
+        task = submit(application, inputs=inputs, priority="high")
+        wait_until(lambda task=task: started([task.id]), timeout=60, interval=0.01)
+        rounds.append((task.id, low_queued))
+    stack.stop_workers()
+    waits, after_free, queued = [], [], []
+    for task_id, low_queued in rounds:
+        task = Task.objects.get(pk=task_id)
+        next_free = (
+            Task.objects.filter(application=application, priority="low",
+                                finished_at__gte=task.created_at)
+            .aggregate(first=Min("finished_at"))["first"]
+        )  # fmt: skip
+        waits.append((task.started_at - task.created_at).total_seconds())
+        after_free.append((task.started_at - next_free).total_seconds())
+        queued.append(low_queued)
+    return {"task_seconds": PRIORITY_SECONDS, "workers": 2, "low_queued_min": min(queued),
+            "waits": waits, "after_free": after_free}  # fmt: skip
+
+
+# --- 2. fairness -----------------------------------------------------------------------------------
+
+
+def phase_fairness(stack: Stack) -> dict[str, Any]:
+    from tasks.models import Task
+
+    result = {}
+    for label, cap in (("capped", FAIR_CAP), ("uncapped", 0)):
+        application, api_key = new_application("sleep", max_concurrency_per_key=cap)
+        inputs = {"seconds": FAIR_SECONDS}
+        stack.start_workers(FAIR_WORKERS)
+        began = time.perf_counter()
+        for _ in range(FAIR_A):
+            submit(application, inputs=inputs, user="user-a")
+        a_submit_seconds = time.perf_counter() - began
+        b = submit(application, inputs=inputs, user="user-b")
+        client = stack.connection()
+        place = poll(client, api_key, b.id).get("queue") or {}
+        client.close()
+        wait_until(lambda b=b: started([b.id]), timeout=900, interval=0.01)
+        b = Task.objects.get(pk=b.id)
+        a_before = Task.objects.filter(application=application, user="user-a",
+                                       started_at__lt=b.started_at).count()  # fmt: skip
+        stack.stop_workers()
+        result[label] = {
+            "cap": cap,
+            "b_wait": (b.started_at - b.created_at).total_seconds(),
+            "b_position": place.get("position"),
+            "b_eta": place.get("eta_seconds"),
+            "a_started_before_b": a_before,
+            "a_submit_seconds": a_submit_seconds,
+        }
+    return result
+
+
+# --- 3. ETA accuracy -------------------------------------------------------------------------------
+
+
+def sample(client, api_key: str, application, samples: list[dict[str, Any]]) -> None:
+    """Submit one task and poll it at once: its ETA, and when it was asked."""
+    task = submit(application, inputs={"seconds": ETA_SECONDS})
+    asked = time.time()
+    body = poll(client, api_key, task.id)
+    asked = (asked + time.time()) / 2
+    place = body.get("queue") or {}
+    samples.append({"id": str(task.id), "asked": asked, "eta": place.get("eta_seconds"),
+                    "position": place.get("position")})  # fmt: skip
+
+
+def eta_errors(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    from tasks.models import Task
+
+    starts = dict(
+        Task.objects.filter(pk__in=[s["id"] for s in samples]).values_list("pk", "started_at")
+    )
+    relative, signed, absolute, missing = [], [], [], 0
+    for s in samples:
+        actual = starts[uuid.UUID(s["id"])].timestamp() - s["asked"]
+        s["actual"] = actual
+        if s["eta"] is None:
+            missing += 1
+        elif actual < 0.5:
+            absolute.append(abs(s["eta"] - actual))
+        else:
+            relative.append(abs(s["eta"] - actual) / actual)
+            signed.append((s["eta"] - actual) / actual)
+    actuals = [s["actual"] for s in samples]
+    return {
+        "samples": len(samples),
+        "rel_p50": statistics.median(relative) if relative else None,
+        "rel_p90": percentile(relative, 90) if relative else None,
+        "bias_p50": statistics.median(signed) if signed else None,  # > 0: the ETA was late
+        "short": len(absolute),
+        "short_abs_p50": statistics.median(absolute) if absolute else None,
+        "no_eta": missing,
+        "actual_p50": statistics.median(actuals),
+        "actual_range": [min(actuals), max(actuals)],
+    }
+
+
+def phase_eta(stack: Stack) -> dict[str, Any]:
+    from django.db.models import Max, Min
+
+    from tasks.models import Task
+    from tasks.scheduling.estimates import BUCKET_SECONDS
+
+    application, api_key = new_application("sleep")
+    client = stack.connection()
+    stack.start_workers(2)
+    # Steady: the lane topped up to ETA_BACKLOG every 0.1 s, so submits follow the drain rate.
+    steady: list[dict[str, Any]] = []
+    first_sample = time.monotonic() + ETA_WINDOW + BUCKET_SECONDS
+    next_sample, end = first_sample, first_sample + ETA_STEADY_SAMPLE_SECONDS
+    while (now := time.monotonic()) < end:
+        for _ in range(ETA_BACKLOG - waiting()):
+            submit(application, inputs={"seconds": ETA_SECONDS})
+        if now >= next_sample:
+            sample(client, api_key, application, steady)
+            next_sample += 1.0
+        time.sleep(0.1)
+    steady_ids = {s["id"] for s in steady}
+    # Bursts: ETA_BURST at once every ETA_BURST_EVERY s (the first burst starts once the steady
+    # backlog has drained); ETA_BURST_SAMPLES of each, spread over the burst, polled.
+    wait_until(lambda: started(steady_ids), timeout=600, interval=0.1)
+    runs = Task.objects.filter(application=application, started_at__isnull=False)
+    window = runs.aggregate(first=Min("started_at"), last=Max("started_at"))
+    drain_rate = (runs.count() - 1) / (window["last"] - window["first"]).total_seconds()
+    bursty: list[dict[str, Any]] = []
+    every = ETA_BURST // ETA_BURST_SAMPLES
+    for burst in range(ETA_BURSTS):
+        began = time.monotonic()
+        for index in range(ETA_BURST):
+            if burst and index % every == 0:
+                sample(client, api_key, application, bursty)
+            else:
+                submit(application, inputs={"seconds": ETA_SECONDS})
+        time.sleep(max(0.0, began + ETA_BURST_EVERY - time.monotonic()))
+    wait_until(lambda: started(s["id"] for s in bursty), timeout=600, interval=0.1)
+    client.close()
+    stack.stop_workers()
+    return {"window_seconds": ETA_WINDOW, "drain_per_s": drain_rate,
+            "steady": eta_errors(steady), "bursty": eta_errors(bursty)}  # fmt: skip
+
+
+# --- 4. throughput ---------------------------------------------------------------------------------
+
+
+def wrk_submits(stack: Stack, application, api_key: str, scheduled: bool) -> float:
+    """2xx submits/s through the API, WRK_CLIENTS clients for WRK_SECONDS s, each request with
+    a user of its own in turn (and in (b) a priority in turn and a deadline)."""
+    extra = (', "priority": "%s", "deadline_seconds": 3600'
+             if scheduled else "")  # fmt: skip
+    priority = ", priorities[counter % 3 + 1]" if scheduled else ""
+    script = BASE_DIR / "var" / f"bench-scheduling-{os.getpid()}.lua"
+    script.write_text(
+        "local counter = 0\n"
+        'local priorities = {"high", "normal", "low"}\n'
+        'wrk.method = "POST"\n'
+        f'wrk.headers["Authorization"] = "Bearer {api_key}"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        "request = function()\n"
+        "  counter = counter + 1\n"
+        "  local body = string.format("
+        f"'{{\"inputs\": {{\"q\": 1}}, \"response_mode\": \"async\", \"user\": \"u%d\"{extra}}}', "
+        f"counter % {USERS}{priority})\n"
+        "  return wrk.format(nil, nil, nil, body)\n"
+        "end\n"
+    )
+    url = f"http://127.0.0.1:{stack.port}/api/applications/{application.id}/generate"
+    try:
+        output = subprocess.run(
+            ["wrk", "-t2", f"-c{WRK_CLIENTS}", f"-d{WRK_SECONDS}s", "-s", str(script), url],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    finally:
+        script.unlink(missing_ok=True)
+    import re
+
+    total = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
+    done = int(re.search(r"(\d+) requests in", output).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    bad = int(errors.group(1)) if errors else 0
+    return total * (done - bad) / max(1, done)
+
+
+def drain(stack: Stack, application, scheduled: bool) -> float:
+    """Tasks/s of THROUGHPUT_WORKERS workers over THROUGHPUT_TASKS queued echo tasks, from the
+    tasks' own timestamps (first start to last finish: worker start-up not counted)."""
+    from django.db.models import Max, Min
+
+    from tasks.models import Task
+
+    priorities = ("high", "normal", "low")
+    for index in range(THROUGHPUT_TASKS):
+        fields: dict[str, Any] = {"user": f"u{index % (THROUGHPUT_TASKS // 3)}"}
+        if scheduled:
+            fields |= {"priority": priorities[index % 3], "deadline_seconds": 3600}
+        submit(application, inputs={"q": index}, **fields)
+    stack.start_workers(THROUGHPUT_WORKERS)
+    done = Task.objects.filter(application=application, status="succeeded")
+    wait_until(lambda: done.count() >= THROUGHPUT_TASKS, timeout=600, interval=0.1)
+    stack.stop_workers()
+    window = done.aggregate(first=Min("started_at"), last=Max("finished_at"))
+    return THROUGHPUT_TASKS / (window["last"] - window["first"]).total_seconds()
+
+
+def phase_throughput(stack: Stack) -> dict[str, Any]:
+    rounds: dict[str, list[dict[str, float]]] = {"plain": [], "scheduled": []}
+    for variant in ("plain", "scheduled", "plain", "scheduled", "plain"):
+        scheduled = variant == "scheduled"
+        settings = {"max_concurrency_per_key": FAIR_CAP} if scheduled else {}
+        application, api_key = new_application("echo", **settings)
+        figures = {"drain": drain(stack, application, scheduled)}
+        figures["submits"] = wrk_submits(stack, application, api_key, scheduled)
+        reset_queues()  # what wrk submitted waits for no worker
+        rounds[variant].append(figures)
+        print(f"throughput {variant}: {figures}", file=sys.stderr, flush=True)
+    result: dict[str, Any] = {"rounds": rounds}
+    for kind in ("drain", "submits"):
+        plain = [r[kind] for r in rounds["plain"]]
+        ratios = [r[kind] / statistics.fmean(plain[i : i + 2])
+                  for i, r in enumerate(rounds["scheduled"])]  # fmt: skip
+        result[kind] = {"plain": statistics.median(plain),
+                        "scheduled": statistics.median(r[kind] for r in rounds["scheduled"]),
+                        "ratios": ratios}  # fmt: skip
+    return result
+
+
+# --- 5. position cost ------------------------------------------------------------------------------
+
+
+def bulk_queue(application, count: int) -> None:
+    """`count` pending tasks queued in the normal lane as the submit queues them (a job, a
+    ticket), in bulk: rows in batches, jobs in pipelines of 1,000."""
+    from tasks.models import Task
+    from tasks.plumbing.queueing import queue, redis_client, task_job_id
+    from tasks.scheduling import lanes
+
+    now = datetime.now(UTC)
+    name = lanes.queue_name("normal")
+    lane = queue(name)
+    for start in range(0, count, 5000):
+        rows = Task.objects.bulk_create(
+            [Task(application=application, inputs={}, created_at=now, queued_at=now)
+             for _ in range(min(5000, count - start))],
+            batch_size=1000,
+        )  # fmt: skip
+        for chunk in range(0, len(rows), 1000):
+            pipeline = redis_client().pipeline(transaction=False)
+            for task in rows[chunk : chunk + 1000]:
+                job_id = task_job_id(task.id, task.run)
+                lane.enqueue_call("tasks.jobs.run_task", args=(str(task.id), task.run),
+                                  job_id=job_id, result_ttl=60, ttl=None, pipeline=pipeline)  # fmt: skip
+                lanes.take_ticket(pipeline, queue=name, job_id=job_id)
+            pipeline.execute()
+
+
+def timed_polls(stack: Stack, api_key: str, task_id) -> tuple[list[float], dict[str, Any]]:
+    client = stack.connection()
+    for _ in range(30):  # warm-up: connections, caches
+        body = poll(client, api_key, task_id)
+    samples = []
+    for _ in range(POLLS):
+        began = time.perf_counter()
+        body = poll(client, api_key, task_id)
+        samples.append((time.perf_counter() - began) * 1000)
+    client.close()
+    return samples, body.get("queue") or {}
+
+
+def phase_position(stack: Stack) -> dict[str, Any]:
+    application, api_key = new_application("echo")
+    bulk_queue(application, POSITION_SMALL - 1)
+    small = submit(application, inputs={})
+    small_ms, small_place = timed_polls(stack, api_key, small.id)
+    began = time.perf_counter()
+    bulk_queue(application, POSITION_LARGE - POSITION_SMALL)
+    queue_seconds = time.perf_counter() - began
+    large = submit(application, inputs={})
+    queued = waiting()
+    large_ms, large_place = timed_polls(stack, api_key, large.id)
+    again_ms, _ = timed_polls(stack, api_key, small.id)  # the first one, now with a long queue
+    reset_queues()
+    return {
+        "small": {"queued": POSITION_SMALL, "position": small_place.get("position"),
+                  "p50": percentile(small_ms, 50), "p99": percentile(small_ms, 99),
+                  "mean": statistics.fmean(small_ms)},
+        "large": {"queued": queued, "position": large_place.get("position"),
+                  "p50": percentile(large_ms, 50), "p99": percentile(large_ms, 99),
+                  "mean": statistics.fmean(large_ms)},
+        "small_at_large": {"p50": percentile(again_ms, 50), "mean": statistics.fmean(again_ms)},
+        "bulk_queue_seconds": queue_seconds,
+    }  # fmt: skip
+
+
+# --- the child: one backend ------------------------------------------------------------------------
+
+
+def child() -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dashboard.runtime.settings")
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    reset_queues()
+    phases = os.environ.get("BENCH_SCHEDULING_PHASES", ",".join(PHASES)).split(",")
+    results: dict[str, Any] = {"load_before": os.getloadavg()[0]}
+    began = time.monotonic()
+    stack = Stack(dict(os.environ))
+    try:
+        for name in phases:
+            phase_began = time.monotonic()
+            results[name] = globals()[f"phase_{name}"](stack)
+            results[name]["seconds"] = time.monotonic() - phase_began
+            print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
+    finally:
+        stack.close()
+    results["seconds"] = time.monotonic() - began
+    results["load_after"] = os.getloadavg()[0]
+    print(json.dumps(results))
+
+
+# --- orchestration ---------------------------------------------------------------------------------
+
+
+def backends(embedded_url: str, sqlite: Path) -> list[tuple[str, dict[str, str]]]:
+    base = dict(os.environ) | {
+        "DJANGO_SETTINGS_MODULE": "dashboard.runtime.settings",
+        "DEBUG": "false",
+        "SECURE_SSL_REDIRECT": "false",  # plain HTTP on loopback, no TLS proxy in front
+        "LOG_LEVEL": "WARNING",
+        "RQ_LOG_LEVEL": "ERROR",
+        "ETA_WINDOW_SECONDS": str(ETA_WINDOW),
+    }
+    base.setdefault("SECRET_KEY", "bench-only-secret-key-not-for-production-use-0123456789")
+    only = os.environ.get("BENCH_SCHEDULING_ONLY", "")
+    found = []
+    if only in ("", "sqlite"):
+        sqlite_env = {"DATABASE_URL": f"sqlite:///{sqlite}", "REDIS_URL": embedded_url}
+        found.append(("SQLite + embedded Redis", base | sqlite_env))
+    pg = os.environ.get("BENCH_PG_URL") or os.environ.get("DATABASE_URL", "")
+    if only in ("", "postgresql") and pg.startswith("postgres"):
+        from dashboard.runtime.embedded_redis import is_reachable
+
+        server = pg.rsplit("/", 1)[0]
+        redis_url = bench_redis_url()
+        if not is_reachable(redis_url):
+            print(f"Redis {redis_url} not reachable; skipping PostgreSQL", file=sys.stderr)
+        elif _pg_database(server, create=True):
+            pg_env = {"DATABASE_URL": f"{server}/taskhook_bench_scheduling", "REDIS_URL": redis_url}
+            found.append(("PostgreSQL + Redis", base | pg_env))
+    return found
+
+
+def bench_redis_url() -> str:
+    if url := os.environ.get("BENCH_SCHEDULING_REDIS_URL"):
+        return url
+    server = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
+    return f"{server}/11"
+
+
+def _flush(url: str) -> None:
+    import redis
+
+    redis.Redis.from_url(url).flushdb()
+
+
+def _pg_database(server: str, *, create: bool) -> bool:
+    try:
+        import psycopg
+
+        url = server.replace("postgres://", "postgresql://", 1) + "/postgres"
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DROP DATABASE IF EXISTS taskhook_bench_scheduling WITH (FORCE)")
+            if create:
+                conn.execute("CREATE DATABASE taskhook_bench_scheduling")
+        return True
+    except Exception as exc:
+        print(f"PostgreSQL not usable ({exc}); skipping that backend", file=sys.stderr)
+        return False
+
+
+def main() -> None:
+    from dashboard.runtime.embedded_redis import EmbeddedRedis
+
+    began = time.monotonic()
+    sqlite = BASE_DIR / "var" / f"bench-scheduling-{os.getpid()}.sqlite3"
+    embedded = EmbeddedRedis(BASE_DIR / "var" / f"bench-scheduling-redis-{os.getpid()}",
+                             persist=False)  # fmt: skip
+    columns = []
+    try:
+        embedded_url = embedded.start()
+        for name, env in backends(embedded_url, sqlite):
+            print(f"running: {name} ...", file=sys.stderr, flush=True)
+            if name.startswith("PostgreSQL"):
+                _flush(env["REDIS_URL"])
+            child = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--child"],
+                cwd=BASE_DIR, env=env, stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            try:
+                stdout, _ = child.communicate(timeout=1800)
+            except subprocess.TimeoutExpired:
+                child.terminate()  # it stops what it started
+                child.wait(120)
+                raise
+            finally:
+                if name.startswith("PostgreSQL"):
+                    _flush(env["REDIS_URL"])
+                    _pg_database(env["DATABASE_URL"].rsplit("/", 1)[0], create=False)
+            if child.returncode != 0:
+                raise SystemExit(f"scheduling benchmark failed on {name}")
+            columns.append((name, json.loads(stdout.strip().splitlines()[-1])))
+    finally:
+        embedded.stop()
+        shutil.rmtree(embedded.data_dir, ignore_errors=True)
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{sqlite}{suffix}").unlink(missing_ok=True)
+    RESULTS.write_text(json.dumps(columns, indent=1))
+    if "BENCH_SCHEDULING_PHASES" in os.environ:  # a partial run: figures only, no report
+        print(json.dumps(columns, indent=1))
+        return
+    write_report(columns, time.monotonic() - began)
+
+
+# --- the report ------------------------------------------------------------------------------------
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f} %"
+
+
+def _eta(d: dict[str, Any]) -> str:
+    short = ""
+    if d["short"]:
+        short = f"; {d['short']} under 0.5 s, abs. error p50 {d['short_abs_p50']:.2f} s"
+    missing = f"; {d['no_eta']} without an ETA" if d["no_eta"] else ""
+    return (f"{_pct(d['rel_p50'])} / {_pct(d['rel_p90'])} (bias {_pct(d['bias_p50'])}; "
+            f"{d['samples']} samples, waits {d['actual_range'][0]:.1f}-"
+            f"{d['actual_range'][1]:.1f} s{short}{missing})")  # fmt: skip
+
+
+def _ratios(d: dict[str, Any]) -> str:
+    ratios = d["ratios"]
+    return (f"{d['scheduled']:.0f} vs {d['plain']:.0f}: {statistics.median(ratios):.2f} "
+            f"({min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
+
+
+def _waits(values: list[float]) -> str:
+    return f"{statistics.median(values) * 1000:.0f} / {max(values) * 1000:.0f}"
+
+
+def _position(d: dict[str, Any]) -> str:
+    return (f"{d['small']['p50']:.2f} / {d['large']['p50']:.2f} ms "
+            f"(x{d['large']['p50'] / d['small']['p50']:.2f}); means {d['small']['mean']:.2f} / "
+            f"{d['large']['mean']:.2f}; positions {d['small']['position']:,} / "
+            f"{d['large']['position']:,}")  # fmt: skip
+
+
+ROWS: list[tuple[str, Any]] = [
+    (
+        f"**Priority**: high task's wait, median / max of {PRIORITY_ROUNDS} (ms), "
+        f"{PRIORITY_LOW:,} low tasks of {PRIORITY_SECONDS * 1000:.0f} ms queued, 2 workers "
+        f"(target <= {PRIORITY_SECONDS * 1000:.0f})",
+        lambda d: _waits(d["priority"]["waits"]),
+    ),
+    (
+        "  same: after the next worker came free, median / max (ms); low runs still queued",
+        lambda d: f"{_waits(d['priority']['after_free'])}; >= {d['priority']['low_queued_min']:,}",
+    ),
+    (
+        f"**Fairness**: B's wait after A's {FAIR_A:,} tasks of {FAIR_SECONDS * 1000:.0f} ms, "
+        f"max_concurrency_per_key {FAIR_CAP}, {FAIR_WORKERS} workers (target < 1 s)",
+        lambda d: f"{d['fairness']['capped']['b_wait'] * 1000:.0f} ms "
+        f"(position {d['fairness']['capped']['b_position']})",
+    ),
+    (
+        "  same without the cap (contrast): B's wait; A's runs started before it",
+        lambda d: f"{d['fairness']['uncapped']['b_wait']:.1f} s; "
+        f"{d['fairness']['uncapped']['a_started_before_b']:,}",
+    ),
+    (
+        f"**ETA**, steady (lane kept at {ETA_BACKLOG}): relative error p50 / p90",
+        lambda d: _eta(d["eta"]["steady"]),
+    ),
+    (
+        f"**ETA**, bursty ({ETA_BURST} tasks every {ETA_BURST_EVERY:.0f} s): relative error "
+        "p50 / p90",
+        lambda d: _eta(d["eta"]["bursty"]),
+    ),
+    ("  drain rate of the 2 workers during the steady load (tasks/s)",
+     lambda d: f"{d['eta']['drain_per_s']:.1f}"),
+    (
+        f"**Throughput**, {THROUGHPUT_WORKERS} workers draining {THROUGHPUT_TASKS:,} echo tasks "
+        "(tasks/s): scheduled vs plain, median ratio (range) (target >= 0.90)",
+        lambda d: _ratios(d["throughput"]["drain"]),
+    ),
+    (
+        f"**Throughput**, API submits/s, {WRK_CLIENTS} clients: scheduled vs plain, median "
+        "ratio (range) (target >= 0.90)",
+        lambda d: _ratios(d["throughput"]["submits"]),
+    ),
+    (
+        f"**Position**: poll p50 behind {POSITION_SMALL} / {POSITION_LARGE:,} queued runs "
+        f"({POLLS} polls, 1 client)",
+        lambda d: _position(d["position"]),
+    ),
+    (
+        "Load average (1 min) before / after; run time",
+        lambda d: f"{d['load_before']:.1f} / {d['load_after']:.1f}; {d['seconds'] / 60:.1f} min",
+    ),
+]
+
+
+def write_report(columns: list[tuple[str, dict[str, Any]]], seconds: float) -> None:
+    import django
+    import rq
+
+    header = "| measure | " + " | ".join(name for name, _ in columns) + " |"
+    lines = [header, "| --- |" + " --- |" * len(columns)]
+    for label, figure in ROWS:
+        lines.append(f"| {label} | " + " | ".join(figure(d) for _, d in columns) + " |")
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores shared with other work, Python "
+               f"{platform.python_version()}, Django {django.get_version()}, "
+               f"RQ {rq.__version__}")  # fmt: skip
+    section = (
+        "## Scheduling\n\n"
+        f"`bench/scheduling.py` (run by `make bench`), {datetime.now(UTC):%Y-%m-%d %H:%M} UTC "
+        f"({machine}; {seconds / 60:.0f} min in all). Each column is one run on a fresh "
+        "database; gunicorn as `make run` serves it, task workers as `make run` starts them "
+        "(`tasks.execution.worker.TaskhookWorker` on the lanes high, normal, low), started for "
+        "each measurement. Waits are started_at - created_at in the database. Priority: the "
+        "high task is submitted at random moments while both workers run low tasks; the next "
+        "worker came free when the first low run after the submit finished. ETA: a sampled "
+        "task is polled once right after its submit, `queue.eta_seconds` set against its "
+        "actual wait (started_at - poll time), relative error |eta - actual| / actual (bias: "
+        "the signed median, > 0 means the ETA said later than it was); ETA_WINDOW_SECONDS = "
+        f"{ETA_WINDOW} for this run (the default 180 would need a 3-minute warm-up), sampling "
+        "once a whole window of the load had passed; steady keeps the lane at "
+        f"{ETA_BACKLOG} runs (submits follow the drain rate), bursty submits {ETA_BURST} at "
+        f"once every {ETA_BURST_EVERY:.0f} s, samples spread over each burst (the first burst "
+        "not sampled). Throughput: (a) normal priority, no cap, against (b) priorities "
+        "high/normal/low in turn, max_concurrency_per_key = 2 over many users (drain: 3 tasks "
+        "each, so a third of the runs wait in their key's line; submits: "
+        f"{USERS} users in turn) and deadline_seconds = 3600; rounds a, b, a, b, a, each (b) "
+        "over the mean of the (a) before and after it. Position: "
+        f"{POSITION_LARGE:,} pending rows and RQ jobs with their tickets put in the normal "
+        "lane in bulk, no worker running; the same 300 polls of one pending task behind 100 "
+        "and behind all of them.\n\n" + "\n".join(lines) + "\n"
+    )
+    write_report_section("Scheduling", section)
+    print(section)
+
+
+if __name__ == "__main__":
+    if "--child" in sys.argv:
+        child()
+    else:
+        main()
