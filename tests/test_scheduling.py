@@ -248,3 +248,46 @@ def test_one_users_backlog_does_not_delay_another_user(make_app, client, live_wo
     finally:
         for worker in extra:
             worker.stop()
+
+
+@pytest.mark.processes
+def test_a_worker_serves_a_low_task_that_waited_past_the_aging_bound_first(
+    make_app, client, tmp_path, settings, transactional_db
+):
+    """Its own Redis and a worker with a 1 s aging bound: a low task that waited longer than
+    that runs before the high tasks queued after it; without the guard it would run last."""
+    from tasks.plumbing.queueing import redis_client as cached_client
+    from tests.stack import Stack
+
+    stack = Stack(tmp_path, PRIORITY_AGING_SECONDS="1")
+    stack.start_redis()
+    settings.REDIS_URL = stack.redis_url
+    cached_client.cache_clear()
+    try:
+        app = make_app("sleep")
+        low = submit(client, app, priority="low", inputs={"seconds": 0.05})
+        highs = [submit(client, app, priority="high", inputs={"seconds": 0.05}) for _ in range(8)]
+        time.sleep(1.5)  # the low task waits past the bound before any worker runs
+        stack.start_worker("aging", lanes.lane_names())
+        wait_for(lambda: Task.objects.filter(status="succeeded").count() == 9, timeout=30)
+        low_start = Task.objects.get(pk=low).started_at
+        assert all(low_start < Task.objects.get(pk=h).started_at for h in highs)
+    finally:
+        stack.close()
+        cached_client.cache_clear()
+
+
+@pytest.mark.processes
+def test_a_waiting_task_sees_its_place_shrink_and_an_eta_from_the_real_drain(
+    make_app, client, live_worker
+):
+    app = make_app("sleep", rate_limit_per_second=0)
+    ids = [submit(client, app, inputs={"seconds": 0.1}) for _ in range(25)]
+    wait_for(lambda: Task.objects.filter(pk__in=ids, status="succeeded").count() >= 3, timeout=20)
+    first = poll(client, app, ids[-1]).json()["queue"]
+    assert first["position"] > 0 and first["eta_seconds"] is not None
+    wait_for(lambda: Task.objects.filter(pk__in=ids, status="succeeded").count() >= 12, timeout=20)
+    later = poll(client, app, ids[-1]).json()["queue"]
+    assert later["position"] < first["position"]
+    wait_for_status(ids[-1], ("succeeded",), timeout=30)
+    assert poll(client, app, ids[-1]).json()["queue"] is None
