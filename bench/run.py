@@ -500,6 +500,9 @@ def main() -> None:
     # Live event streams on one web process: a section of its own, on the same backends.
     subprocess.run([sys.executable, str(BASE_DIR / "bench" / "streams.py")], cwd=BASE_DIR,
                    check=True)  # fmt: skip
+    # Scheduling (priority lanes, fairness, ETA, their cost): its section, the same backends.
+    subprocess.run([sys.executable, str(BASE_DIR / "bench" / "scheduling.py")], cwd=BASE_DIR,
+                   check=True)  # fmt: skip
 
 
 def run_backends() -> list[tuple[str, dict]]:

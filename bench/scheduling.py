@@ -23,8 +23,8 @@ phase (`worker_argv("worker")`: the lanes high, normal, low, RQ's BLPOP taking h
   submits/s through the API (wrk, 10 clients), (a) normal priority, no cap, against
   (b) priorities high/normal/low in turn, max_concurrency_per_key = 2 over many users (3 tasks
   each in the drain, so a third of the runs pass through their key's line) and
-  deadline_seconds = 3600 (never fires). Rounds a, b, a, b, a: each (b) over the mean of the
-  (a) right before and after it.
+  deadline_seconds = 3600 (never fires). Rounds a, b, a, b, a, b, a: each (b) over the mean
+  of the (a) right before and after it (the machine's speed drifts within minutes).
 - position: the poll of a pending task (GET, 1 client, keep-alive) behind 100 and behind
   POSITION_LARGE queued runs (rows bulk-inserted, jobs pipelined into the normal lane with
   their tickets; no worker runs).
@@ -46,6 +46,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -76,10 +77,11 @@ ETA_BACKLOG = 300
 ETA_STEADY_SAMPLE_SECONDS = 30
 ETA_BURST = 150
 ETA_BURST_EVERY = 15.0
-ETA_BURSTS = 5  # the first is not sampled: its window still holds the steady load
+ETA_BURSTS = 4  # the first is not sampled: its window still holds the steady load
 ETA_BURST_SAMPLES = 10
 THROUGHPUT_TASKS = int(os.environ.get("BENCH_SCHEDULING_TASKS", 1500))
 THROUGHPUT_WORKERS = 2
+THROUGHPUT_ROUNDS = 3  # of (b), each between two of (a)
 WRK_SECONDS = 4
 WRK_CLIENTS = 10
 USERS = 500  # distinct users in the throughput's (b): 3 tasks each in the drain
@@ -90,7 +92,7 @@ PHASES = ("priority", "fairness", "eta", "throughput", "position")
 RESULTS = BASE_DIR / "var" / "bench-scheduling.json"
 
 
-# --- the stack of one backend (inside the child) -------------------------------------------------
+# --- the stack of one backend (inside the child) --------------------------------------------------
 
 
 class Stack:
@@ -170,11 +172,22 @@ def submit(application, *, inputs: dict[str, Any], **fields: Any):
 
 
 def poll(client: http.client.HTTPConnection, api_key: str, task_id) -> dict[str, Any]:
-    client.request("GET", f"/api/tasks/{task_id}", headers={"Authorization": f"Bearer {api_key}"})
-    response = client.getresponse()
+    headers = {"Authorization": f"Bearer {api_key}"}
+    try:
+        client.request("GET", f"/api/tasks/{task_id}", headers=headers)
+        response = client.getresponse()
+    except (http.client.RemoteDisconnected, ConnectionError):  # keep-alive ended while idle
+        client.close()
+        client.request("GET", f"/api/tasks/{task_id}", headers=headers)
+        response = client.getresponse()
     body = response.read()
     assert response.status == 200, (response.status, body[:200])
     return json.loads(body)
+
+
+def seconds_between(earlier: datetime | None, later: datetime | None) -> float:
+    assert earlier is not None and later is not None
+    return (later - earlier).total_seconds()
 
 
 def waiting(priority: str = "normal") -> int:
@@ -191,7 +204,7 @@ def started(task_ids) -> bool:
     return Task.objects.filter(pk__in=ids, started_at__isnull=False).count() >= len(ids)
 
 
-# --- 1. priority -----------------------------------------------------------------------------------
+# --- 1. priority ----------------------------------------------------------------------------------
 
 
 def phase_priority(stack: Stack) -> dict[str, Any]:
@@ -223,14 +236,14 @@ def phase_priority(stack: Stack) -> dict[str, Any]:
                                 finished_at__gte=task.created_at)
             .aggregate(first=Min("finished_at"))["first"]
         )  # fmt: skip
-        waits.append((task.started_at - task.created_at).total_seconds())
-        after_free.append((task.started_at - next_free).total_seconds())
+        waits.append(seconds_between(task.created_at, task.started_at))
+        after_free.append(seconds_between(next_free, task.started_at))
         queued.append(low_queued)
     return {"task_seconds": PRIORITY_SECONDS, "workers": 2, "low_queued_min": min(queued),
             "waits": waits, "after_free": after_free}  # fmt: skip
 
 
-# --- 2. fairness -----------------------------------------------------------------------------------
+# --- 2. fairness ----------------------------------------------------------------------------------
 
 
 def phase_fairness(stack: Stack) -> dict[str, Any]:
@@ -256,7 +269,7 @@ def phase_fairness(stack: Stack) -> dict[str, Any]:
         stack.stop_workers()
         result[label] = {
             "cap": cap,
-            "b_wait": (b.started_at - b.created_at).total_seconds(),
+            "b_wait": seconds_between(b.created_at, b.started_at),
             "b_position": place.get("position"),
             "b_eta": place.get("eta_seconds"),
             "a_started_before_b": a_before,
@@ -265,7 +278,7 @@ def phase_fairness(stack: Stack) -> dict[str, Any]:
     return result
 
 
-# --- 3. ETA accuracy -------------------------------------------------------------------------------
+# --- 3. ETA accuracy ------------------------------------------------------------------------------
 
 
 def sample(client, api_key: str, application, samples: list[dict[str, Any]]) -> None:
@@ -276,7 +289,7 @@ def sample(client, api_key: str, application, samples: list[dict[str, Any]]) -> 
     asked = (asked + time.time()) / 2
     place = body.get("queue") or {}
     samples.append({"id": str(task.id), "asked": asked, "eta": place.get("eta_seconds"),
-                    "position": place.get("position")})  # fmt: skip
+                    "position": place.get("position"), "status": body["status"]})  # fmt: skip
 
 
 def eta_errors(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -285,11 +298,15 @@ def eta_errors(samples: list[dict[str, Any]]) -> dict[str, Any]:
     starts = dict(
         Task.objects.filter(pk__in=[s["id"] for s in samples]).values_list("pk", "started_at")
     )
-    relative, signed, absolute, missing = [], [], [], 0
+    relative, signed, absolute, missing, running = [], [], [], 0, 0
     for s in samples:
-        actual = starts[uuid.UUID(s["id"])].timestamp() - s["asked"]
+        start = starts[uuid.UUID(s["id"])]
+        assert start is not None
+        actual = start.timestamp() - s["asked"]
         s["actual"] = actual
-        if s["eta"] is None:
+        if s["status"] != "pending":  # a free worker took it before the poll: no place
+            running += 1
+        elif s["eta"] is None:
             missing += 1
         elif actual < 0.5:
             absolute.append(abs(s["eta"] - actual))
@@ -305,6 +322,7 @@ def eta_errors(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "short": len(absolute),
         "short_abs_p50": statistics.median(absolute) if absolute else None,
         "no_eta": missing,
+        "running_at_poll": running,
         "actual_p50": statistics.median(actuals),
         "actual_range": [min(actuals), max(actuals)],
     }
@@ -354,7 +372,7 @@ def phase_eta(stack: Stack) -> dict[str, Any]:
             "steady": eta_errors(steady), "bursty": eta_errors(bursty)}  # fmt: skip
 
 
-# --- 4. throughput ---------------------------------------------------------------------------------
+# --- 4. throughput --------------------------------------------------------------------------------
 
 
 def wrk_submits(stack: Stack, application, api_key: str, scheduled: bool) -> float:
@@ -373,7 +391,7 @@ def wrk_submits(stack: Stack, application, api_key: str, scheduled: bool) -> flo
         "request = function()\n"
         "  counter = counter + 1\n"
         "  local body = string.format("
-        f"'{{\"inputs\": {{\"q\": 1}}, \"response_mode\": \"async\", \"user\": \"u%d\"{extra}}}', "
+        f'\'{{"inputs": {{"q": 1}}, "response_mode": "async", "user": "u%d"{extra}}}\', '
         f"counter % {USERS}{priority})\n"
         "  return wrk.format(nil, nil, nil, body)\n"
         "end\n"
@@ -386,13 +404,20 @@ def wrk_submits(stack: Stack, application, api_key: str, scheduled: bool) -> flo
         ).stdout  # fmt: skip
     finally:
         script.unlink(missing_ok=True)
-    import re
+    total, done = (
+        wrk_figure(p, output) for p in (r"Requests/sec:\s+([\d.]+)", r"(\d+) requests in")
+    )
+    bad = wrk_figure(r"Non-2xx or 3xx responses: (\d+)", output, default=0.0)
+    return total * (done - bad) / max(1.0, done)
 
-    total = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
-    done = int(re.search(r"(\d+) requests in", output).group(1))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    bad = int(errors.group(1)) if errors else 0
-    return total * (done - bad) / max(1, done)
+
+def wrk_figure(pattern: str, output: str, default: float | None = None) -> float:
+    match = re.search(pattern, output)
+    if match is not None:
+        return float(match.group(1))
+    if default is None:
+        raise RuntimeError(f"no {pattern!r} in wrk's output: {output}")
+    return default
 
 
 def drain(stack: Stack, application, scheduled: bool) -> float:
@@ -418,7 +443,7 @@ def drain(stack: Stack, application, scheduled: bool) -> float:
 
 def phase_throughput(stack: Stack) -> dict[str, Any]:
     rounds: dict[str, list[dict[str, float]]] = {"plain": [], "scheduled": []}
-    for variant in ("plain", "scheduled", "plain", "scheduled", "plain"):
+    for variant in ("plain", "scheduled") * THROUGHPUT_ROUNDS + ("plain",):
         scheduled = variant == "scheduled"
         settings = {"max_concurrency_per_key": FAIR_CAP} if scheduled else {}
         application, api_key = new_application("echo", **settings)
@@ -438,7 +463,7 @@ def phase_throughput(stack: Stack) -> dict[str, Any]:
     return result
 
 
-# --- 5. position cost ------------------------------------------------------------------------------
+# --- 5. position cost -----------------------------------------------------------------------------
 
 
 def bulk_queue(application, count: int) -> None:
@@ -462,7 +487,8 @@ def bulk_queue(application, count: int) -> None:
             for task in rows[chunk : chunk + 1000]:
                 job_id = task_job_id(task.id, task.run)
                 lane.enqueue_call("tasks.jobs.run_task", args=(str(task.id), task.run),
-                                  job_id=job_id, result_ttl=60, ttl=None, pipeline=pipeline)  # fmt: skip
+                                  job_id=job_id, result_ttl=60, ttl=None,
+                                  pipeline=pipeline)  # fmt: skip
                 lanes.take_ticket(pipeline, queue=name, job_id=job_id)
             pipeline.execute()
 
@@ -505,7 +531,7 @@ def phase_position(stack: Stack) -> dict[str, Any]:
     }  # fmt: skip
 
 
-# --- the child: one backend ------------------------------------------------------------------------
+# --- the child: one backend -----------------------------------------------------------------------
 
 
 def child() -> None:
@@ -534,7 +560,7 @@ def child() -> None:
     print(json.dumps(results))
 
 
-# --- orchestration ---------------------------------------------------------------------------------
+# --- orchestration --------------------------------------------------------------------------------
 
 
 def backends(embedded_url: str, sqlite: Path) -> list[tuple[str, dict[str, str]]]:
@@ -637,7 +663,7 @@ def main() -> None:
     write_report(columns, time.monotonic() - began)
 
 
-# --- the report ------------------------------------------------------------------------------------
+# --- the report -----------------------------------------------------------------------------------
 
 
 def _pct(value: float | None) -> str:
@@ -649,6 +675,8 @@ def _eta(d: dict[str, Any]) -> str:
     if d["short"]:
         short = f"; {d['short']} under 0.5 s, abs. error p50 {d['short_abs_p50']:.2f} s"
     missing = f"; {d['no_eta']} without an ETA" if d["no_eta"] else ""
+    if d["running_at_poll"]:
+        missing += f"; {d['running_at_poll']} already running at the poll"
     return (f"{_pct(d['rel_p50'])} / {_pct(d['rel_p90'])} (bias {_pct(d['bias_p50'])}; "
             f"{d['samples']} samples, waits {d['actual_range'][0]:.1f}-"
             f"{d['actual_range'][1]:.1f} s{short}{missing})")  # fmt: skip
@@ -685,13 +713,20 @@ ROWS: list[tuple[str, Any]] = [
     (
         f"**Fairness**: B's wait after A's {FAIR_A:,} tasks of {FAIR_SECONDS * 1000:.0f} ms, "
         f"max_concurrency_per_key {FAIR_CAP}, {FAIR_WORKERS} workers (target < 1 s)",
-        lambda d: f"{d['fairness']['capped']['b_wait'] * 1000:.0f} ms "
-        f"(position {d['fairness']['capped']['b_position']})",
+        lambda d: (
+            f"{d['fairness']['capped']['b_wait'] * 1000:.0f} ms "
+            f"(position {d['fairness']['capped']['b_position']})"
+        ),
     ),
     (
-        "  same without the cap (contrast): B's wait; A's runs started before it",
-        lambda d: f"{d['fairness']['uncapped']['b_wait']:.1f} s; "
-        f"{d['fairness']['uncapped']['a_started_before_b']:,}",
+        "  same without the cap (contrast): B's wait; A's runs started before it; B's position "
+        "and ETA at a poll right after its submit",
+        lambda d: (
+            f"{d['fairness']['uncapped']['b_wait']:.1f} s; "
+            f"{d['fairness']['uncapped']['a_started_before_b']:,}; "
+            f"{d['fairness']['uncapped']['b_position']:,}, "
+            f"{d['fairness']['uncapped']['b_eta']} s"
+        ),
     ),
     (
         f"**ETA**, steady (lane kept at {ETA_BACKLOG}): relative error p50 / p90",
@@ -702,8 +737,10 @@ ROWS: list[tuple[str, Any]] = [
         "p50 / p90",
         lambda d: _eta(d["eta"]["bursty"]),
     ),
-    ("  drain rate of the 2 workers during the steady load (tasks/s)",
-     lambda d: f"{d['eta']['drain_per_s']:.1f}"),
+    (
+        "  drain rate of the 2 workers during the steady load (tasks/s)",
+        lambda d: f"{d['eta']['drain_per_s']:.1f}",
+    ),
     (
         f"**Throughput**, {THROUGHPUT_WORKERS} workers draining {THROUGHPUT_TASKS:,} echo tasks "
         "(tasks/s): scheduled vs plain, median ratio (range) (target >= 0.90)",
@@ -756,7 +793,7 @@ def write_report(columns: list[tuple[str, dict[str, Any]]], seconds: float) -> N
         "not sampled). Throughput: (a) normal priority, no cap, against (b) priorities "
         "high/normal/low in turn, max_concurrency_per_key = 2 over many users (drain: 3 tasks "
         "each, so a third of the runs wait in their key's line; submits: "
-        f"{USERS} users in turn) and deadline_seconds = 3600; rounds a, b, a, b, a, each (b) "
+        f"{USERS} users in turn) and deadline_seconds = 3600; rounds a, b, a, b, a, b, a, each (b) "
         "over the mean of the (a) before and after it. Position: "
         f"{POSITION_LARGE:,} pending rows and RQ jobs with their tickets put in the normal "
         "lane in bulk, no worker running; the same 300 polls of one pending task behind 100 "

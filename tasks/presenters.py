@@ -97,6 +97,7 @@ def callback_body(task: Task) -> dict[str, Any]:
         "app_id": str(task.application_id),
         "status": task.status,
         **result_fields(task),
+        "queue": None,  # a finished run waits nowhere (the poll's field, for one shape)
     }
 
 

@@ -23,6 +23,7 @@ from tasks import state
 from tasks.execution.executor import announce_finished, on_task_finished
 from tasks.models import Task, TaskStatus
 from tasks.plumbing.queueing import redis_client
+from tasks.scheduling import dispatch
 from tasks.submission import enqueue_pending_task
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def cancel_task(*, task_id: uuid.UUID | str) -> CancelResult:
             _stop_job(before.rq_job_id)
         else:
             _drop_queued_job(before.rq_job_id)
+            dispatch.run_dropped(task_id=task_id, run=before.run)
     task = Task.objects.select_related("application").get(pk=task_id)
     return CancelResult(cancelled=won, task=task)
 

@@ -184,6 +184,17 @@ def test_runs_over_the_keys_cap_wait_in_its_line_without_a_job(make_app, client,
     assert task_job_id(waiting[1], 1) not in lane_ids("normal")
 
 
+def test_a_cancelled_run_that_held_a_slot_passes_it_on_at_once(make_app, client, _clean):
+    from tasks.services import cancel_task
+
+    app = make_app("echo", max_concurrency_per_key=1)
+    first = submit(client, app, user="dora")
+    second = submit(client, app, user="dora")
+    assert lane_ids("normal") == [task_job_id(first, 1)]
+    cancel_task(task_id=first)
+    assert lane_ids("normal")[-1] == task_job_id(second, 1)
+
+
 def test_refill_frees_the_slots_of_runs_that_ended_silently_and_follows_the_cap(
     make_app, client, _clean
 ):

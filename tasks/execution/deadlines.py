@@ -51,6 +51,7 @@ from tasks import state
 from tasks.execution.runners import TaskCancelled
 from tasks.models import Task
 from tasks.plumbing.queueing import redis_client, task_job_id
+from tasks.scheduling import dispatch
 from tasks.statuses import UNFINISHED, ErrorCode
 from tasks.statuses import TaskStatus as S
 
@@ -238,9 +239,8 @@ def sweep(*, batch: int = BATCH) -> SweepReport:
 def _finish(*, task_id: uuid.UUID | str, run: int, status: str, error: str) -> bool:
     """`status` -> failed with the deadline's code, then what every finish does (the event,
     blocking waiters, counts, the callback: executor.on_task_finished); a running run's job is
-    told to stop, as a cancel does. A queued job is left: the worker that reaches it finds the
-    run failed and skips it, and passes its key's slot on (tasks.scheduling.dispatch) as after
-    any run."""
+    told to stop, as a cancel does. A queued job is left (the worker that reaches it finds the
+    run failed and skips it), but its key's slot passes on now (tasks.scheduling.dispatch)."""
     from tasks.execution.executor import on_task_finished  # the executor imports this module
 
     if not state.fail(task_id=task_id, run=run, error=error, expected=(status,), error_code=CODE):
@@ -249,6 +249,8 @@ def _finish(*, task_id: uuid.UUID | str, run: int, status: str, error: str) -> b
     on_task_finished(task_id, run=run)
     if status == S.RUNNING:
         _stop_job(task_job_id(task_id, run))
+    else:
+        dispatch.run_dropped(task_id=task_id, run=run)
     return True
 
 

@@ -11,6 +11,7 @@ import redis
 from rq import get_current_job
 
 from tasks.models import Application, Task
+from tasks.plumbing.queueing import task_job_id
 from tasks.scheduling import fairness
 from tasks.statuses import TaskStatus
 
@@ -40,6 +41,19 @@ def run_ended() -> None:
         _pass_on(key, [job.id])
     except redis.RedisError as exc:
         logger.warning("could not pass on the slot of %s: %s", job.id, exc)
+
+
+def run_dropped(*, task_id: uuid.UUID | str, run: int) -> None:
+    """A run ended before any worker took it (a cancel, a deadline): its key's slot passes on
+    now rather than when a worker reaches its job. Best effort, as `run_ended`."""
+    task = Task.objects.select_related("application").filter(pk=task_id).first()
+    key = fairness.key_of(task) if task is not None else None
+    if key is None:
+        return
+    try:
+        _pass_on(key, [task_job_id(task_id, run)])
+    except redis.RedisError as exc:
+        logger.warning("could not pass on the slot of task %s: %s", task_id, exc)
 
 
 def _cap(application_id: str) -> int | None:

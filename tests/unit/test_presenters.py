@@ -95,7 +95,8 @@ def test_task_body_of_a_fresh_task_uses_nulls_not_empty_strings():
 
 def test_callback_body_fields_and_order():
     body = presenters.callback_body(finished_task(error="boom"))
-    assert list(body) == ["event", "task_id", "run", "app_id", "status", *RESULT_KEYS]
+    assert list(body) == ["event", "task_id", "run", "app_id", "status", *RESULT_KEYS, "queue"]
+    assert body["queue"] is None
     assert body["event"] == "task.finished"
     assert body["task_id"] == str(TASK_ID) and body["app_id"] == str(APP_ID)
     assert body["run"] == 2 and body["status"] == "succeeded" and body["error"] == "boom"
