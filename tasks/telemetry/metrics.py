@@ -29,6 +29,7 @@ from rq import Queue
 from rq.worker import BaseWorker
 
 from tasks.models import Application, Task
+from tasks.plumbing.lane_names import task_lanes
 from tasks.plumbing.queueing import redis_client
 from tasks.telemetry import counters
 
@@ -93,7 +94,9 @@ class TaskhookCollector(Collector):
         depth = GaugeMetricFamily(
             "taskhook_queue_depth", "Jobs waiting on each RQ queue.", labels=["queue"]
         )
-        for name in (settings.TASK_QUEUE, settings.CALLBACK_QUEUE, settings.MAINTENANCE_QUEUE):
+        queues = (*task_lanes(settings.TASK_QUEUE), settings.CALLBACK_QUEUE,
+                  settings.MAINTENANCE_QUEUE)  # fmt: skip
+        for name in queues:
             depth.add_metric([name], client.llen(Queue(name, connection=client).key))
         yield depth
 

@@ -14,6 +14,7 @@ import time
 from django.conf import settings
 from rq import Queue
 
+from tasks.plumbing.lane_names import task_lanes
 from tasks.plumbing.queueing import redis_client
 from tasks.telemetry import counters
 
@@ -37,8 +38,12 @@ def finished_per_minute(minutes: int = 60) -> list[tuple[int, int]]:
 
 def sample_queue_depth() -> dict[str, int]:
     client = redis_client()
-    names = (settings.TASK_QUEUE, settings.CALLBACK_QUEUE)
-    depths = {name: client.llen(Queue(name, connection=client).key) for name in names}
+    # "tasks": every priority lane's runs (tasks.scheduling.lanes).
+    lanes = task_lanes(settings.TASK_QUEUE)
+    depths = {
+        settings.TASK_QUEUE: sum(client.llen(Queue(name, connection=client).key) for name in lanes),
+        settings.CALLBACK_QUEUE: client.llen(Queue(settings.CALLBACK_QUEUE, connection=client).key),
+    }
     pipeline = client.pipeline(transaction=False)
     pipeline.lpush(DEPTH_KEY, json.dumps({"t": int(time.time()), **depths}))
     pipeline.ltrim(DEPTH_KEY, 0, DEPTH_SAMPLES - 1)
