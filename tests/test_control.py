@@ -273,7 +273,7 @@ def test_viewers_see_the_page_but_get_403_on_actions(viewer, no_pauses):
 
 def test_operator_pause_answers_in_place_and_without_js_redirects(operator, no_pauses):
     page = operator.get("/workers/").content.decode()
-    assert 'data-confirm="Pause queue tasks?' in page
+    assert 'data-confirm="Pause queue tasks and its other priority lanes?' in page
     assert "not pausable" in page  # maintenance
     response = htmx_post(operator, "/queues/pause", queue="tasks", action="pause",
                          next="/workers/")  # fmt: skip
