@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from django.conf import settings
 from django.utils import timezone
 
 from dashboard.runtime.processes import DELIVERY_WORKER_CLASS
@@ -14,7 +15,7 @@ from tasks.delivery import callbacks, endpoints
 from tasks.models import CallbackAttempt, Task
 from tasks.plumbing.queueing import queue, redis_client
 from tasks.upkeep import reconciler
-from tests.conftest import QUEUES, WorkerProcess, api_submit, read_request, subprocess_env, wait_for
+from tests.conftest import WorkerProcess, api_submit, read_request, subprocess_env, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -85,7 +86,7 @@ def test_a_black_hole_endpoint_does_not_delay_a_healthy_one(make_app, live_worke
 
     black_hole = RawReceiver(swallow)
     delivery = WorkerProcess(
-        (QUEUES[1],), name="isolation",
+        (settings.CALLBACK_QUEUE,), name="isolation",
         env=subprocess_env(CALLBACK_CONCURRENCY="4"),
         worker_class=DELIVERY_WORKER_CLASS,
     )  # fmt: skip
