@@ -10,6 +10,7 @@ import uuid
 import redis
 from rq import get_current_job
 
+from tasks.applications import cached_application
 from tasks.models import Application, Task
 from tasks.plumbing.queueing import task_job_id
 from tasks.scheduling import fairness
@@ -56,20 +57,27 @@ def run_dropped(*, task_id: uuid.UUID | str, run: int) -> None:
         logger.warning("could not pass on the slot of task %s: %s", task_id, exc)
 
 
-def _cap(application_id: str) -> int | None:
-    return (
-        Application.objects.filter(pk=application_id)
-        .values_list("max_concurrency_per_key", flat=True)
-        .first()
-    )
+def _cap(application_id: str, *, fresh: bool = False) -> int | None:
+    """The application's cap. A run's end reads it as this process caches the application
+    (AUTH_CACHE_SECONDS), so it costs no query; the reconciler's refill reads it fresh."""
+    if fresh:
+        return (
+            Application.objects.filter(pk=application_id)
+            .values_list("max_concurrency_per_key", flat=True)
+            .first()
+        )
+    try:
+        return cached_application(application_id).max_concurrency_per_key
+    except Application.DoesNotExist:
+        return None
 
 
-def _pass_on(key: fairness.Key, ended: list[str]) -> int:
+def _pass_on(key: fairness.Key, ended: list[str], *, fresh: bool = False) -> int:
     """Free `ended`'s slots and enqueue the runs granted one; a granted run that is no longer
     waiting (cancelled, failed by its deadline) frees its slot again. Returns runs enqueued."""
     from tasks.submission import enqueue_pending_task  # submission imports scheduling
 
-    cap = _cap(key.application_id)
+    cap = _cap(key.application_id, fresh=fresh)
     enqueued = 0
     while True:
         granted = fairness.release(key=key, ended_job_ids=ended, cap=cap)
@@ -106,5 +114,5 @@ def refill() -> int:
         ended = [
             job_id for job_id, run in runs.items() if run is None or current.get(run[0]) != run[1]
         ]
-        enqueued += _pass_on(key, ended)
+        enqueued += _pass_on(key, ended, fresh=True)
     return enqueued

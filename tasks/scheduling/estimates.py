@@ -8,10 +8,11 @@ its place in its own lane: its ticket minus the runs workers took from the lane
 per-application waiting set also counts the runs of its key or application ahead of it (ZRANK),
 which start at most `cap` at a time.
 
-The ETA divides the position by the drain rate, the runs started per second over the last
-ETA_WINDOW_SECONDS (10-second buckets, counted by the workers). For a run held back by a cap it
-is at least one mean run time (of its application) per `cap` runs ahead of it. It is null when
-nothing started during the window.
+The ETA divides the position by the drain rate: the runs started per second over the last
+ETA_WINDOW_SECONDS, counted by the workers in 2-second buckets, over the buckets in which any
+run started (the rate while draining, so idle gaps between bursts do not slow it). For a run
+held back by a cap it is at least one mean run time (of its application) per `cap` runs ahead
+of it. It is null when nothing started during the window.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from tasks.plumbing.queueing import redis_client, task_job_id
 from tasks.scheduling import fairness, lanes
 from tasks.telemetry import counters
 
-BUCKET_SECONDS = 10
+# Short buckets, so that the drain rate is measured while workers drain: a bucket in which
+# nothing started (the queue was empty) does not count, or a bursty load would look slow.
+BUCKET_SECONDS = 2
 STARTED_KEY = "taskhook:started:{bucket}"
 RUN_SECONDS_KEY = "taskhook:run-seconds:{app}"  # hash: sum, count
 SNAPSHOT_SECONDS = 1.0  # how stale a process's view of the lanes may be for a new run's event
@@ -72,12 +75,9 @@ def _read_lanes(pipeline: redis.client.Pipeline) -> None:
 def _lanes_from(results: list[Any]) -> Lanes:
     waiting = tuple(int(n) for n in results[0:3])
     taken = tuple(int(n or 0) for n in results[3:6])
-    started = sum(int(n or 0) for n in results[6])
-    # The window's whole buckets plus the part of the current one that has passed.
-    seconds = (settings.ETA_WINDOW_SECONDS // BUCKET_SECONDS) * BUCKET_SECONDS + (
-        time.time() % BUCKET_SECONDS
-    )
-    return Lanes(waiting, taken, started / seconds if started else None)
+    counts = [int(n or 0) for n in results[6]]
+    busy_seconds = sum(1 for n in counts if n) * BUCKET_SECONDS
+    return Lanes(waiting, taken, sum(counts) / busy_seconds if busy_seconds else None)
 
 
 _snapshot: tuple[float, Lanes] | None = None
