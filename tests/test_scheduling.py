@@ -95,11 +95,25 @@ def test_positions_count_the_higher_lanes_and_the_runs_ahead_in_the_lane(make_ap
     assert [positions[tid] for tid in normal] == [1, 2, 3, 4]
     assert positions[low] == 5
 
-    # A worker takes two normal runs: the others move up (the count is what workers report).
+    # A worker takes two normal runs: the others move up (the head is what workers report).
+    normal_lane = Queue(lanes.queue_name("normal"), connection=redis_client())
     for _ in range(2):
-        Queue(lanes.queue_name("normal"), connection=redis_client()).pop_job_id()
-        lanes.count_taken(lanes.queue_name("normal"))
+        lanes.note_taken(normal_lane.name, normal_lane.pop_job_id(), batching=False)
     assert poll(client, app, normal[3]).json()["queue"]["position"] == 2
+
+
+def test_runs_that_leave_a_lane_otherwise_stop_counting_once_a_later_one_is_taken(
+    make_app, client, _clean
+):
+    from tasks.services import cancel_task
+
+    app = make_app("echo", rate_limit_per_second=0)
+    ids = [submit(client, app) for _ in range(20)]
+    for task_id in ids[:5]:
+        cancel_task(task_id=task_id)  # RQ's cancel takes the job out of the lane
+    normal_lane = Queue(lanes.queue_name("normal"), connection=redis_client())
+    lanes.note_taken(normal_lane.name, normal_lane.pop_job_id(), batching=False)  # ids[5]
+    assert poll(client, app, ids[9]).json()["queue"]["position"] == 3  # ids[6], [7], [8]
 
 
 def test_the_eta_follows_the_drain_rate_and_sets_retry_after(make_app, client, _clean):

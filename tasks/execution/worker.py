@@ -161,6 +161,7 @@ class LivenessMixin(_WorkerBase):
                     self._outage.recovered()
                 try:
                     counters.flush()  # Redis errors are handled there; nothing may stop liveness
+                    lanes.flush_taken()
                 except Exception:
                     logger.exception("could not write counters")
                 stop.wait(counters.FLUSH_SECONDS)
@@ -179,6 +180,7 @@ class LivenessMixin(_WorkerBase):
             stop.set()
             thread.join(timeout=2)
             counters.flush()
+            lanes.flush_taken()
             try:
                 self.connection.delete(alive_key(self.name))
                 self.connection.srem(KNOWN_WORKERS_KEY, self.name)
@@ -237,7 +239,7 @@ class LivenessMixin(_WorkerBase):
                 self._age_lanes()
                 result = self._dequeue_unpaused(timeout, max_idle_time)
                 if result is not None:
-                    lanes.count_taken(result[1].name)
+                    lanes.note_taken(result[1].name, result[0].id)
                 return result
             except REDIS_ERRORS as error:  # RQ retries the dequeue itself, not what is around it
                 self._ride_out(error)

@@ -3,10 +3,10 @@ next) and when it should start (`eta_seconds`), for the poll body, the `task.que
 the poll's Retry-After.
 
 Nothing is scanned. The runs ahead of a queued run are those of the higher lanes (LLEN) plus
-its place in its own lane: its ticket minus the runs workers took from the lane
-(tasks.scheduling.lanes). A run in its key's line (tasks.scheduling.fairness) or in RQ's
-per-application waiting set also counts the runs of its key or application ahead of it (ZRANK),
-which start at most `cap` at a time.
+its place in its own lane: its ticket minus the lane's head, the last ticket workers took
+(tasks.scheduling.lanes), at most the lane's length. A run in its key's line
+(tasks.scheduling.fairness) or in RQ's per-application waiting set also counts the runs of its
+key or application ahead of it (ZRANK), which start at most `cap` at a time.
 
 The ETA divides the position by the drain rate: the runs started per second over the last
 ETA_WINDOW_SECONDS, counted by the workers in 2-second buckets, over the buckets in which any
@@ -57,7 +57,7 @@ def observe_run(*, application_id: uuid.UUID | str, seconds: float) -> None:
 @dataclass(frozen=True)
 class Lanes:
     waiting: tuple[int, ...]  # per lane, highest first
-    taken: tuple[int, ...]
+    heads: tuple[int, ...]  # the highest ticket taken from each lane
     rate: float | None  # runs started per second
 
 
@@ -66,7 +66,7 @@ def _read_lanes(pipeline: redis.client.Pipeline) -> None:
     for name in names:
         pipeline.llen(Queue.redis_queue_namespace_prefix + name)
     for name in names:
-        pipeline.get(lanes.TAKEN_KEY.format(queue=name))
+        pipeline.get(lanes.HEAD_KEY.format(queue=name))
     now_bucket = int(time.time() // BUCKET_SECONDS)
     buckets = range(now_bucket - settings.ETA_WINDOW_SECONDS // BUCKET_SECONDS, now_bucket + 1)
     pipeline.mget([STARTED_KEY.format(bucket=b) for b in buckets])
@@ -74,10 +74,10 @@ def _read_lanes(pipeline: redis.client.Pipeline) -> None:
 
 def _lanes_from(results: list[Any]) -> Lanes:
     waiting = tuple(int(n) for n in results[0:3])
-    taken = tuple(int(n or 0) for n in results[3:6])
+    heads = tuple(int(n or 0) for n in results[3:6])
     counts = [int(n or 0) for n in results[6]]
     busy_seconds = sum(1 for n in counts if n) * BUCKET_SECONDS
-    return Lanes(waiting, taken, sum(counts) / busy_seconds if busy_seconds else None)
+    return Lanes(waiting, heads, sum(counts) / busy_seconds if busy_seconds else None)
 
 
 _snapshot: tuple[float, Lanes] | None = None
@@ -136,7 +136,7 @@ def for_task(task, *, now: datetime | None = None) -> dict[str, Any] | None:
         if status == "queued" and origin in lanes.lane_names():
             lane = lanes.lane_names().index(origin)
             ahead = sum(seen.waiting[:lane])
-            in_lane = int(ticket) - seen.taken[lane] - 1 if ticket and ticket != "0" else 0
+            in_lane = int(ticket) - seen.heads[lane] - 1 if ticket and ticket != "0" else 0
             return place(ahead + min(max(in_lane, 0), max(seen.waiting[lane] - 1, 0)), seen.rate)
         through_lane = sum(seen.waiting[: lane + 1])
         held = _held_place(client, task, application, job_id, status)

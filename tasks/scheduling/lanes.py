@@ -8,14 +8,16 @@ waited longer than PRIORITY_AGING_SECONDS to the front of the high lane (one Lua
 task waits at most about that long plus the runs ahead of it in the high lane.
 
 Tickets: a push onto a lane takes the lane's next ticket number, stored on the job
-(`th_ticket`); workers count the runs they take from each lane (batched, tasks.telemetry.
-counters). A run's place in its lane is its ticket minus that count (tasks.scheduling.
-estimates): no scan of a list, however long.
+(`th_ticket`); the lane's head is the highest ticket a worker has taken from it (written once a
+second by each worker). A run's place in its lane is its ticket minus the head's
+(tasks.scheduling.estimates): no scan of a list, however long, and runs that left the lane
+otherwise (a cancel, the aging guard) stop counting as soon as a later run is taken.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import UTC, datetime, timedelta
 
 import redis
@@ -25,14 +27,25 @@ from rq.queue import Queue
 
 from tasks.plumbing.lane_names import task_lanes
 from tasks.statuses import Priority
-from tasks.telemetry import counters
 
 logger = logging.getLogger(__name__)
 
 PRIORITIES = (Priority.HIGH, Priority.NORMAL, Priority.LOW)  # highest first, as the lanes
 PUSHED_KEY = "taskhook:lane:{queue}:pushed"
-TAKEN_KEY = "taskhook:lane:{queue}:taken"
+HEAD_KEY = "taskhook:lane:{queue}:head"
 AGED_PER_CALL = 100
+
+# KEYS: the lane's head. ARGV: the job key prefix, then job ids taken from the lane. The head
+# becomes the highest of their tickets, if higher.
+HEAD_SCRIPT = """
+local head = tonumber(redis.call('GET', KEYS[1]) or '0')
+for index = 2, #ARGV do
+    local ticket = tonumber(redis.call('HGET', ARGV[1] .. ARGV[index], 'th_ticket') or '0')
+    if ticket > head then head = ticket end
+end
+redis.call('SET', KEYS[1], head)
+return head
+"""
 
 # KEYS: the lane's pushed counter, the job's hash. Returns the ticket.
 TICKET_SCRIPT = """
@@ -86,10 +99,38 @@ def take_ticket(client: redis.Redis | redis.client.Pipeline, *, queue: str, job_
     client.eval(TICKET_SCRIPT, 2, PUSHED_KEY.format(queue=queue), Job.key_for(job_id))
 
 
-def count_taken(queue: str) -> None:
-    """A worker took a run from `queue` (batched in workers)."""
-    if queue in lane_names():
-        counters.add(TAKEN_KEY.format(queue=queue))
+_taken: dict[str, list[str]] = {}
+_taken_lock = threading.Lock()
+
+
+def note_taken(queue: str, job_id: str, *, batching: bool = True) -> None:
+    """A worker took `job_id` from `queue`: the lane's head moves at the next `flush_taken`
+    (each second, in the worker's beat thread), or at once with `batching=False`."""
+    if queue not in lane_names():
+        return
+    with _taken_lock:
+        _taken.setdefault(queue, []).append(job_id)
+    if not batching:
+        flush_taken()
+
+
+def flush_taken() -> None:
+    """Move each lane's head past the runs taken since the last flush (one script per lane).
+    Best effort: while Redis is away the ids wait for the next flush."""
+    from tasks.plumbing.queueing import redis_client
+
+    with _taken_lock:
+        pending = dict(_taken)
+        _taken.clear()
+    for queue, job_ids in pending.items():
+        try:
+            redis_client().eval(
+                HEAD_SCRIPT, 1, HEAD_KEY.format(queue=queue), Job.redis_job_namespace_prefix,
+                *job_ids,
+            )  # fmt: skip
+        except redis.RedisError:
+            with _taken_lock:
+                _taken.setdefault(queue, [])[:0] = job_ids
 
 
 def age(client: redis.Redis, *, now: datetime | None = None) -> int:
