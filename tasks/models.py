@@ -176,6 +176,13 @@ class Task(models.Model):
     error_fingerprint = models.CharField(max_length=16, blank=True, default="")
     callback_error_fingerprint = models.CharField(max_length=16, blank=True, default="")
 
+    # The batch the task is an item of (tasks.batches), and its place in the batch's items.
+    batch = models.ForeignKey(
+        "Batch", null=True, blank=True, on_delete=models.CASCADE, related_name="items",
+        db_index=False,
+    )  # fmt: skip
+    batch_index = models.PositiveIntegerField(null=True, blank=True)
+
     class Meta:
         indexes = [
             # Dashboard list, newest first, with and without filters (keyset on created_at, id).
@@ -243,6 +250,12 @@ class Task(models.Model):
                 name="task_retention_part_idx",
                 condition=Q(finished_at__isnull=False),
             ),
+            # A batch's items in index order (counts, results, cancel); no cost to other tasks.
+            models.Index(
+                fields=["batch", "batch_index"],
+                name="task_batch_part_idx",
+                condition=Q(batch__isnull=False),
+            ),
         ]
         permissions = [
             ("operate", "Can retry, cancel, redeliver and configure from the dashboard"),
@@ -268,6 +281,47 @@ class Task(models.Model):
     @property
     def rq_job_id(self) -> str:
         return task_job_id(self.id, self.run)
+
+
+class Batch(models.Model):
+    """Many tasks submitted in one request (tasks.batches); each item is an ordinary Task."""
+
+    class Status(models.TextChoices):
+        RUNNING = "running"  # some item has not finished
+        FINISHED = "finished"
+        CANCELLED = "cancelled"  # a cancel was requested, and every item has finished
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    application = models.ForeignKey(
+        Application, on_delete=models.CASCADE, related_name="batches", db_index=False
+    )
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
+    total = models.PositiveIntegerField()
+    callback_url = models.CharField(max_length=2048, blank=True, default="")
+    callback_events = models.CharField(max_length=64, blank=True, default="")
+    priority = models.CharField(max_length=8, choices=Priority.choices, default=Priority.NORMAL)
+    metadata = models.JSONField(default=dict, blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    # NULL (not ""): the unique constraint applies only to batches that sent a key.
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
+    request_hash = models.CharField(max_length=64, blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["application", "-created_at"], name="batch_app_created_idx"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["application", "idempotency_key"],
+                condition=Q(idempotency_key__isnull=False),
+                name="batch_idempotency_unique",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"batch {self.id} ({self.total} items)"
 
 
 class TaskRunHistory(models.Model):

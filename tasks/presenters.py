@@ -11,7 +11,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from tasks.events import catalog, tokens
-from tasks.models import IdempotencyRecord, Task
+from tasks.models import Batch, IdempotencyRecord, Task
 
 
 def iso(value: datetime | None) -> str | None:
@@ -88,6 +88,10 @@ def result_fields(task: Task) -> dict[str, Any]:
     }
 
 
+def _batch_id(task: Task) -> str | None:
+    return str(task.batch_id) if task.batch_id else None
+
+
 def callback_body(task: Task) -> dict[str, Any]:
     """The webhook payload (README: Callbacks), in its documented key order."""
     return {
@@ -98,6 +102,7 @@ def callback_body(task: Task) -> dict[str, Any]:
         "status": task.status,
         **result_fields(task),
         "queue": None,  # a finished run waits nowhere (the poll's field, for one shape)
+        "batch_id": _batch_id(task),
     }
 
 
@@ -121,6 +126,7 @@ def task_body(task: Task, *, queue: dict[str, Any] | None = None) -> dict[str, A
             "next_attempt_at": iso(task.callback_next_attempt_at),
             "events": catalog.listed_kinds(task.callback_events) if task.callback_url else [],
         },
+        "batch_id": _batch_id(task),
     }
 
 
@@ -132,3 +138,42 @@ def accepted_body(request, task: Task) -> dict[str, Any]:
         "stream_url": stream_url(request, task),
         "created_at": iso(task.created_at),
     }
+
+
+@functools.cache
+def _batch_path_template(name: str) -> str:
+    placeholder = "00000000-0000-0000-0000-000000000000"
+    return reverse(name, args=[placeholder]).replace(placeholder, "{}")
+
+
+def batch_body(request, batch: Batch, *, counts: dict[str, int]) -> dict[str, Any]:
+    """The batch submit's answer (README: Batches)."""
+    return {
+        "batch_id": str(batch.id),
+        "status": batch.status,
+        "counts": counts,
+        "poll_url": request.build_absolute_uri(_batch_path_template("api:batch").format(batch.id)),
+        "results_url": request.build_absolute_uri(
+            _batch_path_template("api:batch-results").format(batch.id)
+        ),
+        "created_at": iso(batch.created_at),
+    }
+
+
+def batch_detail_body(
+    request, batch: Batch, *, counts: dict[str, int], progress: int
+) -> dict[str, Any]:
+    """The batch's poll body: the submit's answer, then its progress."""
+    return batch_body(request, batch, counts=counts) | {
+        "progress": progress,
+        "metadata": batch.metadata,
+        "finished_at": iso(batch.finished_at),
+    }
+
+
+def batch_result_line(
+    task_id: uuid.UUID, index: int, status: str, output: Any, error: str, error_code: str | None
+) -> dict[str, Any]:
+    """One line of a batch's results NDJSON."""
+    return {"task_id": str(task_id), "index": index, "status": status, "output": output,
+            "error": error or None, "error_code": error_code}  # fmt: skip

@@ -90,7 +90,7 @@ def start_run_orm(
 # The fields a delivery needs (the payload, the URL), returned by the claim itself.
 CLAIMED_FIELDS = (
     "id", "run", "application", "status", "output", "error", "error_code", "user",
-    "created_at", "started_at", "finished_at", "callback_url", "callback_attempts",
+    "created_at", "started_at", "finished_at", "callback_url", "callback_attempts", "batch",
 )  # fmt: skip
 
 
@@ -164,7 +164,7 @@ POLL_FIELDS = (
     "id", "application", "status", "run", "progress", "output", "error", "error_code", "user",
     "created_at", "started_at", "finished_at", "callback_url", "callback_status",
     "callback_attempts", "callback_last_status_code", "callback_next_attempt_at",
-    "callback_events", "priority", "concurrency_key", "queued_at",
+    "callback_events", "priority", "concurrency_key", "queued_at", "batch",
 )  # fmt: skip
 
 

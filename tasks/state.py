@@ -147,6 +147,24 @@ def cancel(*, task_id: uuid.UUID | str) -> bool:
     )
 
 
+def cancel_many(*, task_ids: list[uuid.UUID], expected: str) -> list[Task]:
+    """`cancel` for many tasks that were `expected` (pending or running) in one statement (a
+    batch's cancel); the rows it moved, with id, run, user, concurrency_key and application
+    loaded (a task that moved on meanwhile is left as it is)."""
+    statement = rawsql.update_statement(
+        Task,
+        where={
+            "id": tuple(task_ids),
+            "status": task_transition(to=S.CANCELLED, expected=[expected]),
+        },
+        values={"status": S.CANCELLED, "cancel_requested": True, "finished_at": timezone.now()},
+    )
+    fields, columns = rawsql.columns(Task, ("id", "run", "user", "concurrency_key", "application"))
+    with rawsql.cursor() as db:
+        db.execute(f"{statement.sql} RETURNING {columns}", statement.params)
+        return [rawsql.instance(Task, fields, row) for row in db.fetchall()]
+
+
 def set_progress(*, task_id: uuid.UUID | str, run: int, progress: int) -> bool:
     """Record progress; False when the run is no longer running (cancelled, lost, re-run)."""
     progress = max(0, min(100, int(progress)))

@@ -219,6 +219,7 @@ def test_poll_of_pending_task_has_retry_after(client, app):
         "priority",
         "queue",
         "callback",
+        "batch_id",
     }
     assert poll["priority"] == "normal" and poll["queue"]["position"] == 0
     assert set(poll["callback"]) == {

@@ -55,7 +55,7 @@ def test_receiver_verifies_both_signatures(make_app, live_worker, receiver, runn
     assert payload["status"] == status
     assert set(payload) == {
         "event", "task_id", "run", "app_id", "status", "output", "error", "error_code", "user",
-        "created_at", "started_at", "finished_at", "queue",
+        "created_at", "started_at", "finished_at", "queue", "batch_id",
     }  # fmt: skip
     assert payload["error_code"] is None  # a runner's failure has none
     assert payload["event"] == "task.finished" and payload["task_id"] == task_id

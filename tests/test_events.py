@@ -159,7 +159,7 @@ def test_a_disconnect_mid_run_then_a_resume_loses_nothing_and_repeats_nothing(ma
     assert finished["output"] == {"pieces": 10} and finished["task_id"] == task_id
     assert list(finished) == ["event", "task_id", "run", "app_id", "status", "output", "error",
                               "error_code", "user", "created_at", "started_at",
-                              "finished_at", "queue"]  # fmt: skip
+                              "finished_at", "queue", "batch_id"]  # fmt: skip
     assert finished["error_code"] is None
     # The streamed output is kept with the task, the final output is the runner's return value.
     assert task.streamed_output == text and task.output == {"pieces": 10}

@@ -87,6 +87,10 @@ def test_document_is_served_as_written_and_is_valid_openapi_3_1():
         ("GET", "/api/tasks/{task_id}"),
         ("GET", "/api/tasks/{task_id}/events"),
         ("POST", "/api/tasks/{task_id}/cancel"),
+        ("POST", "/api/applications/{app_id}/batches"),
+        ("GET", "/api/batches/{batch_id}"),
+        ("GET", "/api/batches/{batch_id}/results"),
+        ("POST", "/api/batches/{batch_id}/cancel"),
         ("GET", "/api/openapi.json"),
     }
 
@@ -142,10 +146,12 @@ class FuzzTarget:
     app_id: str
     api_key: str
     task_ids: list[str]
+    batch_ids: list[str]
 
     def __post_init__(self) -> None:
         self.real_ids = {"app_id": itertools.cycle([self.app_id]),
-                         "task_id": itertools.cycle(self.task_ids)}  # fmt: skip
+                         "task_id": itertools.cycle(self.task_ids),
+                         "batch_id": itertools.cycle(self.batch_ids)}  # fmt: skip
         self.serial = itertools.count(1)
 
 
@@ -201,8 +207,17 @@ def fuzz_target(fuzz_stack: Stack, transactional_db) -> Iterator[FuzzTarget]:
     assert served.status_code == 200
     assert served.headers["Content-Type"] == "application/json"
     assert served.json() == load_document()
-    REAL_IDS.update(app_id=[str(app.id)], task_id=task_ids)
-    yield FuzzTarget(fuzz_stack, str(app.id), created.api_key, task_ids)
+    # A batch through the live server: its id is a real one too.
+    batch = requests.post(
+        f"{fuzz_stack.base_url}/api/applications/{app.id}/batches",
+        json={"items": [{"inputs": {"n": n}} for n in range(3)]},
+        headers={"Authorization": f"Bearer {created.api_key}"},
+        timeout=10,
+    )
+    assert batch.status_code == 200, batch.text
+    batch_ids = [batch.json()["batch_id"]]
+    REAL_IDS.update(app_id=[str(app.id)], task_id=task_ids, batch_id=batch_ids)
+    yield FuzzTarget(fuzz_stack, str(app.id), created.api_key, task_ids, batch_ids)
     REAL_IDS.clear()
 
 
@@ -301,5 +316,9 @@ def test_the_fuzzer_got_past_404_to_bodies_and_real_tasks():
         ("GET /api/tasks/{task_id}", 200),
         ("POST /api/tasks/{task_id}/cancel", 200),
         ("POST /api/tasks/{task_id}/cancel", 409),
+        ("POST /api/applications/{app_id}/batches", 200),
+        ("POST /api/applications/{app_id}/batches", 400),
+        ("GET /api/batches/{batch_id}", 200),
+        ("GET /api/batches/{batch_id}/results", 200),
     ]:
         assert expected in answered, (expected, dict(SEEN))

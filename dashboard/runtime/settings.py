@@ -162,6 +162,8 @@ BLOCKING_MAX_WAITS_PER_KEY = env.int(
 )
 MAX_BODY_BYTES = env.int("MAX_BODY_BYTES", default=1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_BODY_BYTES
+# A batch's body (tasks.batches): up to 10,000 items, read by the batch view itself.
+BATCH_MAX_BODY_BYTES = env.int("BATCH_MAX_BODY_BYTES", default=32 * 1024 * 1024)
 IDEMPOTENCY_WINDOW_HOURS = 24
 CALLBACK_ALLOW_PRIVATE_NETWORKS = env.bool("CALLBACK_ALLOW_PRIVATE_NETWORKS", default=False)
 # A callback host's name lookup, at submit and at each delivery attempt.

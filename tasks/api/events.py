@@ -153,6 +153,7 @@ def finished_state(task_id: uuid.UUID, run: int) -> tuple[dict[str, Any] | None,
         "error": past.error or None, "error_code": past.error_code,
         "user": task.user or None, "created_at": iso(task.created_at),
         "started_at": iso(past.started_at), "finished_at": iso(past.finished_at),
+        "batch_id": str(task.batch_id) if task.batch_id else None,
     }, task.run  # fmt: skip
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -13,17 +14,21 @@ from django.conf import settings
 from django.core.exceptions import DisallowedHost, RequestDataTooBig
 from django.core.handlers.wsgi import WSGIRequest
 from django.db import InterfaceError, OperationalError
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
 
-from tasks import credentials, jsonsafety
+from tasks import batches, credentials, jsonsafety
 from tasks.api import blocking, prefer, ratelimit
 from tasks.events import tokens
 from tasks.idempotency import IdempotencyConflict
-from tasks.models import ApiKey, IdempotencyRecord, Task
+from tasks.models import ApiKey, Batch, IdempotencyRecord, Task
 from tasks.plumbing.queueing import wait_for_finish
 from tasks.presenters import (
     accepted_body,
+    batch_body,
+    batch_detail_body,
+    batch_result_line,
     poll_url,
     removed_task_body,
     retry_after_seconds,
@@ -136,10 +141,13 @@ def _parse_uuid(value: str, what: str) -> uuid.UUID:
         raise _not_found(what) from None
 
 
-def _read_json(request: HttpRequest) -> object:
+def _read_json(request: HttpRequest, *, limit: int | None = None) -> object:
+    """The JSON body, at most `limit` bytes (MAX_BODY_BYTES by default). A larger limit than
+    Django's DATA_UPLOAD_MAX_MEMORY_SIZE (a batch) reads the stream itself."""
+    limit = limit or settings.MAX_BODY_BYTES
     length = request.META.get("CONTENT_LENGTH") or "0"
-    if length.isdigit() and int(length) > settings.MAX_BODY_BYTES:
-        raise _too_large()
+    if length.isdigit() and int(length) > limit:
+        raise _too_large(limit)
     if request.content_type != "application/json":
         raise ApiError(
             415,
@@ -147,11 +155,16 @@ def _read_json(request: HttpRequest) -> object:
             "Send the body as JSON with Content-Type: application/json.",
         )
     try:
-        raw = _chunked_body(request) if _is_chunked(request) else request.body
+        if _is_chunked(request):
+            raw = _chunked_body(request, limit)
+        elif limit > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
+            raw = request.read(limit + 1)
+        else:
+            raw = request.body
     except RequestDataTooBig:
-        raise _too_large() from None
-    if len(raw) > settings.MAX_BODY_BYTES:
-        raise _too_large()
+        raise _too_large(limit) from None
+    if len(raw) > limit:
+        raise _too_large(limit)
     try:
         return jsonsafety.loads(raw)
     except jsonsafety.UnstorableJson as exc:
@@ -166,18 +179,16 @@ def _is_chunked(request: HttpRequest) -> bool:
     )
 
 
-def _chunked_body(request: HttpRequest) -> bytes:
+def _chunked_body(request: HttpRequest, limit: int) -> bytes:
     """A body sent with Transfer-Encoding: chunked (no Content-Length): Django reads such a body
     as empty, the server (gunicorn) has already de-chunked it. Read one byte past the limit to
     tell a body that is too large."""
     assert isinstance(request, WSGIRequest)  # the API is served by WSGI only (runtime.handlers)
-    return request.environ["wsgi.input"].read(settings.MAX_BODY_BYTES + 1)
+    return request.environ["wsgi.input"].read(limit + 1)
 
 
-def _too_large() -> ApiError:
-    return ApiError(
-        413, "payload_too_large", f"The body is larger than {settings.MAX_BODY_BYTES} bytes."
-    )
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, "payload_too_large", f"The body is larger than {limit} bytes.")
 
 
 def _with_retry_after(
@@ -190,12 +201,7 @@ def _with_retry_after(
     return response
 
 
-@api_view("POST")
-def generate(request: HttpRequest, app_id: str) -> JsonResponse:
-    key = authenticate(request)
-    if str(key.application_id) != str(_parse_uuid(app_id, "application")):
-        raise _not_found("application")
-    application = key.application
+def _check_rate(key: ApiKey) -> None:
     try:
         ratelimit.check_submit(key=key)
     except ratelimit.RateLimited as exc:
@@ -205,6 +211,24 @@ def generate(request: HttpRequest, app_id: str) -> JsonResponse:
             f"Too many requests for this API key; retry after {exc.retry_after} s.",
             headers={"Retry-After": str(exc.retry_after)},
         ) from None
+
+
+def _idempotency_conflict() -> ApiError:
+    return ApiError(
+        409,
+        "idempotency_conflict",
+        "This Idempotency-Key was used with a different request body.",
+        "Idempotency-Key",
+    )
+
+
+@api_view("POST")
+def generate(request: HttpRequest, app_id: str) -> JsonResponse:
+    key = authenticate(request)
+    if str(key.application_id) != str(_parse_uuid(app_id, "application")):
+        raise _not_found("application")
+    application = key.application
+    _check_rate(key)
     try:
         submit = parse_submit_body(
             _read_json(request), cancel_after=request.headers.get("Cancel-After")
@@ -222,12 +246,7 @@ def generate(request: HttpRequest, app_id: str) -> JsonResponse:
             application=application, request=submit, idempotency_key=idempotency_key
         )
     except IdempotencyConflict:
-        raise ApiError(
-            409,
-            "idempotency_conflict",
-            "This Idempotency-Key was used with a different request body.",
-            "Idempotency-Key",
-        ) from None
+        raise _idempotency_conflict() from None
     if isinstance(task, IdempotencyRecord):
         # The first task already ran and retention removed it: its id again, nothing re-run.
         return JsonResponse(removed_task_body(request, task))
@@ -302,6 +321,103 @@ def task_events_needs_asgi(request: HttpRequest, task_id: str) -> JsonResponse:
         "Event streams are served by the ASGI web process (dashboard.runtime.asgi); this server "
         "runs the WSGI application only.",
     )
+
+
+@api_view("POST")
+def batch_submit(request: HttpRequest, app_id: str) -> JsonResponse:
+    key = authenticate(request)
+    if str(key.application_id) != str(_parse_uuid(app_id, "application")):
+        raise _not_found("application")
+    application = key.application
+    _check_rate(key)
+    try:
+        submit = batches.parse_batch_body(_read_json(request, limit=settings.BATCH_MAX_BODY_BYTES))
+        idempotency_key = validate_idempotency_key(request.headers.get("Idempotency-Key"))
+    except ValidationFailed as exc:
+        raise ApiError(400, "invalid_request", exc.message, exc.field) from None
+    try:
+        batch, _created = batches.submit_batch(
+            application=application, request=submit, idempotency_key=idempotency_key
+        )
+    except IdempotencyConflict:
+        raise _idempotency_conflict() from None
+    except batches.ItemKeyTaken as exc:
+        raise ApiError(
+            409,
+            "idempotency_conflict",
+            f"items[{exc.index}]: this idempotency_key already names a task.",
+            f"items[{exc.index}].idempotency_key",
+        ) from None
+    batch.application = application
+    return JsonResponse(batch_body(request, batch, counts=batches.progress(batch).counts))
+
+
+def _batch_for_key(request: HttpRequest, batch_id: str) -> Batch:
+    key = authenticate(request)
+    batch = (
+        Batch.objects.select_related("application")
+        .filter(pk=_parse_uuid(batch_id, "batch"), application_id=key.application_id)
+        .first()
+    )
+    if batch is None:
+        raise _not_found("batch")
+    return batch
+
+
+def _batch_detail(request: HttpRequest, batch: Batch) -> JsonResponse:
+    progress = batches.progress(batch)
+    body = batch_detail_body(request, batch, counts=progress.counts, progress=progress.percent)
+    return JsonResponse(body)
+
+
+@api_view("GET")
+def batch_detail(request: HttpRequest, batch_id: str) -> JsonResponse:
+    return _batch_detail(request, _batch_for_key(request, batch_id))
+
+
+@api_view("GET")
+def batch_results(request: HttpRequest, batch_id: str) -> StreamingHttpResponse:
+    batch = _batch_for_key(request, batch_id)
+    unknown = next((name for name in request.GET if name not in ("after", "limit")), None)
+    if unknown is not None:  # a misspelt cursor must not silently restart at the first item
+        raise ApiError(400, "invalid_request", "Only after and limit are accepted here.", unknown)
+    after = _int_param(request, "after", default=-1, low=-1, high=batches.MAX_ITEMS)
+    limit = _int_param(
+        request, "limit", default=batches.RESULTS_LIMIT, low=1, high=batches.RESULTS_MAX_LIMIT
+    )
+    page = batches.results(batch=batch, after=after, limit=limit)
+    lines = (
+        json.dumps(batch_result_line(*row), separators=(",", ":")).encode() + b"\n"
+        for row in page.rows
+    )
+    response = StreamingHttpResponse(lines, content_type="application/x-ndjson")
+    if page.next_after is not None:
+        path = reverse("api:batch-results", args=[batch.id])
+        following = request.build_absolute_uri(f"{path}?after={page.next_after}&limit={limit}")
+        response["Link"] = f'<{following}>; rel="next"'
+    return response
+
+
+def _int_param(request: HttpRequest, name: str, *, default: int, low: int, high: int) -> int:
+    raw = request.GET.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise ApiError(
+            400, "invalid_request", f"{name} must be an integer from {low} to {high}.", name
+        )
+    return value
+
+
+@api_view("POST")
+def batch_cancel(request: HttpRequest, batch_id: str) -> JsonResponse:
+    batch = _batch_for_key(request, batch_id)
+    batches.cancel_batch(batch=batch)
+    return _batch_detail(request, batch)
 
 
 @api_view("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")

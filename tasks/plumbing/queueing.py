@@ -77,6 +77,7 @@ def enqueue_task_run(
     queue_name: str | None = None,
     meta: dict[str, str] | None = None,
     also: Callable[[redis.client.Pipeline], None] | None = None,
+    into: redis.client.Pipeline | None = None,
 ) -> bool:
     """Put one run of a task on `queue_name` (its priority lane; the task queue by default).
     True if enqueued (or already there).
@@ -91,6 +92,8 @@ def enqueue_task_run(
     `fresh`: the task was created a moment ago, so no job can exist for it yet; RQ's
     duplicate check (a Lua round trip of its own) is skipped and the job goes in one pipeline.
     Every other caller (retries, the reconciler, an operator's requeue) keeps the check.
+    `into`: a fresh run's commands go in the caller's pipeline, which the caller sends (a
+    batch's items, many runs a trip); a rate-limited run still goes in its own trips.
 
     Raises redis.RedisError when Redis is unreachable; callers decide whether that is fatal.
     """
@@ -103,7 +106,7 @@ def enqueue_task_run(
         if not fresh and redis_client().exists(Job.key_for(job_id)):
             return True
     one_trip = fresh and rate_limit is None
-    pipeline = redis_client().pipeline() if one_trip else None
+    pipeline = (into if into is not None else redis_client().pipeline()) if one_trip else None
     try:
         queue(queue_name or settings.TASK_QUEUE).enqueue_call(
             "tasks.jobs.run_task",
@@ -127,7 +130,8 @@ def enqueue_task_run(
         if pipeline is not None:
             if also is not None:
                 also(pipeline)
-            pipeline.execute()
+            if into is None:
+                pipeline.execute()
             also = None
     except DuplicateJobError:
         logger.info("task %s run %s is already enqueued", task_id, run)

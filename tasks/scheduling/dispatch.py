@@ -57,6 +57,14 @@ def run_dropped(*, task_id: uuid.UUID | str, run: int) -> None:
         logger.warning("could not pass on the slot of task %s: %s", task_id, exc)
 
 
+def runs_dropped(*, key: fairness.Key, job_ids: list[str]) -> None:
+    """`run_dropped` for many runs of one key (a batch's cancel): one pass for all of them."""
+    try:
+        _pass_on(key, job_ids)
+    except redis.RedisError as exc:
+        logger.warning("could not pass on the slots of %d runs: %s", len(job_ids), exc)
+
+
 def _cap(application_id: str, *, fresh: bool = False) -> int | None:
     """The application's cap. A run's end reads it as this process caches the application
     (AUTH_CACHE_SECONDS), so it costs no query; the reconciler's refill reads it fresh."""

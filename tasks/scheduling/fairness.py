@@ -129,6 +129,23 @@ def acquire(task, *, key: Key) -> bool:
     return bool(granted)
 
 
+def acquire_many(tasks: list, *, keys: list[Key | None]) -> list[bool]:
+    """`acquire` for many fresh runs in one round trip (a batch's items); a task whose key is
+    None is not capped and always may enter its lane."""
+    pipeline = redis_client().pipeline(transaction=False)
+    for task, key in zip(tasks, keys, strict=True):
+        if key is None:
+            continue
+        queued_at = task.queued_at.timestamp() if task.queued_at else time.time()
+        pipeline.eval(
+            ACQUIRE_SCRIPT, 3, key.slots, key.line, KEYS_KEY,
+            task_job_id(task.id, task.run), task.application.max_concurrency_per_key,
+            line_score(task.priority, queued_at), time.time(), key.member,
+        )  # fmt: skip
+    answers = iter(pipeline.execute() if len(pipeline) else [])
+    return [True if key is None else bool(next(answers)) for key in keys]
+
+
 def release(*, key: Key, ended_job_ids: Iterable[str], cap: int | None) -> list[str]:
     """Free the slots of `ended_job_ids` and fill free slots from the line; returns the job ids
     granted a slot, for the caller to enqueue."""

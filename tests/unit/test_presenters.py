@@ -52,7 +52,7 @@ def test_iso():
 def test_task_body_fields_and_order():
     body = presenters.task_body(finished_task())
     assert list(body) == ["task_id", "app_id", "status", "run", "progress", *RESULT_KEYS,
-                          "elapsed_ms", "priority", "queue", "callback"]  # fmt: skip
+                          "elapsed_ms", "priority", "queue", "callback", "batch_id"]  # fmt: skip
     assert body == {
         "task_id": str(TASK_ID),
         "app_id": str(APP_ID),
@@ -77,6 +77,7 @@ def test_task_body_fields_and_order():
             "next_attempt_at": "2025-03-04T05:11:07.890123Z",
             "events": ["finished"],
         },
+        "batch_id": None,
     }
     assert list(body["callback"]) == ["url", "status", "attempts", "last_status_code",
                                       "next_attempt_at", "events"]  # fmt: skip
@@ -95,8 +96,9 @@ def test_task_body_of_a_fresh_task_uses_nulls_not_empty_strings():
 
 def test_callback_body_fields_and_order():
     body = presenters.callback_body(finished_task(error="boom"))
-    assert list(body) == ["event", "task_id", "run", "app_id", "status", *RESULT_KEYS, "queue"]
-    assert body["queue"] is None
+    assert list(body) == ["event", "task_id", "run", "app_id", "status", *RESULT_KEYS, "queue",
+                          "batch_id"]  # fmt: skip
+    assert body["queue"] is None and body["batch_id"] is None
     assert body["event"] == "task.finished"
     assert body["task_id"] == str(TASK_ID) and body["app_id"] == str(APP_ID)
     assert body["run"] == 2 and body["status"] == "succeeded" and body["error"] == "boom"

@@ -268,6 +268,7 @@ def _status_writes(path: Path) -> list[str]:
             and isinstance(node.func, ast.Attribute)
             and node.func.attr in {"update", "bulk_update"}
             and any(keyword.arg in STATUS_FIELDS for keyword in node.keywords)
+            and "Batch.objects" not in ast.unparse(node.func.value)  # a batch's own status
         ):
             found.append(f"{path}:{node.lineno} .{node.func.attr}(status...)")
         if (
