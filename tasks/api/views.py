@@ -222,13 +222,19 @@ def _idempotency_conflict() -> ApiError:
     )
 
 
-@api_view("POST")
-def generate(request: HttpRequest, app_id: str) -> JsonResponse:
+def _submitting_key(request: HttpRequest, app_id: str) -> ApiKey:
+    """The API key of a submit to `app_id` (a task or a batch), within its rate limit."""
     key = authenticate(request)
     if str(key.application_id) != str(_parse_uuid(app_id, "application")):
         raise _not_found("application")
-    application = key.application
     _check_rate(key)
+    return key
+
+
+@api_view("POST")
+def generate(request: HttpRequest, app_id: str) -> JsonResponse:
+    key = _submitting_key(request, app_id)
+    application = key.application
     try:
         submit = parse_submit_body(
             _read_json(request), cancel_after=request.headers.get("Cancel-After")
@@ -325,11 +331,8 @@ def task_events_needs_asgi(request: HttpRequest, task_id: str) -> JsonResponse:
 
 @api_view("POST")
 def batch_submit(request: HttpRequest, app_id: str) -> JsonResponse:
-    key = authenticate(request)
-    if str(key.application_id) != str(_parse_uuid(app_id, "application")):
-        raise _not_found("application")
+    key = _submitting_key(request, app_id)
     application = key.application
-    _check_rate(key)
     try:
         submit = batches.parse_batch_body(_read_json(request, limit=settings.BATCH_MAX_BODY_BYTES))
         idempotency_key = validate_idempotency_key(request.headers.get("Idempotency-Key"))
