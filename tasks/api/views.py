@@ -18,8 +18,11 @@ from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
 
-from tasks import batches, credentials, jsonsafety
+from tasks import credentials, jsonsafety
 from tasks.api import blocking, prefer, ratelimit
+from tasks.batches import control as batch_control
+from tasks.batches import follow as batch_follow
+from tasks.batches import ingest as batch_ingest
 from tasks.events import tokens
 from tasks.idempotency import IdempotencyConflict
 from tasks.models import ApiKey, Batch, IdempotencyRecord, Task
@@ -334,17 +337,19 @@ def batch_submit(request: HttpRequest, app_id: str) -> JsonResponse:
     key = _submitting_key(request, app_id)
     application = key.application
     try:
-        submit = batches.parse_batch_body(_read_json(request, limit=settings.BATCH_MAX_BODY_BYTES))
+        submit = batch_ingest.parse_batch_body(
+            _read_json(request, limit=settings.BATCH_MAX_BODY_BYTES)
+        )
         idempotency_key = validate_idempotency_key(request.headers.get("Idempotency-Key"))
     except ValidationFailed as exc:
         raise ApiError(400, "invalid_request", exc.message, exc.field) from None
     try:
-        batch, _created = batches.submit_batch(
+        batch, _created = batch_ingest.submit_batch(
             application=application, request=submit, idempotency_key=idempotency_key
         )
     except IdempotencyConflict:
         raise _idempotency_conflict() from None
-    except batches.ItemKeyTaken as exc:
+    except batch_ingest.ItemKeyTaken as exc:
         raise ApiError(
             409,
             "idempotency_conflict",
@@ -352,7 +357,7 @@ def batch_submit(request: HttpRequest, app_id: str) -> JsonResponse:
             f"items[{exc.index}].idempotency_key",
         ) from None
     batch.application = application
-    return JsonResponse(batch_body(request, batch, counts=batches.progress(batch).counts))
+    return JsonResponse(batch_body(request, batch, counts=batch_follow.progress(batch).counts))
 
 
 def _batch_for_key(request: HttpRequest, batch_id: str) -> Batch:
@@ -368,7 +373,7 @@ def _batch_for_key(request: HttpRequest, batch_id: str) -> Batch:
 
 
 def _batch_detail(request: HttpRequest, batch: Batch) -> JsonResponse:
-    progress = batches.progress(batch)
+    progress = batch_follow.progress(batch)
     body = batch_detail_body(request, batch, counts=progress.counts, progress=progress.percent)
     return JsonResponse(body)
 
@@ -384,11 +389,15 @@ def batch_results(request: HttpRequest, batch_id: str) -> StreamingHttpResponse:
     unknown = next((name for name in request.GET if name not in ("after", "limit")), None)
     if unknown is not None:  # a misspelt cursor must not silently restart at the first item
         raise ApiError(400, "invalid_request", "Only after and limit are accepted here.", unknown)
-    after = _int_param(request, "after", default=-1, low=-1, high=batches.MAX_ITEMS)
+    after = _int_param(request, "after", default=-1, low=-1, high=batch_ingest.MAX_ITEMS)
     limit = _int_param(
-        request, "limit", default=batches.RESULTS_LIMIT, low=1, high=batches.RESULTS_MAX_LIMIT
+        request,
+        "limit",
+        default=batch_follow.RESULTS_LIMIT,
+        low=1,
+        high=batch_follow.RESULTS_MAX_LIMIT,
     )
-    page = batches.results(batch=batch, after=after, limit=limit)
+    page = batch_follow.results(batch=batch, after=after, limit=limit)
     lines = (
         json.dumps(batch_result_line(*row), separators=(",", ":")).encode() + b"\n"
         for row in page.rows
@@ -419,7 +428,7 @@ def _int_param(request: HttpRequest, name: str, *, default: int, low: int, high:
 @api_view("POST")
 def batch_cancel(request: HttpRequest, batch_id: str) -> JsonResponse:
     batch = _batch_for_key(request, batch_id)
-    batches.cancel_batch(batch=batch)
+    batch_control.cancel_batch(batch=batch)
     return _batch_detail(request, batch)
 
 

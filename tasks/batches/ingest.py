@@ -1,10 +1,6 @@
-"""Batches: many tasks in one request (README: Batches). Each item is an ordinary task, linked
-to its batch by `Task.batch` / `batch_index`; the batch's counts and status are read from its
-items (one aggregate query on the partial index task_batch_part_idx), never kept in step.
-
-Ingestion validates every item before anything is stored, inserts the batch and its items in
-one transaction (bulk INSERTs), then enqueues the items a pipeline per few hundred
-(submission.enqueue_fresh_tasks). Items wait as one end user: their `concurrency_key` is
+"""Ingesting a batch: every item is validated before anything is stored; the batch and its
+items are inserted in one transaction (bulk INSERTs), then enqueued a pipeline per few
+hundred (submission.enqueue_fresh_tasks). Items wait as one end user: their `concurrency_key` is
 `batch:<batch id>` unless the item names its own, so a batch takes at most the application's
 `max_concurrency_per_key` workers and never stands in front of another user's task.
 """
@@ -19,20 +15,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 from django.db import IntegrityError, transaction
-from django.db.models import Count, Max
 from django.utils import timezone
 
-from tasks import idempotency, state
-from tasks.events import catalog
-from tasks.events import stream as event_stream
+from tasks import idempotency
 from tasks.idempotency import IdempotencyConflict
 from tasks.models import Application, Batch, IdempotencyRecord, Task
 from tasks.plumbing import rawsql
-from tasks.plumbing.queueing import publish_finished, redis_client, task_job_id
-from tasks.scheduling import dispatch, fairness
-from tasks.statuses import FINISHED, UNFINISHED, TaskStatus
 from tasks.submission import (
     SubmitRequest,
     ValidationFailed,
@@ -46,12 +35,8 @@ logger = logging.getLogger(__name__)
 
 MAX_ITEMS = 10_000
 INSERT_CHUNK = 500  # rows per INSERT (SQLite's bound on a statement's parameters)
-CANCEL_CHUNK = 500  # items per UPDATE of a cancel
-RESULTS_LIMIT = 1000
-RESULTS_MAX_LIMIT = 10_000
 # Set on the batch for all its items; an item naming one is refused rather than ignored.
 BATCH_LEVEL_FIELDS = ("response_mode", "priority", "callback_url", "callback_events")
-COUNTED = ("pending", "running", "succeeded", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -229,121 +214,3 @@ def _check_item_keys(application: Application, keys: list[str | None]) -> None:
 
 def _chunks[T](values: list[T], size: int) -> list[list[T]]:
     return [values[start : start + size] for start in range(0, len(values), size)]
-
-
-# --- following a batch ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Progress:
-    counts: dict[str, int]  # total, then per status (COUNTED)
-    percent: int  # finished items of the total, 0-100
-
-
-def progress(batch: Batch) -> Progress:
-    """The counts per status (one aggregate query on the partial index), and the batch's
-    status brought up to date: `running` while an item has not finished, then `finished`
-    (`cancelled` when a cancel was requested); an item retried later makes it running again."""
-    counts = dict.fromkeys(COUNTED, 0)
-    last_finished = None
-    for status, count, finished_at in (
-        Task.objects.filter(batch=batch)
-        .values("status")
-        .annotate(count=Count("pk"), last=Max("finished_at"))
-        .values_list("status", "count", "last")
-    ):
-        counts[status] = count
-        if finished_at is not None and (last_finished is None or finished_at > last_finished):
-            last_finished = finished_at
-    unfinished = sum(counts[status] for status in UNFINISHED)
-    if unfinished:
-        status, finished_at = Batch.Status.RUNNING, None
-    else:
-        status = Batch.Status.CANCELLED if batch.cancel_requested else Batch.Status.FINISHED
-        finished_at = batch.finished_at or last_finished or timezone.now()
-    if (status, finished_at) != (batch.status, batch.finished_at):
-        Batch.objects.filter(pk=batch.pk).update(status=status, finished_at=finished_at)
-        batch.status, batch.finished_at = status, finished_at
-    finished = sum(counts[status] for status in FINISHED)
-    percent = finished * 100 // batch.total if batch.total else 100
-    return Progress({"total": batch.total, **counts}, percent)
-
-
-@dataclass(frozen=True)
-class ResultsPage:
-    rows: Any  # an iterator of (task id, index, status, output, error, error_code)
-    next_after: int | None  # the cursor of the next page, None when nothing more will follow
-
-
-def results(*, batch: Batch, after: int = -1, limit: int = RESULTS_LIMIT) -> ResultsPage:
-    """The finished items after index `after`, in index order, up to `limit` and never past
-    the first unfinished item: so a client resuming at the last index it read misses no item
-    that finishes later (a late item holds back the ones after it)."""
-    first_unfinished = (
-        Task.objects.filter(batch=batch, batch_index__gt=after, status__in=UNFINISHED)
-        .order_by("batch_index")
-        .values_list("batch_index", flat=True)
-        .first()
-    )
-    end = batch.total if first_unfinished is None else first_unfinished  # exclusive
-    page_end = max(after + 1, min(end, after + 1 + limit))
-    rows = (
-        Task.objects.filter(batch=batch, batch_index__gt=after, batch_index__lt=page_end)
-        .order_by("batch_index")
-        .values_list("pk", "batch_index", "status", "output", "error", "error_code")
-        .iterator(chunk_size=500)
-    )
-    return ResultsPage(rows, page_end - 1 if page_end < batch.total else None)
-
-
-# --- cancel -----------------------------------------------------------------------------------
-
-
-def cancel_batch(*, batch: Batch) -> int:
-    """Cancel every unfinished item (services.cancel_task's semantics, CANCEL_CHUNK items a
-    statement): a waiting item is cancelled where it waits and its key's slot passes on, a
-    running one is cancelled at once and its runner told to stop. Returns items cancelled."""
-    from tasks.services import _stop_job as stop_job  # services imports submission too
-
-    Batch.objects.filter(pk=batch.pk).update(cancel_requested=True)
-    batch.cancel_requested = True
-    application = batch.application
-    cancelled = 0
-    dropped: dict[fairness.Key, list[str]] = {}
-    for status in (TaskStatus.PENDING, TaskStatus.RUNNING):
-        after = -1
-        while True:
-            ids = list(
-                Task.objects.filter(batch=batch, status=status, batch_index__gt=after)
-                .order_by("batch_index")
-                .values_list("pk", "batch_index")[:CANCEL_CHUNK]
-            )
-            if not ids:
-                break
-            after = ids[-1][1] or 0  # never None: items have an index
-            won = state.cancel_many(task_ids=[pk for pk, _ in ids], expected=status)
-            cancelled += len(won)
-            _announce_finished(won)
-            for task in won:
-                if status == TaskStatus.RUNNING:
-                    stop_job(task_job_id(task.id, task.run))
-                elif (key := fairness.key_of(task, application)) is not None:
-                    dropped.setdefault(key, []).append(task_job_id(task.id, task.run))
-    for key, job_ids in dropped.items():
-        for chunk in _chunks(job_ids, CANCEL_CHUNK):
-            dispatch.runs_dropped(key=key, job_ids=chunk)
-    return cancelled
-
-
-def _announce_finished(tasks: list[Task]) -> None:
-    """executor.announce_finished for many tasks in one Redis trip; best effort as it is."""
-    if not tasks:
-        return
-    pipeline = redis_client().pipeline(transaction=False)
-    for task in tasks:
-        event_stream.add(pipeline, task_id=task.id, run=task.run, event=catalog.FINISHED, data={})
-        publish_finished(task.id, pipeline=pipeline)
-    try:
-        pipeline.execute()
-    except redis.RedisError as exc:
-        logger.warning("could not announce the end of %d cancelled items: %s", len(tasks), exc)
