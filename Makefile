@@ -38,11 +38,12 @@ dotenv:
 	  cp .env.example .env && echo "Created .env from .env.example (local development settings: DEBUG=true, callbacks to 127.0.0.1 allowed)."; \
 	fi
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -n "$(PYTHON_BOOT)" || { echo "Python >= 3.12 not found (pyenv install 3.12, or put python3.12 on PATH)"; exit 1; }
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e 'clients/python[test]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -78,6 +79,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
 	$(PY) bench/run.py
+	$(PY) bench/pipeline.py
 	env -u DATABASE_URL -u REDIS_URL $(PY) -m dashboard.runtime.embedded_redis exec -- $(PY) bench/isolation.py
 	env -u DATABASE_URL -u REDIS_URL $(PY) -m dashboard.runtime.embedded_redis exec -- $(PY) bench/blocking.py
 	env -u DATABASE_URL -u REDIS_URL $(PY) -m dashboard.runtime.embedded_redis exec -- $(PY) bench/servers.py

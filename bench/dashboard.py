@@ -1,15 +1,20 @@
-"""Dashboard latency at scale, under gunicorn (a benchmark, not a test).
+"""Dashboard latency at scale beside its peer, under gunicorn (a benchmark, not a test).
 
-    DATABASE_URL=postgres://…/taskhook_bench python manage.py seed_tasks 1000000
-    DATABASE_URL=postgres://…/taskhook_bench python bench/dashboard.py
+    DATABASE_URL=postgres://…/taskhook_bench10m python manage.py seed_tasks 10000000 --apps 50
+    DATABASE_URL=postgres://…/taskhook_bench10m REDIS_URL=redis://…/9 python bench/dashboard.py
 
-Logs in as a staff user and times each page 40 times after a warm-up; prints median and p95 in
-ms per page. Run it against a database seeded with `seed_tasks`.
+Logs in as a staff user and times each page, and django-rq's home (`/django-rq/`) on the same
+server, interleaved request by request: each round asks every page once, in an order rotated
+from round to round, so a slow second of the host lands on every page alike. Prints each page's
+median and p95 in ms and its median as a ratio to django-rq's home median, against the page's
+target, and writes the section "Dashboard at N tasks" of docs/benchmarks.md (in place of the
+previous one of that size). BENCH_RUNS (default 40) timed rounds after 3 warm-up rounds.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import re
 import statistics
 import sys
@@ -29,28 +34,13 @@ django.setup()
 from django.contrib.auth.models import User  # noqa: E402
 from django.db import connection  # noqa: E402
 
-from bench.common import free_port, start_gunicorn  # noqa: E402
-from tasks.models import Application, ErrorGroup, Task  # noqa: E402
+from bench.common import free_port, start_gunicorn, write_report_section  # noqa: E402
+from tasks.models import Application, Batch, Endpoint, Task  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", 40))
-# Pages of the dashboard's second round, compared with the Overview in the same run.
-NEW_PAGES: dict[str, tuple[str, None]] = {
-    **{
-        f"Work, {state} (50 rows, as it opens)": (f"/work/?state={state}", None)
-        for state in (
-            "queued",
-            "scheduled",
-            "deferred",
-            "running",
-            "failed",
-            "callbacks",
-            "given_up",
-        )
-    },
-    "Workers": ("/workers/", None),
-    "Failures, task errors": ("/failures/?kind=task", None),
-    "Failures, callbacks": ("/failures/?kind=callback", None),
-}
+WARMUP = 3
+PEER = "django-rq home"
+WORKERS = 2
 
 
 def login(base: str) -> requests.Session:
@@ -58,7 +48,7 @@ def login(base: str) -> requests.Session:
         User.objects.create_superuser("bench-admin", "bench@example.com", "bench-password-123")
     session = requests.Session()
     page = session.get(f"{base}/accounts/login/")
-    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
     session.post(
         f"{base}/accounts/login/",
         data={"username": "bench-admin", "password": "bench-password-123",
@@ -68,107 +58,132 @@ def login(base: str) -> requests.Session:
     return session
 
 
-def get(session: requests.Session, url: str, headers: dict | None) -> requests.Response:
-    # A redirect would be the login page (a session cookie not sent back, e.g. a Secure cookie
-    # over plain HTTP with DEBUG off): timing it would measure the wrong page.
-    response = session.get(url, headers=headers, allow_redirects=False)
+def get(session: requests.Session, url: str) -> float:
+    """One request's time in ms. A redirect would be the login page (a session cookie not sent
+    back, e.g. a Secure cookie over plain HTTP with DEBUG off): timing it would measure the
+    wrong page."""
+    started = time.perf_counter()
+    response = session.get(url, allow_redirects=False)
+    took = (time.perf_counter() - started) * 1000
     if response.status_code != 200:
         raise SystemExit(f"{url} answered {response.status_code}, not the page: not logged in?")
-    return response
+    return took
 
 
-def timed(session: requests.Session, url: str, headers: dict | None = None) -> list[float]:
-    for _ in range(3):
-        get(session, url, headers)
-    samples = []
-    for _ in range(RUNS):
-        started = time.perf_counter()
-        get(session, url, headers)
-        samples.append((time.perf_counter() - started) * 1000)
+def interleaved(session: requests.Session, base: str, pages: dict[str, str]) -> dict[str, list]:
+    """RUNS rounds of one request per page (after WARMUP rounds), the order rotated each round."""
+    names = list(pages)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(WARMUP + RUNS):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            took = get(session, base + pages[name])
+            if round_ >= WARMUP:
+                samples[name].append(took)
     return samples
 
 
-def prepare() -> None:
-    """What the cron process keeps in production: the rollups (History's 7 days) and the
-    failure fingerprints of rows seeded without them (its backfill job, run to the end)."""
-    from tasks import triage
-    from tasks.telemetry import rollups
+def p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, int(len(ordered) * 0.95) - 1)]
 
-    started = time.perf_counter()
-    rollups.roll_up()
-    print(f"rollups: {time.perf_counter() - started:.1f} s")
+
+def prepare() -> None:
+    """What the cron process keeps in production: the failure fingerprints of rows loaded
+    without them (its backfill job, run to the end; seed_tasks stores them, so it finds none)."""
+    from tasks import triage
+
     started = time.perf_counter()
     while sum(triage.backfill(batch=5000, batches=20)):
         pass
     print(f"failure fingerprints: {time.perf_counter() - started:.1f} s")
 
 
+def targets() -> dict[str, float]:
+    """Each page's target: its median at most this times django-rq's home median."""
+    return {
+        "Overview": 1.0,
+        "Tasks, 100 rows, app + status filter": 1.0,
+        "Task": 0.5,
+        "Batch": 1.0,
+        "Endpoint": 1.0,
+        "Failures": 1.0,
+    }
+
+
+def pages() -> dict[str, str]:
+    """The pages of issue #23, on the seeded data: the first seeded application by name, its newest
+    failed task with a callback, the largest batch, the application's endpoint."""
+    apps = Application.objects.order_by("name")
+    app = apps.filter(name__startswith="seed-").first() or apps.first()
+    assert app is not None, "no application: seed the database first (seed_tasks)"
+    task = (
+        Task.objects.filter(application=app, status="failed")
+        .exclude(callback_url="")
+        .order_by("-created_at")
+        .first()
+    ) or Task.objects.order_by("-created_at").first()
+    batch = Batch.objects.order_by("-total").first()
+    endpoint = Endpoint.objects.filter(application=app).order_by("id").first()
+    found = {
+        PEER: "/django-rq/",
+        "Overview": "/",
+        "Tasks, 100 rows, app + status filter": f"/tasks/?size=100&application={app.pk}"
+        "&status=failed",
+        "Task": f"/tasks/{task.pk}/" if task else "",
+        "Batch": f"/batches/{batch.pk}/" if batch else "",
+        "Endpoint": f"/endpoints/{endpoint.pk}/" if endpoint else "",
+        "Failures": "/failures/",
+    }
+    missing = [name for name, path in found.items() if not path]
+    if missing:
+        print(f"not timed (nothing to show): {', '.join(missing)}", file=sys.stderr)
+    return {name: path for name, path in found.items() if path}
+
+
 def main() -> None:
+    began = time.monotonic()
     prepare()
     total = Task.objects.count()
-    app = Application.objects.order_by("name").first()
-    task = Task.objects.filter(status="failed").order_by("-created_at").first()
+    timed = pages()
     port = free_port()
-    server = start_gunicorn(port, dict(os.environ), workers=2)
+    server = start_gunicorn(port, dict(os.environ), workers=WORKERS)
     base = f"http://127.0.0.1:{port}"
     try:
         session = login(base)
-        pages = {
-            "Overview (page)": ("/", None),
-            "Overview (HTMX poll)": ("/", {"HX-Request": "true"}),
-            "Tasks, 100 rows": ("/tasks/?size=100", None),
-            "Tasks, 100 rows, app+status filter": (
-                f"/tasks/?size=100&application={app.pk}&status=failed", None),
-            "Tasks, 100 rows, page 2 (keyset)": (None, None),
-            "Tasks, search by id prefix": (f"/tasks/?q={str(task.id)[:8]}", None),
-            "Tasks, search by user": ("/tasks/?q=customer_00042", None),
-            "Failed callbacks, 100 rows": ("/callbacks/failed/?size=100", None),
-            "Task detail": (f"/tasks/{task.id}/", None),
-            "Application detail": (f"/applications/{app.pk}/", None),
-            "History, 1 h": ("/history/?range=1h", None),
-            "History, 24 h": ("/history/?range=24h", None),
-            "History, 7 days": ("/history/?range=7d", None),
-            "History, 7 days, one app": (f"/history/?range=7d&application={app.pk}", None),
-            "Audit": ("/audit/", None),
-            "Audit, by action": ("/audit/?action=application.update", None),
-            **NEW_PAGES,
-        }  # fmt: skip
-        group = ErrorGroup.objects.filter(kind="task").order_by("-last_seen").first()
-        if group:
-            pages["Tasks of one error group, 100 rows"] = (
-                f"/tasks/?size=100&error_fingerprint={group.fingerprint}", None)  # fmt: skip
-        first = session.get(f"{base}/tasks/?size=100&application={app.pk}&status=failed").text
-        next_cursor = re.search(r"cursor=([A-Za-z0-9_=-]+)", first)
-        if next_cursor:
-            pages["Tasks, 100 rows, page 2 (keyset)"] = (
-                f"/tasks/?size=100&application={app.pk}&status=failed&cursor={next_cursor.group(1)}",
-                None,
-            )
-        rows = ["| page | median ms | p95 ms | median / Overview |", "| --- | ---: | ---: | ---: |"]
-        overview_median = None
-        for name, (path, headers) in pages.items():
-            if not path:
-                continue
-            samples = sorted(timed(session, base + path, headers))
-            p95 = samples[int(len(samples) * 0.95) - 1]
-            median = statistics.median(samples)
-            overview_median = overview_median or median  # the first page is the Overview
-            rows.append(f"| {name} | {median:.1f} | {p95:.1f} | {median / overview_median:.2f} |")
-        table = "\n".join(rows)
-        print(f"{total} tasks in the database\n{table}")
-        with (BASE_DIR / "docs" / "benchmarks.md").open("a") as doc:
-            doc.write(
-                f"\n## Dashboard at {total:,} tasks ({connection.vendor}, "
-                f"{datetime.now(UTC):%Y-%m-%d})\n\n"
-                "`python bench/dashboard.py` after `seed_tasks 1000000 --days 30`: gunicorn "
-                f"(2 processes), a logged-in staff user, {RUNS} timed requests per page after a "
-                "warm-up. Targets: Overview <= 22 ms, Tasks (100 rows, filtered) <= 60 ms, "
-                "Task detail <= 25 ms.\n\n"
-                f"{table}\n"
-            )
+        samples = interleaved(session, base, timed)
     finally:
         server.terminate()
         server.wait(10)
+    peer = statistics.median(samples[PEER])
+    goals = targets()
+    rows = ["| page | URL | median ms | p95 ms | median / django-rq home | target | met |",
+            "| --- | --- | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    for name, values in samples.items():
+        median = statistics.median(values)
+        ratio = median / peer
+        goal = goals.get(name)
+        met = "" if goal is None else ("yes" if ratio <= goal else "**no**")
+        shown = re.sub(r"[0-9a-f]{8}-[0-9a-f-]{27}", "…", timed[name])
+        rows.append(f"| {name} | `{shown}` | {median:.1f} | {p95(values):.1f} | {ratio:.2f} | "
+                    f"{'' if goal is None else f'≤ {goal:.1f}'} | {met} |")  # fmt: skip
+    table = "\n".join(rows)
+    print(f"{total} tasks in the database\n{table}")
+    title = f"Dashboard at {total:,} tasks"
+    apps = Application.objects.count()
+    section = (
+        f"## {title}\n"
+        f"<!-- bench/dashboard.py: this section is rewritten by each run at this size -->\n\n"
+        f"`python bench/dashboard.py` ({connection.vendor}, {datetime.now(UTC):%Y-%m-%d %H:%M} "
+        f"UTC, {platform.machine()}, {os.cpu_count()} cores shared with other work; "
+        f"{time.monotonic() - began:.0f} s in all) on {total:,} tasks over {apps} applications "
+        f"(`seed_tasks {total} --apps 50`): gunicorn ({WORKERS} processes), a logged-in staff "
+        f"user, {RUNS} timed rounds after {WARMUP} warm-up rounds, each round one request per "
+        f"page in a rotated order, django-rq's home (`/django-rq/`) among them. Ratios are of "
+        f"medians to django-rq's home median in the same run.\n\n"
+        f"{table}\n"
+    )
+    write_report_section(title, section)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import http.client
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
-from bench.common import free_port, queue_due_callbacks, start_gunicorn, start_receiver  # noqa: E402
+from bench.common import free_port, queue_due_callbacks, start_gunicorn, start_receiver, wrk  # noqa: E402
 from dashboard.runtime.processes import DELIVERY_WORKER_CLASS, TASK_WORKER_CLASS  # noqa: E402
 
 RAW_JOBS = int(os.environ.get("BENCH_RAW_JOBS", 2000))
@@ -362,20 +361,8 @@ def timed_requests(client, method: str, path: str, body, headers, count: int) ->
 
 
 def wrk_post(url: str, body: str, headers: dict[str, str], clients: int, seconds: int = 8) -> float:
-    """Requests/s of 2xx answers, from wrk (Debian's package: `make bench` installs it)."""
-    script = BASE_DIR / "var" / "bench-post.lua"
-    lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(body)}"]
-    lines += [f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()]
-    script.write_text("\n".join(lines) + "\n")
-    output = subprocess.run(
-        ["wrk", "-t2", f"-c{clients}", f"-d{seconds}s", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    total = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    requests_done = int(re.search(r"(\d+) requests in", output).group(1))
-    bad = int(errors.group(1)) if errors else 0
-    return total * (requests_done - bad) / max(1, requests_done)
+    """Requests/s of 2xx answers to POSTs of `body` (bench.common.wrk)."""
+    return wrk(url, headers, method="POST", body=body, clients=clients, seconds=seconds)
 
 
 # --- orchestration ----------------------------------------------------------------------------
@@ -502,6 +489,9 @@ def main() -> None:
                    check=True)  # fmt: skip
     # Scheduling (priority lanes, fairness, ETA, their cost): its section, the same backends.
     subprocess.run([sys.executable, str(BASE_DIR / "bench" / "scheduling.py")], cwd=BASE_DIR,
+                   check=True)  # fmt: skip
+    # Batches (ingestion rate, another client's submits under a big batch): its section.
+    subprocess.run([sys.executable, str(BASE_DIR / "bench" / "batches.py")], cwd=BASE_DIR,
                    check=True)  # fmt: skip
 
 

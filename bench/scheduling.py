@@ -50,15 +50,14 @@ import http.client
 import itertools
 import json
 import os
-import platform
 import random
 import re
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,6 +66,7 @@ from typing import Any
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
+from bench import common  # noqa: E402
 from bench.common import free_port, start_gunicorn, write_report_section  # noqa: E402
 from bench.run import Processes, percentile, wait_until  # noqa: E402
 from dashboard.runtime.processes import worker_argv  # noqa: E402
@@ -97,16 +97,25 @@ POLLS = 300
 PHASES = ("priority", "fairness", "eta", "throughput", "position")
 RESULTS = BASE_DIR / "var" / "bench-scheduling.json"
 WORKER_LOG = BASE_DIR / "var" / "bench-scheduling-workers.log"  # their output, RQ_LOG_LEVEL
+PG_DATABASE = "taskhook_bench_scheduling"
 
 
 # --- the stack of one backend (inside the child) --------------------------------------------------
 
 
 class Stack:
-    """gunicorn for the whole run; task workers started and stopped per phase."""
+    """gunicorn for the whole run; task workers started and stopped per phase, named after
+    the benchmark (`name`), their output in `worker_log`. A connection waits `timeout` s for
+    an answer. bench/batches.py runs on it too."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(
+        self, env: dict[str, str], *, name: str = "scheduling", worker_log: Path = WORKER_LOG,
+        timeout: float = 30,
+    ) -> None:  # fmt: skip
         self.env = env
+        self.name = name
+        self.worker_log = worker_log
+        self.timeout = timeout
         self.processes = Processes()
         self.port = free_port()
         self.web = start_gunicorn(self.port, env)
@@ -119,10 +128,10 @@ class Stack:
 
         from tasks.plumbing.queueing import redis_client
 
-        with WORKER_LOG.open("ab") as log:
+        with self.worker_log.open("ab") as log:
             for _ in range(count):
                 self.started += 1
-                name = f"bench-scheduling-{os.getpid()}-{self.started}"
+                name = f"bench-{self.name}-{os.getpid()}-{self.started}"
                 worker = subprocess.Popen(worker_argv("worker", name=name), cwd=BASE_DIR,
                                           env=self.env, stdout=log, stderr=log,
                                           start_new_session=True)  # fmt: skip
@@ -131,7 +140,7 @@ class Stack:
 
         def ready() -> bool:
             if any(worker.poll() is not None for worker in self.workers):
-                raise RuntimeError(f"a task worker exited at its start; see {WORKER_LOG}")
+                raise RuntimeError(f"a task worker exited at its start; see {self.worker_log}")
             return Worker.count(connection=redis_client()) >= count
 
         wait_until(ready, timeout=180)
@@ -150,7 +159,7 @@ class Stack:
         reset_queues()
 
     def connection(self) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
 
     def close(self) -> None:
         self.processes.stop_all()
@@ -614,6 +623,15 @@ def phase_position(stack: Stack) -> dict[str, Any]:
 
 
 def child() -> None:
+    run_child("BENCH_SCHEDULING_PHASES", {name: globals()[f"phase_{name}"] for name in PHASES})
+
+
+def run_child(
+    phases_variable: str, phases: dict[str, Callable[[Stack], dict[str, Any]]], **stack: Any
+) -> None:
+    """One backend's run (env says which): the database migrated, the lanes emptied, then
+    the phases named in `phases_variable` (default: all of `phases`, in order) on one
+    Stack(env, **stack); every figure as the last line on stdout. bench/batches.py's too."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dashboard.runtime.settings")
     import django
 
@@ -622,18 +640,18 @@ def child() -> None:
 
     call_command("migrate", verbosity=0)
     reset_queues()
-    phases = os.environ.get("BENCH_SCHEDULING_PHASES", ",".join(PHASES)).split(",")
+    names = os.environ.get(phases_variable, ",".join(phases)).split(",")
     results: dict[str, Any] = {"load_before": os.getloadavg()[0], "revision": revision()}
     began = time.monotonic()
-    stack = Stack(dict(os.environ))
+    running = Stack(dict(os.environ), **stack)
     try:
-        for name in phases:
+        for name in names:
             phase_began = time.monotonic()
-            results[name] = globals()[f"phase_{name}"](stack)
+            results[name] = phases[name](running)
             results[name]["seconds"] = time.monotonic() - phase_began
             print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
     finally:
-        stack.close()
+        running.close()
     results["seconds"] = time.monotonic() - began
     results["load_after"] = os.getloadavg()[0]
     print(json.dumps(results))
@@ -643,117 +661,24 @@ def child() -> None:
 
 
 def backends(embedded_url: str, sqlite: Path) -> list[tuple[str, dict[str, str]]]:
-    base = dict(os.environ) | {
-        "DJANGO_SETTINGS_MODULE": "dashboard.runtime.settings",
-        "DEBUG": "false",
-        "SECURE_SSL_REDIRECT": "false",  # plain HTTP on loopback, no TLS proxy in front
-        "LOG_LEVEL": "WARNING",
-        "RQ_LOG_LEVEL": "ERROR",
-        "ETA_WINDOW_SECONDS": str(ETA_WINDOW),
-    }
-    base.setdefault("SECRET_KEY", "bench-only-secret-key-not-for-production-use-0123456789")
-    only = os.environ.get("BENCH_SCHEDULING_ONLY", "")
-    found = []
-    if only in ("", "sqlite"):
-        sqlite_env = {"DATABASE_URL": f"sqlite:///{sqlite}", "REDIS_URL": embedded_url}
-        found.append(("SQLite + embedded Redis", base | sqlite_env))
-    pg = os.environ.get("BENCH_PG_URL") or os.environ.get("DATABASE_URL", "")
-    if only in ("", "postgresql") and pg.startswith("postgres"):
-        from dashboard.runtime.embedded_redis import is_reachable
-
-        server = pg.rsplit("/", 1)[0]
-        redis_url = bench_redis_url()
-        if not is_reachable(redis_url):
-            print(f"Redis {redis_url} not reachable; skipping PostgreSQL", file=sys.stderr)
-        elif _redis_in_use(redis_url):
-            print(f"Redis {redis_url} has live RQ workers of something else; skipping "
-                  "PostgreSQL (BENCH_SCHEDULING_REDIS_URL picks another)",
-                  file=sys.stderr)  # fmt: skip
-        elif _pg_database(server, create=True):
-            pg_env = {"DATABASE_URL": f"{server}/taskhook_bench_scheduling", "REDIS_URL": redis_url}
-            found.append(("PostgreSQL + Redis", base | pg_env))
-    return found
+    return common.backends(
+        embedded_url, sqlite, base=common.base_env(ETA_WINDOW_SECONDS=str(ETA_WINDOW)),
+        only=os.environ.get("BENCH_SCHEDULING_ONLY", ""), pg_database=PG_DATABASE,
+        redis_url=bench_redis_url(), in_use_hint="BENCH_SCHEDULING_REDIS_URL",
+    )  # fmt: skip
 
 
 def bench_redis_url() -> str:
-    if url := os.environ.get("BENCH_SCHEDULING_REDIS_URL"):
-        return url
-    server = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
-    return f"{server}/13"  # bench/run.py's, which `make bench` runs before this one
-
-
-def _redis_in_use(url: str) -> bool:
-    """An RQ worker of someone else is alive on that database (it would take our runs)."""
-    import redis
-
-    client = redis.Redis.from_url(url)
-    return any(client.exists(member) for member in client.smembers("rq:workers"))
-
-
-def _flush(url: str) -> None:
-    import redis
-
-    redis.Redis.from_url(url).flushdb()
-
-
-def _pg_database(server: str, *, create: bool) -> bool:
-    try:
-        import psycopg
-
-        url = server.replace("postgres://", "postgresql://", 1) + "/postgres"
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("DROP DATABASE IF EXISTS taskhook_bench_scheduling WITH (FORCE)")
-            if create:
-                conn.execute("CREATE DATABASE taskhook_bench_scheduling")
-        return True
-    except Exception as exc:
-        print(f"PostgreSQL not usable ({exc}); skipping that backend", file=sys.stderr)
-        return False
+    # bench/run.py's database, which `make bench` runs before this one
+    return common.bench_redis_url("BENCH_SCHEDULING_REDIS_URL", 13)
 
 
 def main() -> None:
-    from dashboard.runtime.embedded_redis import EmbeddedRedis
-
-    began = time.monotonic()
     WORKER_LOG.write_bytes(b"")
-    sqlite = BASE_DIR / "var" / f"bench-scheduling-{os.getpid()}.sqlite3"
-    embedded = EmbeddedRedis(BASE_DIR / "var" / f"bench-scheduling-redis-{os.getpid()}",
-                             persist=False)  # fmt: skip
-    columns = []
-    try:
-        embedded_url = embedded.start()
-        for name, env in backends(embedded_url, sqlite):
-            print(f"running: {name} ...", file=sys.stderr, flush=True)
-            if name.startswith("PostgreSQL"):
-                _flush(env["REDIS_URL"])
-            child = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "--child"],
-                cwd=BASE_DIR, env=env, stdout=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            try:
-                stdout, _ = child.communicate(timeout=1800)
-            except subprocess.TimeoutExpired:
-                child.terminate()  # it stops what it started
-                child.wait(120)
-                raise
-            finally:
-                if name.startswith("PostgreSQL"):
-                    _flush(env["REDIS_URL"])
-                    _pg_database(env["DATABASE_URL"].rsplit("/", 1)[0], create=False)
-            if child.returncode != 0:
-                raise SystemExit(f"scheduling benchmark failed on {name}")
-            columns.append((name, json.loads(stdout.strip().splitlines()[-1])))
-            RESULTS.write_text(json.dumps(columns, indent=1))  # kept if a later backend fails
-    finally:
-        embedded.stop()
-        shutil.rmtree(embedded.data_dir, ignore_errors=True)
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{sqlite}{suffix}").unlink(missing_ok=True)
-    RESULTS.write_text(json.dumps(columns, indent=1))
-    if "BENCH_SCHEDULING_PHASES" in os.environ:  # a partial run: figures only, no report
-        print(json.dumps(columns, indent=1))
-        return
-    write_report(columns, time.monotonic() - began)
+    common.orchestrate(
+        str(Path(__file__).resolve()), "scheduling", backends, write_report=write_report,
+        partial="BENCH_SCHEDULING_PHASES", results=RESULTS, pg_database=PG_DATABASE,
+    )  # fmt: skip
 
 
 # --- the report -----------------------------------------------------------------------------------
@@ -1006,16 +931,7 @@ def revision() -> str:
 
 
 def write_report(columns: list[tuple[str, dict[str, Any]]], seconds: float) -> None:
-    import django
-    import rq
-
-    header = "| measure | " + " | ".join(name for name, _ in columns) + " |"
-    lines = [header, "| --- |" + " --- |" * len(columns)]
-    for label, figure in ROWS:
-        lines.append(f"| {label} | " + " | ".join(figure(d) for _, d in columns) + " |")
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores shared with other work, Python "
-               f"{platform.python_version()}, Django {django.get_version()}, "
-               f"RQ {rq.__version__}")  # fmt: skip
+    machine = common.machine()
     section = (
         "## Scheduling\n\n"
         f"`bench/scheduling.py` (run by `make bench`), {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
@@ -1048,7 +964,7 @@ def write_report(columns: list[tuple[str, dict[str, Any]]], seconds: float) -> N
         "task with 100 queued, with all of them, and with 100 again (the lane cut back to its "
         "head, so the machine's drift shows), and of the last task of the long lane; the ratio "
         "is the dearer long-queue figure over the mean of the two short-queue ones.\n\n"
-        + "\n".join(lines)
+        + common.report_table(ROWS, columns)
         + "\n\nTargets (the issue's words):\n\n"
         + "\n".join(verdicts(columns))
         + "\n\n"
@@ -1059,10 +975,4 @@ def write_report(columns: list[tuple[str, dict[str, Any]]], seconds: float) -> N
 
 
 if __name__ == "__main__":
-    if "--child" in sys.argv:
-        child()
-    elif "--report" in sys.argv:  # the section again from the last run's figures
-        saved = [(name, data) for name, data in json.loads(RESULTS.read_text())]
-        write_report(saved, sum(data["seconds"] for _, data in saved))
-    else:
-        main()
+    common.command_line(child=child, main=main, write_report=write_report, results=RESULTS)

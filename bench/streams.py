@@ -43,7 +43,6 @@ import platform
 import queue
 import re
 import resource
-import shutil
 import signal
 import statistics
 import subprocess
@@ -56,6 +55,8 @@ from typing import Any
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
+
+from bench import common  # noqa: E402
 
 STREAMS = int(os.environ.get("BENCH_STREAMS", 1000))
 TASKS = int(os.environ.get("BENCH_STREAMS_TASKS", 10))  # "tasks" variant: one worker each
@@ -419,29 +420,6 @@ def web_worker(web: subprocess.Popen) -> Any:
     return children[0]
 
 
-def wrk(url: str, headers: dict[str, str], *, method: str = "GET", body: str | None = None,
-        clients: int = WRK_CLIENTS, seconds: int = WRK_SECONDS) -> float:  # fmt: skip
-    """Requests/s of 2xx answers (bench/run.py's wrk_post, for any method)."""
-    script = BASE_DIR / "var" / f"bench-streams-{os.getpid()}.lua"
-    lines = [f'wrk.method = "{method}"']
-    if body is not None:
-        lines.append(f"wrk.body = {json.dumps(body)}")
-    lines += [f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()]
-    script.write_text("\n".join(lines) + "\n")
-    try:
-        output = subprocess.run(
-            ["wrk", "-t2", f"-c{clients}", f"-d{seconds}s", "-s", str(script), url],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-    finally:
-        script.unlink(missing_ok=True)
-    total = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    requests_done = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
-    bad = int(errors.group(1)) if errors else 0
-    return total * (requests_done - bad) / max(1, requests_done)
-
-
 class Clients:
     """The SSE client process: started with its spec, `opened()` once every stream answered,
     `result()` once they all ended."""
@@ -538,8 +516,9 @@ class Throughput:
         started = time.time()
         cpu = sum(self.worker.cpu_times()[:2])
         psutil.cpu_percent()
-        submit = wrk(self.submit_url, self.headers, method="POST", body=self.body)
-        poll = wrk(self.poll_url, self.headers)
+        submit = common.wrk(self.submit_url, self.headers, method="POST", body=self.body,
+                            clients=WRK_CLIENTS, seconds=WRK_SECONDS)  # fmt: skip
+        poll = common.wrk(self.poll_url, self.headers, clients=WRK_CLIENTS, seconds=WRK_SECONDS)
         self.figures[phase] = {
             "submit": submit,
             "poll": poll,
@@ -860,95 +839,27 @@ def quiet_window(start: float, worker: Any) -> dict[str, Any]:
 
 
 def backends(embedded_url: str, sqlite: Path) -> list[tuple[str, dict[str, str]]]:
-    base = dict(os.environ) | {
-        "DJANGO_SETTINGS_MODULE": "dashboard.runtime.settings",
-        "DEBUG": "false",
-        "SECURE_SSL_REDIRECT": "false",  # plain HTTP on loopback, no TLS proxy in front
-        "LOG_LEVEL": os.environ.get("BENCH_STREAMS_LOG_LEVEL", "WARNING"),
-        "RQ_LOG_LEVEL": "ERROR",
-        "WEB_CONCURRENCY": "1",
+    base = common.base_env(
+        LOG_LEVEL=os.environ.get("BENCH_STREAMS_LOG_LEVEL", "WARNING"),
+        WEB_CONCURRENCY="1",
         # A worker recycled mid-run would drop every open stream (and end the measurement).
-        "GUNICORN_MAX_REQUESTS": "0",
-    }
-    base.setdefault("SECRET_KEY", "bench-only-secret-key-not-for-production-use-0123456789")
-    only = os.environ.get("BENCH_STREAMS_ONLY", "")
-    found = []
-    if only in ("", "sqlite"):
-        found.append(
-            (
-                "SQLite + embedded Redis",
-                base | {"DATABASE_URL": f"sqlite:///{sqlite}", "REDIS_URL": embedded_url},
-            )
-        )
-    pg = os.environ.get("BENCH_PG_URL") or os.environ.get("DATABASE_URL", "")
-    redis_url = os.environ.get("BENCH_STREAMS_REDIS_URL", "redis://127.0.0.1:6379/12")
-    if only in ("", "postgresql") and pg.startswith("postgres"):
-        from dashboard.runtime.embedded_redis import is_reachable
-
-        server = pg.rsplit("/", 1)[0]
-        if not is_reachable(redis_url):
-            print(f"Redis {redis_url} not reachable; skipping PostgreSQL", file=sys.stderr)
-        elif _fresh_pg_database(server):
-            found.append(
-                (
-                    "PostgreSQL + Redis",
-                    base
-                    | {"DATABASE_URL": f"{server}/taskhook_bench_streams", "REDIS_URL": redis_url},
-                )
-            )
-    return found
-
-
-def _fresh_pg_database(server: str) -> bool:
-    try:
-        import psycopg
-
-        url = server.replace("postgres://", "postgresql://", 1) + "/postgres"
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("DROP DATABASE IF EXISTS taskhook_bench_streams WITH (FORCE)")
-            conn.execute("CREATE DATABASE taskhook_bench_streams")
-        return True
-    except Exception as exc:
-        print(f"PostgreSQL not usable ({exc}); skipping that backend", file=sys.stderr)
-        return False
+        GUNICORN_MAX_REQUESTS="0",
+    )
+    return common.backends(
+        embedded_url, sqlite, base=base, only=os.environ.get("BENCH_STREAMS_ONLY", ""),
+        pg_database="taskhook_bench_streams",
+        redis_url=os.environ.get("BENCH_STREAMS_REDIS_URL", "redis://127.0.0.1:6379/12"),
+    )  # fmt: skip
 
 
 def main() -> None:
-    from dashboard.runtime.embedded_redis import EmbeddedRedis
-
     raise_fd_limit()
-    started = time.monotonic()
     WEB_LOG.write_bytes(b"")
-    sqlite = BASE_DIR / "var" / f"bench-streams-{os.getpid()}.sqlite3"
-    embedded = EmbeddedRedis(BASE_DIR / "var" / f"bench-streams-redis-{os.getpid()}",
-                             persist=False)  # fmt: skip
-    columns = []
-    try:
-        embedded_url = embedded.start()
-        for name, env in backends(embedded_url, sqlite):
-            print(f"running: {name} ...", file=sys.stderr)
-            child = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "--child"],
-                cwd=BASE_DIR, env=env, stdout=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            try:
-                stdout, _ = child.communicate(timeout=900)
-            except subprocess.TimeoutExpired:
-                child.terminate()  # it stops what it started
-                child.wait(60)
-                raise
-            if child.returncode != 0:
-                raise SystemExit(f"streams benchmark failed on {name}")
-            columns.append((name, json.loads(stdout.strip().splitlines()[-1])))
-    finally:
-        embedded.stop()
-        shutil.rmtree(embedded.data_dir, ignore_errors=True)
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{sqlite}{suffix}").unlink(missing_ok=True)
-    if "BENCH_STREAMS_PHASES" in os.environ:  # a partial run: figures only, no report
-        print(json.dumps(columns, indent=1))
-        return
-    write_report(columns, time.monotonic() - started)
+    # The database is recreated by the next run, the Redis left as it is.
+    common.orchestrate(
+        str(Path(__file__).resolve()), "streams", backends, write_report=write_report,
+        partial="BENCH_STREAMS_PHASES", timeout=900, stop_wait=60,
+    )  # fmt: skip
 
 
 def _ms(figures: dict[str, float]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -15,8 +16,9 @@ from django.db.models import Field, Q
 from django.utils import timezone
 
 from tasks import credentials
-from tasks.delivery import retry_policy
-from tasks.execution.runners import resolve_runner
+from tasks.delivery import retry_policy, signing
+from tasks.execution import upstreams
+from tasks.execution.runners import RunnerError, resolve_runner
 from tasks.models import ApiKey, Application
 
 MAX_GRACE_HOURS = 365 * 24
@@ -70,9 +72,13 @@ SETTINGS = (
     "blocking_timeout_seconds", "job_timeout_seconds", "task_retries", "max_concurrency",
     "queue_threshold_seconds", "run_threshold_seconds", "rate_limit_per_second",
     "rate_limit_burst", "retention_hours", "endpoint_max_in_flight",
+    # Circuit breaking and auto-disable (tasks.delivery.health).
+    "circuit_failures", "disable_after_hours",
     # Scheduling (tasks.scheduling, tasks.execution.deadlines, tasks.execution.auto_retry).
     "default_priority", "max_concurrency_per_key", "max_queue_seconds", "auto_retry",
     "auto_retry_backoff_seconds",
+    # Webhook signing (tasks.delivery.signing): hmac, ed25519 or both.
+    "signing",
 )  # fmt: skip
 
 # Settings where 0, like empty, means none (no cap, no bound): NULL is how the model says it.
@@ -86,13 +92,25 @@ def validate_runner(runner: str) -> None:
         raise InvalidApplication("runner", str(exc)) from exc
 
 
+def validate_runner_config(runner: str, runner_config: dict[str, Any] | None) -> None:
+    """A built-in runner's config, checked as its runner reads it (tasks.execution.upstreams:
+    the `openai` and `dify` runners); other runners read theirs only when they run."""
+    try:
+        upstreams.check_config(runner, runner_config or {})
+    except RunnerError as exc:
+        raise InvalidApplication("runner_config", str(exc)) from exc
+
+
 def clean_settings(changes: dict[str, Any]) -> dict[str, Any]:
     """`changes` checked and converted as the dashboard form and the model's validators do (a
     value may be a string, as from the command line); InvalidApplication names the first bad one."""
     for name in changes:
         if name not in SETTINGS:
             raise InvalidApplication(name, "not an application setting")
-    return {name: _clean_setting(name, value) for name, value in changes.items()}
+    cleaned = {name: _clean_setting(name, value) for name, value in changes.items()}
+    if "runner" in cleaned and "runner_config" in cleaned:  # else update_application checks
+        validate_runner_config(cleaned["runner"], cleaned["runner_config"])
+    return cleaned
 
 
 def _clean_setting(name: str, value: Any) -> Any:
@@ -113,6 +131,11 @@ def _clean_setting(name: str, value: Any) -> Any:
             raise InvalidApplication(name, "must be a JSON object")
     elif name in ZERO_IS_NONE and value in (0, "0"):
         value = None
+    elif name == "signing":
+        value = str(value).strip().lower()
+        if value not in Application.Signing.values:
+            choices = ", ".join(Application.Signing.values)
+            raise InvalidApplication(name, f"must be one of {choices}, not {value!r}")
     field = Application._meta.get_field(name)
     assert isinstance(field, Field)  # each of SETTINGS is a field of the model's own
     try:
@@ -129,9 +152,11 @@ def create_application(
     runner_config: dict[str, Any] | None = None,
     retry_schedule: list[int] | str | None = None,
     retention_hours: int = 24,
+    destinations: Sequence[str] = (),
     **other: Any,
 ) -> CreatedApplication:
-    """A new application with one API key; `other` takes any other of SETTINGS."""
+    """A new application with one API key; `other` takes any other of SETTINGS, `destinations`
+    the URLs of message buses it publishes to (tasks.delivery.destinations)."""
     cleaned = clean_settings(
         {
             "name": name,
@@ -145,25 +170,54 @@ def create_application(
         }
     )
     secret = credentials.new_webhook_secret()
-    application = Application.objects.create(**cleaned, webhook_secret=secret)
+    application = Application(**cleaned, webhook_secret=secret)
+    _ensure_signing_key(application)
+    application.save(force_insert=True)
+    if destinations:
+        _set_destinations(application.id, add=destinations, clear=False)
     issued = credentials.issue_api_key(application_id=application.id)
     return CreatedApplication(application=application, api_key=issued.raw, webhook_secret=secret)
 
 
 @transaction.atomic
-def update_application(*, application_id: uuid.UUID | str, **changes: Any) -> Application:
-    """Change some of SETTINGS. Saving bumps `updated_at`, which callback workers compare on
-    every delivery (current_application); task workers and web processes cache an application
-    for AUTH_CACHE_SECONDS."""
+def update_application(
+    *,
+    application_id: uuid.UUID | str,
+    destinations: Sequence[str] = (),
+    clear_destinations: bool = False,
+    **changes: Any,
+) -> Application:
+    """Change some of SETTINGS, and add `destinations` (after removing all of them when
+    `clear_destinations`). Saving bumps `updated_at`, which callback workers compare on every
+    delivery (current_application); task workers and web processes cache an application for
+    AUTH_CACHE_SECONDS."""
     cleaned = clean_settings(changes)
+    if destinations or clear_destinations:
+        _set_destinations(application_id, add=destinations, clear=clear_destinations)
+        _app_cache.pop(str(application_id), None)
     application = Application.objects.select_for_update().get(pk=application_id)
     if not cleaned:
         return application
+    if ("runner" in cleaned) != ("runner_config" in cleaned):  # one of them against the other
+        validate_runner_config(
+            cleaned.get("runner", application.runner),
+            cleaned.get("runner_config", application.runner_config),
+        )
     for name, value in cleaned.items():
         setattr(application, name, value)
-    application.save(update_fields=[*cleaned, "updated_at"])
+    made_key = _ensure_signing_key(application)
+    application.save(update_fields=[*cleaned, *made_key, "updated_at"])
     _app_cache.pop(str(application_id), None)
     return application
+
+
+def _set_destinations(application_id: uuid.UUID | str, *, add: Sequence[str], clear: bool) -> None:
+    from tasks.delivery import destinations  # which imports this module (cached_application)
+
+    try:
+        destinations.set_destinations(application_id=application_id, add=add, clear=clear)
+    except destinations.InvalidDestination as exc:
+        raise InvalidApplication("destinations", str(exc)) from exc
 
 
 @transaction.atomic
@@ -183,6 +237,47 @@ def rotate_webhook_secret(*, application_id: uuid.UUID | str, grace_hours: float
         ]
     )  # fmt: skip
     return new_secret
+
+
+def _ensure_signing_key(application: Application) -> list[str]:
+    """Give an application that signs with Ed25519 its first key; the fields set."""
+    if application.signing == Application.Signing.HMAC or application.signing_key:
+        return []
+    application.signing_key, application.signing_key_id = credentials.new_signing_key()
+    return ["signing_key", "signing_key_id"]
+
+
+@transaction.atomic
+def rotate_signing_key(*, application_id: uuid.UUID | str, grace_hours: float = 24) -> str:
+    """Issue a new Ed25519 signing key and return its key id; the old key keeps signing (a
+    second `v1a` signature) and stays in the JWKS for `grace_hours`."""
+    _check_grace(grace_hours)
+    least = signing.JWKS_CACHE_SECONDS / 3600
+    if 0 < grace_hours < least:
+        raise InvalidApplication(
+            "grace_hours",
+            f"must be 0 (the old key stops at once: it leaked) or at least {least:.4g} hours "
+            f"({signing.JWKS_CACHE_SECONDS} s, how long receivers may cache the JWKS)",
+        )
+    application = Application.objects.select_for_update().get(pk=application_id)
+    if application.signing == Application.Signing.HMAC:
+        raise InvalidApplication(
+            "signing", "the application signs with HMAC only: set signing to ed25519 or both"
+        )
+    keep = grace_hours > 0
+    application.previous_signing_key = application.signing_key if keep else ""
+    application.previous_signing_key_id = application.signing_key_id if keep else ""
+    application.previous_signing_key_expires_at = (
+        timezone.now() + timedelta(hours=grace_hours) if keep else None
+    )
+    application.signing_key, application.signing_key_id = credentials.new_signing_key()
+    application.save(
+        update_fields=[
+            "signing_key", "signing_key_id", "previous_signing_key", "previous_signing_key_id",
+            "previous_signing_key_expires_at", "updated_at",
+        ]
+    )  # fmt: skip
+    return application.signing_key_id
 
 
 @transaction.atomic

@@ -1,8 +1,9 @@
-"""API keys and webhook secrets: how they are made, stored and checked.
+"""API keys, webhook secrets and signing keys: how they are made, stored and checked.
 
 API keys are random 256-bit tokens, so a single SHA-256 is a sufficient at-rest hash (no slow KDF
 is needed for high-entropy secrets); the lookup is by hash, and the found hash is compared again in
-constant time. Webhook secrets must be kept in clear: the worker signs with them.
+constant time. Webhook secrets and Ed25519 signing keys must be kept in clear: the worker signs
+with them.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
+from tasks.delivery import signing
 from tasks.models import ApiKey, Application
 
 API_KEY_PREFIX = "thk_"
+SIGNING_KEY_ID_PREFIX = "ed25519_"
 WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
 
 
@@ -31,6 +34,11 @@ def hash_api_key(raw_key: str) -> str:
 
 def new_webhook_secret() -> str:
     return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def new_signing_key() -> tuple[str, str]:
+    """A new Ed25519 signing key and its key id (the JWKS `kid`)."""
+    return signing.new_signing_key(), SIGNING_KEY_ID_PREFIX + secrets.token_hex(6)
 
 
 @dataclass(frozen=True)
@@ -150,3 +158,27 @@ def signing_secrets(application: Application) -> list[str]:
     ):
         found.append(application.previous_webhook_secret)
     return found
+
+
+def signing_keys(application: Application) -> list[tuple[str, str]]:
+    """(kid, key) of the signing keys that sign now and are published in the JWKS: none for an
+    application that signs with HMAC only, else the current one, then one in its grace period."""
+    if application.signing == Application.Signing.HMAC or not application.signing_key:
+        return []
+    found = [(application.signing_key_id, application.signing_key)]
+    if (
+        application.previous_signing_key
+        and application.previous_signing_key_expires_at
+        and application.previous_signing_key_expires_at > timezone.now()
+    ):
+        found.append((application.previous_signing_key_id, application.previous_signing_key))
+    return found
+
+
+def signing_material(application: Application) -> signing.SigningMaterial:
+    """What signs a delivery now (tasks.delivery.signing.signature_headers takes it as is). An
+    ed25519 application without a key (a row changed behind the services' back) signs with its
+    secret rather than not at all."""
+    keys = [key for _, key in signing_keys(application)]
+    hmac_signs = application.signing != Application.Signing.ED25519 or not keys
+    return {"secrets": signing_secrets(application) if hmac_signs else [], "ed25519_keys": keys}

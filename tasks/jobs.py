@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rq import get_current_job
 
-from tasks.delivery import callbacks
+from tasks.delivery import batch_callbacks, callbacks, destinations
 from tasks.execution import auto_retry
 from tasks.execution.executor import execute_task
 from tasks.scheduling import dispatch
@@ -27,6 +27,24 @@ def deliver_callback(
         task_id=task_id, run=run, trigger=trigger, auto_attempt=auto_attempt,
         endpoint=endpoint, job_id=job.id if job else "",
     )  # fmt: skip
+
+
+def deliver_to_destination(
+    destination_id: int,
+    task_id: str | None,
+    run: int,
+    trigger: str,
+    auto_attempt: int | None,
+    batch_id: str | None = None,
+) -> str:
+    return destinations.deliver(
+        destination_id=destination_id, task_id=task_id, batch_id=batch_id, run=run,
+        trigger=trigger, auto_attempt=auto_attempt,
+    )  # fmt: skip
+
+
+def deliver_batch_callback(batch_id: str, completion: int, attempt: int) -> str:
+    return batch_callbacks.deliver(batch_id=batch_id, completion=completion, attempt=attempt)
 
 
 def enqueue_due_run(task_id: str, run: int) -> bool:

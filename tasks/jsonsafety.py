@@ -17,6 +17,8 @@ import re
 import sys
 from typing import Any
 
+import orjson
+
 MAX_DEPTH = 64
 # NUL and the UTF-16 surrogate range, which a decoded `\ud800` escape can leave in a str.
 _UNSTORABLE_CHARACTERS = re.compile("[\x00\ud800-\udfff]")
@@ -79,6 +81,16 @@ def loads(raw: bytes) -> Any:
         raise UnstorableJson("", f"the body is nested deeper than {MAX_DEPTH} levels") from None
 
 
+def dumps_bytes(value: Any) -> bytes:
+    """UTF-8 JSON of a decoded (storable) value, for a database column: orjson's, several times
+    quicker than json's, or json's for what orjson refuses (an integer beyond 64 bits). The two
+    differ in whitespace and escapes only, which neither jsonb nor a reader keeps."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return json.dumps(value).encode()
+
+
 def _problem_in_text(text: str) -> str | None:
     found = _UNSTORABLE_CHARACTERS.search(text)
     if found is None:
@@ -90,6 +102,45 @@ def _problem_in_text(text: str) -> str | None:
 
 def check_value(value: Any, path: str) -> None:
     """Raise UnstorableJson naming the first place where `value` is not storable."""
+    if not _is_storable(value):
+        _name_the_problem(value, path)
+
+
+def _is_storable(value: Any) -> bool:
+    """check_value's rules without the paths, which only a refusal needs (a batch checks
+    thousands of values that nearly always pass)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        kind = type(item)
+        if kind is str:
+            if _UNSTORABLE_CHARACTERS.search(item) is not None:
+                return False
+        elif kind is dict:
+            if depth >= MAX_DEPTH:
+                return False
+            for key, child in item.items():
+                if type(key) is not str or _UNSTORABLE_CHARACTERS.search(key) is not None:
+                    return False
+                stack.append((child, depth + 1))
+        elif kind is list or kind is tuple:
+            if depth >= MAX_DEPTH:
+                return False
+            stack.extend((child, depth + 1) for child in item)
+        elif kind is int:
+            if abs(item) > sys.float_info.max:
+                return False
+        elif kind is float:
+            if not math.isfinite(item):
+                return False
+        elif item is None or kind is bool:
+            continue
+        else:  # a subclass (bool is one of int's), a marker, anything else: the full rules
+            return False
+    return True
+
+
+def _name_the_problem(value: Any, path: str) -> None:
     stack: list[tuple[Any, str, int]] = [(value, path, 0)]
     while stack:
         item, where, depth = stack.pop()

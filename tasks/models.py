@@ -24,7 +24,8 @@ class Application(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=200)
     runner = models.CharField(
-        max_length=255, help_text="echo, sleep, fail, http, or a dotted path to run(inputs, ctx)"
+        max_length=255,
+        help_text="echo, sleep, fail, http, openai, dify, or a dotted path to run(inputs, ctx)",
     )
     runner_config = models.JSONField(default=dict, blank=True)
 
@@ -32,6 +33,23 @@ class Application(models.Model):
     webhook_secret = models.CharField(max_length=100)
     previous_webhook_secret = models.CharField(max_length=100, blank=True, default="")
     previous_secret_expires_at = models.DateTimeField(null=True, blank=True)
+
+    class Signing(models.TextChoices):
+        """What signs a delivery (tasks.delivery.signing): the secret, the key pair, or both."""
+
+        HMAC = "hmac", "HMAC"
+        ED25519 = "ed25519"
+        BOTH = "both", "Both (HMAC and Ed25519)"
+
+    # Ed25519 signing (`v1a`): the private key in clear like the secret (`whsk_` + base64 of its
+    # raw bytes; the worker signs with it), made when signing first needs one. The public halves
+    # of the current key and of a previous one in its grace period are in the JWKS.
+    signing = models.CharField(max_length=8, choices=Signing.choices, default=Signing.HMAC)
+    signing_key = models.CharField(max_length=100, blank=True, default="")
+    signing_key_id = models.CharField(max_length=40, blank=True, default="")
+    previous_signing_key = models.CharField(max_length=100, blank=True, default="")
+    previous_signing_key_id = models.CharField(max_length=40, blank=True, default="")
+    previous_signing_key_expires_at = models.DateTimeField(null=True, blank=True)
 
     # Callback delivery policy.
     retry_schedule = models.JSONField(
@@ -44,6 +62,14 @@ class Application(models.Model):
     # cap): a hung receiver holds at most this many delivery threads (tasks.delivery.endpoints).
     endpoint_max_in_flight = models.PositiveIntegerField(
         default=4, validators=[MaxValueValidator(1000)]
+    )
+    # Circuit breaking (tasks.delivery.health): consecutive failed attempts that open an
+    # endpoint's circuit, and how long it may fail without a success before it is disabled.
+    circuit_failures = models.PositiveIntegerField(
+        default=20, validators=[MinValueValidator(1), MaxValueValidator(10_000)]
+    )
+    disable_after_hours = models.PositiveIntegerField(
+        default=120, validators=[MinValueValidator(1), MaxValueValidator(365 * 24)]
     )
 
     # Execution policy.
@@ -114,6 +140,7 @@ class ApiKey(models.Model):
 
 
 class Task(models.Model):
+    # A batch's items get time-ordered ids instead (tasks.submission.new_tasks, tasks.plumbing.ids).
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     # No index of its own: task_app_status_idx and task_retention_idx both lead with it, and
     # every index is rewritten on each status change.
@@ -256,6 +283,13 @@ class Task(models.Model):
                 name="task_batch_part_idx",
                 condition=Q(batch__isnull=False),
             ),
+            # Whether a batch has an unfinished item: one probe per item finishing
+            # (tasks.batches.completion), whatever the batch's size.
+            models.Index(
+                fields=["batch"],
+                name="task_batch_unfinished_part_idx",
+                condition=Q(batch__isnull=False, status__in=["pending", "running"]),
+            ),
         ]
         permissions = [
             ("operate", "Can retry, cancel, redeliver and configure from the dashboard"),
@@ -307,10 +341,40 @@ class Batch(models.Model):
     request_hash = models.CharField(max_length=64, blank=True, default="")
     created_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # The `batch.finished` callback (tasks.delivery.batch_callbacks): one per completion, a
+    # batch finishing again after a retry of its items counting a new one; attempts count
+    # within the current completion.
+    completions = models.PositiveIntegerField(default=0)
+    callback_status = models.CharField(
+        max_length=16, choices=CallbackStatus.choices, default=CallbackStatus.NONE
+    )
+    callback_attempts = models.PositiveIntegerField(default=0)
+    callback_next_attempt_at = models.DateTimeField(null=True, blank=True)
+    # The API's origin as the submit reached it: the callback's results_url is built from it.
+    base_url = models.CharField(max_length=2048, blank=True, default="")
+    # While its items are being stored (tasks.batches.ingest): never settled meanwhile.
+    ingesting = models.BooleanField(default=False)
 
     class Meta:
         indexes = [
             models.Index(fields=["application", "-created_at"], name="batch_app_created_idx"),
+            models.Index(fields=["-created_at"], name="batch_created_idx"),
+            # The reconciler's sweeps: batches not yet settled, callbacks due.
+            models.Index(
+                fields=["created_at"],
+                name="batch_running_part_idx",
+                condition=Q(status="running"),
+            ),
+            models.Index(
+                fields=["callback_next_attempt_at"],
+                name="batch_callback_due_part_idx",
+                condition=Q(callback_status="pending"),
+            ),
+            models.Index(
+                fields=["created_at"],
+                name="batch_ingesting_part_idx",
+                condition=Q(ingesting=True),
+            ),
         ]
         constraints = [
             models.UniqueConstraint(
@@ -383,6 +447,12 @@ class CallbackAttempt(models.Model):
     error = models.TextField(blank=True, default="")
     duration_ms = models.PositiveIntegerField(default=0)
     delivered = models.BooleanField(default=False)
+    # The endpoint (tasks.delivery.health) the attempt went to: its page and its recent success
+    # rate and latency read the last attempts through endpoint_attempt_idx.
+    endpoint = models.ForeignKey(
+        "Endpoint", null=True, blank=True, on_delete=models.SET_NULL, related_name="attempts",
+        db_index=False,
+    )  # fmt: skip
 
     class Meta:
         ordering = ["task", "run", "number"]
@@ -393,10 +463,37 @@ class CallbackAttempt(models.Model):
         ]
         indexes = [
             models.Index(fields=["-started_at"], name="attempt_started_idx"),
+            models.Index(fields=["endpoint", "-started_at"], name="endpoint_attempt_idx"),
         ]
 
     def __str__(self) -> str:
         return f"{self.task_id} run {self.run} attempt {self.number}"
+
+
+class BatchCallbackAttempt(models.Model):
+    """One POST of a batch's `batch.finished` to its callback URL."""
+
+    batch = models.ForeignKey(Batch, on_delete=models.CASCADE, related_name="callback_attempt_rows")
+    completion = models.PositiveIntegerField()
+    number = models.PositiveIntegerField()
+    started_at = models.DateTimeField()
+    url = models.CharField(max_length=2048)
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    response_excerpt = models.TextField(blank=True, default="")
+    error = models.TextField(blank=True, default="")
+    duration_ms = models.PositiveIntegerField(default=0)
+    delivered = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["batch", "completion", "number"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["batch", "completion", "number"], name="batch_attempt_unique"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"batch {self.batch_id} attempt {self.number}"
 
 
 class AuditEntry(models.Model):
@@ -437,6 +534,8 @@ class BulkOperation(models.Model):
         DELIVER_NOW = "deliver_now"  # a callback waiting for its retry, attempted now
         DISCARD = "discard"  # stop the waiting work, keep the record
         DELETE = "delete"  # remove the tasks with their logs and attempts
+        CANCEL_BATCH = "cancel_batch", "Cancel batch"  # tasks.batches.control.cancel_batch
+        RECOVER = "recover"  # redeliver the callbacks that failed since T (tasks.delivery.health)
 
     class Status(models.TextChoices):
         QUEUED = "queued"
@@ -572,3 +671,135 @@ class IdempotencyRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key} -> {self.task_id}"
+
+
+class Destination(models.Model):
+    """A message bus an application's results are published to besides (or instead of) its
+    webhooks (tasks.delivery.destinations): a Redis Stream, a RabbitMQ exchange or a NATS
+    JetStream subject, named by its URL."""
+
+    class Kind(models.TextChoices):
+        REDIS = "redis", "Redis Stream"
+        AMQP = "amqp", "RabbitMQ"
+        NATS = "nats", "NATS JetStream"
+
+    class Circuit(models.TextChoices):  # the same values as Endpoint.Circuit
+        CLOSED = "closed"
+        OPEN = "open"
+        HALF_OPEN = "half_open", "Half-open"
+
+    application = models.ForeignKey(
+        Application, on_delete=models.CASCADE, related_name="destinations"
+    )
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    url = models.CharField(max_length=2048)  # may hold a password: shown only masked
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    # Health and circuit, kept by every attempt as an endpoint's are (tasks.delivery.health,
+    # which reads the same field names on both models). `enabled` is False while disabled.
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    last_success_at = models.DateTimeField(null=True, blank=True)
+    last_failure_at = models.DateTimeField(null=True, blank=True)
+    failing_since = models.DateTimeField(null=True, blank=True)
+    circuit = models.CharField(max_length=9, choices=Circuit.choices, default=Circuit.CLOSED)
+    circuit_changed_at = models.DateTimeField(null=True, blank=True)
+    next_probe_at = models.DateTimeField(null=True, blank=True)
+    probe_interval_seconds = models.PositiveIntegerField(default=0)
+    disabled_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["application", "id"]
+        indexes = [
+            # The reconciler's probes and auto-disable: only destinations that are failing.
+            models.Index(
+                fields=["failing_since"],
+                name="destination_failing_part_idx",
+                condition=Q(failing_since__isnull=False),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.masked_url
+
+    @property
+    def masked_url(self) -> str:
+        from tasks.delivery.destinations import mask_url  # the rule's module reads the models
+
+        return mask_url(self.url)
+
+
+class DestinationAttempt(models.Model):
+    """One publish of a task run's result (or a batch's `batch.finished`) to a destination."""
+
+    destination = models.ForeignKey(Destination, on_delete=models.CASCADE, related_name="attempts")
+    task = models.ForeignKey(
+        Task, on_delete=models.CASCADE, null=True, blank=True, related_name="destination_attempts"
+    )
+    batch = models.ForeignKey(
+        Batch, on_delete=models.CASCADE, null=True, blank=True, related_name="destination_attempts"
+    )
+    run = models.PositiveIntegerField()  # the task's run, or the batch's completion
+    number = models.PositiveIntegerField()
+    trigger = models.CharField(max_length=8, choices=AttemptTrigger.choices)
+    started_at = models.DateTimeField()
+    delivered = models.BooleanField(default=False)
+    error = models.TextField(blank=True, default="")
+    duration_ms = models.PositiveIntegerField(default=0)
+    # When the automatic retry this failure scheduled is due (the reconciler's clue that its job
+    # vanished with Redis); null when none was scheduled.
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["destination", "started_at", "id"]
+        indexes = [
+            models.Index(fields=["task", "run"], name="dest_attempt_task_idx"),
+            models.Index(fields=["next_attempt_at"], name="dest_attempt_next_idx"),
+            # A destination's page, its recent success rate and latency, and its recover.
+            models.Index(fields=["destination", "-started_at"], name="dest_attempt_recent_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"destination {self.destination_id} attempt {self.number}"
+
+
+class Endpoint(models.Model):
+    """An application's callback origin and its health (tasks.delivery.health): the counters
+    each attempt's one upsert keeps, its circuit, and whether it was disabled."""
+
+    class Circuit(models.TextChoices):
+        CLOSED = "closed"
+        OPEN = "open"
+        HALF_OPEN = "half_open", "Half-open"
+
+    application = models.ForeignKey(Application, on_delete=models.CASCADE, related_name="+")
+    origin = models.CharField(max_length=300)  # scheme://host:port (endpoints.endpoint_of)
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    last_success_at = models.DateTimeField(null=True, blank=True)
+    last_failure_at = models.DateTimeField(null=True, blank=True)
+    # The first failure after the last success: how long the endpoint has been failing.
+    failing_since = models.DateTimeField(null=True, blank=True)
+    circuit = models.CharField(max_length=9, choices=Circuit.choices, default=Circuit.CLOSED)
+    # When the circuit last changed state: the one statement that records an attempt tells by it
+    # whether that attempt opened or closed the circuit.
+    circuit_changed_at = models.DateTimeField(null=True, blank=True)
+    next_probe_at = models.DateTimeField(null=True, blank=True)
+    probe_interval_seconds = models.PositiveIntegerField(default=0)
+    disabled_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["application", "origin"]
+        constraints = [
+            models.UniqueConstraint(fields=["application", "origin"], name="endpoint_unique")
+        ]
+        indexes = [
+            # The reconciler's probes and auto-disable: only endpoints that are failing.
+            models.Index(
+                fields=["failing_since"],
+                name="endpoint_failing_part_idx",
+                condition=Q(failing_since__isnull=False),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.origin} ({self.circuit})"

@@ -171,6 +171,23 @@ def batch_detail_body(
     }
 
 
+def batch_callback_body(batch: Batch, *, counts: dict[str, int]) -> dict[str, Any]:
+    """The `batch.finished` callback payload (README: Batches), in its documented key order;
+    `counts` per status (tasks.batches.follow.counts_of)."""
+    results_path = _batch_path_template("api:batch-results").format(batch.id)
+    return {
+        "event": "batch.finished",
+        "batch_id": str(batch.id),
+        "app_id": str(batch.application_id),
+        "status": batch.status,
+        "counts": {"total": batch.total, **counts},
+        "results_url": batch.base_url.rstrip("/") + results_path,
+        "created_at": iso(batch.created_at),
+        "finished_at": iso(batch.finished_at),
+        "metadata": batch.metadata,
+    }
+
+
 def batch_result_line(
     task_id: uuid.UUID, index: int, status: str, output: Any, error: str, error_code: str | None
 ) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 
 from tasks import state
+from tasks.batches import completion
 from tasks.execution.executor import announce_finished, on_task_finished
 from tasks.models import Task, TaskStatus
 from tasks.plumbing.queueing import redis_client
@@ -42,10 +43,11 @@ def cancel_task(*, task_id: uuid.UUID | str) -> CancelResult:
     transition), its runner stops at its next progress/log call, and a forking worker is told
     to kill the work horse.
     """
-    before = Task.objects.only("status", "run").get(pk=task_id)
+    before = Task.objects.only("status", "run", "batch_id").get(pk=task_id)
     won = state.cancel(task_id=task_id)
     if won:
         announce_finished(task_id, run=before.run)
+        completion.item_finished(batch_id=before.batch_id)
         if before.status == TaskStatus.RUNNING:
             _stop_job(before.rq_job_id)
         else:
@@ -78,6 +80,7 @@ def retry_tasks(*, task_ids: Iterable[uuid.UUID | str]) -> list[uuid.UUID]:
         if new_run is None:
             continue
         task = Task.objects.select_related("application").get(pk=task_id)
+        completion.reopen(batch_ids=[task.batch_id])
         transaction.on_commit(functools.partial(enqueue_pending_task, task=task, announce=True))
         retried.append(task.id)
     return retried

@@ -35,10 +35,12 @@ class StartedRun(NamedTuple):
     response_mode: str
     callback_events: str
     deadline_at: datetime | None  # the client's bound: ctx calls check it (execution.deadlines)
+    batch_id: uuid.UUID | None  # settled when the run ends (tasks.batches.completion)
 
 
 STARTED_FIELDS = (
     "inputs", "callback_url", "application", "response_mode", "callback_events", "deadline_at",
+    "batch",
 )  # fmt: skip
 
 
@@ -81,7 +83,7 @@ def start_run_orm(
     if not won:
         return None
     names = ("inputs", "callback_url", "application_id", "response_mode", "callback_events",
-             "deadline_at")  # fmt: skip
+             "deadline_at", "batch_id")  # fmt: skip
     return StartedRun(*Task.objects.values_list(*names).get(pk=task_id))
 
 
@@ -212,6 +214,8 @@ def stuck_counts(
     application and rule a short index range scan (application, status, time) stopped at the
     cap, joined by UNION ALL, `per_statement` scans a statement (SQLite refuses a compound
     SELECT of more than 500 terms)."""
+    if connection.vendor == "postgresql":
+        return _stuck_counts_lateral(applications, now=now, cap=cap)
     table = rawsql.quote(Task._meta.db_table)
     app_field = Task._meta.get_field("application")
     app_column = rawsql.quote(app_field.column)
@@ -242,6 +246,40 @@ def stuck_counts(
             counts.update(
                 (str(uuid.UUID(str(app_id))), rule_of_status[status]) for app_id, status in cursor
             )
+    return counts
+
+
+def _stuck_counts_lateral(
+    applications: list[Application], *, now: datetime, cap: int
+) -> Counter[tuple[str, str]]:
+    """stuck_counts on PostgreSQL: one statement, per rule a capped scan planned once and run
+    for each (application, threshold) of a VALUES list (LATERAL). The UNION ALL of a scan
+    per pair cost 24 ms of planning for 50 applications, against 5 ms of execution."""
+    counts: Counter[tuple[str, str]] = Counter()
+    if not applications:
+        return counts
+    table = rawsql.quote(Task._meta.db_table)
+    app_column = rawsql.quote(Task._meta.get_field("application").column)
+    values = ", ".join(["(%s::uuid, %s::timestamptz)"] * len(applications))
+    parts: list[str] = []
+    params: list[Any] = []
+    names = list(STUCK_RULES)
+    for index, rule in enumerate(STUCK_RULES.values()):
+        since = rawsql.quote_column(rawsql.get_field(Task, rule.since))
+        parts.append(
+            f"SELECT {index}, v.application_id, c.n FROM (VALUES {values}) "  # noqa: S608
+            f"AS v(application_id, cutoff) CROSS JOIN LATERAL (SELECT count(*) AS n FROM "
+            f"(SELECT 1 FROM {table} WHERE {app_column} = v.application_id AND status = %s "
+            f"AND {since} < v.cutoff LIMIT {int(cap)}) AS capped) AS c WHERE c.n > 0"
+        )
+        for application in applications:
+            threshold = timedelta(seconds=getattr(application, rule.threshold))
+            params += [application.pk, now - threshold]
+        params.append(rule.status)
+    with connection.cursor() as cursor:
+        cursor.execute(" UNION ALL ".join(parts), params)
+        for index, app_id, n in cursor:
+            counts[str(app_id), names[index]] = n
     return counts
 
 

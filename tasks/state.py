@@ -149,8 +149,8 @@ def cancel(*, task_id: uuid.UUID | str) -> bool:
 
 def cancel_many(*, task_ids: list[uuid.UUID], expected: str) -> list[Task]:
     """`cancel` for many tasks that were `expected` (pending or running) in one statement (a
-    batch's cancel); the rows it moved, with id, run, user, concurrency_key and application
-    loaded (a task that moved on meanwhile is left as it is)."""
+    batch's cancel); the rows it moved, with id, run, user, concurrency_key, application and
+    batch loaded (a task that moved on meanwhile is left as it is)."""
     statement = rawsql.update_statement(
         Task,
         where={
@@ -159,7 +159,9 @@ def cancel_many(*, task_ids: list[uuid.UUID], expected: str) -> list[Task]:
         },
         values={"status": S.CANCELLED, "cancel_requested": True, "finished_at": timezone.now()},
     )
-    fields, columns = rawsql.columns(Task, ("id", "run", "user", "concurrency_key", "application"))
+    fields, columns = rawsql.columns(
+        Task, ("id", "run", "user", "concurrency_key", "application", "batch")
+    )
     with rawsql.cursor() as db:
         db.execute(f"{statement.sql} RETURNING {columns}", statement.params)
         return [rawsql.instance(Task, fields, row) for row in db.fetchall()]
@@ -190,6 +192,7 @@ def start_new_run(
     traceback: str = "",
     automatic: bool = False,
     queued_at: datetime | None = None,
+    ended_at: datetime | None = None,
 ) -> int | None:
     """Begin run N+1 of a finished (or lost) task; keep run N's outcome in TaskRunHistory.
 
@@ -199,6 +202,8 @@ def start_new_run(
     `expected_run`: only if run N is this run. `automatic`: an automatic retry starts it
     (counted in `auto_retries`). `queued_at`: when the run joins the queue (later than now for
     a retry that waits its backoff); the application's max_queue_seconds counts from then.
+    `ended_at`: when run N ended, if it has no finished_at yet (the moment a retry's wait was
+    counted from, so run N+1 is never due sooner than that wait after it).
     Returns the new run number, or None when the task was not in an expected status (or run).
     """
     expected = tuple(expected)
@@ -225,7 +230,7 @@ def start_new_run(
             error_code=None if failure else task.error_code,
             traceback=traceback if error else task.traceback,
             started_at=task.started_at,
-            finished_at=task.finished_at or timezone.now(),
+            finished_at=task.finished_at or ended_at or timezone.now(),
             retried_automatically=automatic,
         )
         max_queue = task.application.max_queue_seconds
@@ -346,21 +351,25 @@ def reopen_delivery(*, task_id: uuid.UUID | str, run: int) -> bool:
     )
 
 
-def give_up_delivery(*, task_id: uuid.UUID | str, run: int, reason: str) -> bool:
+def give_up_delivery(
+    *, task_id: uuid.UUID | str, run: int, reason: str, stalled_too: bool = False
+) -> bool:
     """An operator's discard of a waiting callback: -> failed, its schedule cleared and `reason`
     its error group (tasks.triage). Only a callback with no attempt in flight: pending, or
     delivering with its next retry scheduled (an automatic claim clears the schedule, so an
     attempt running now is left to record its own outcome). A scheduled job that still fires
-    finds the callback settled and skips (automatic claims need an unsettled one)."""
+    finds the callback settled and skips (automatic claims need an unsettled one).
+    `stalled_too`: also one delivering with nothing scheduled, whose attempt's worker died (a
+    disabled endpoint's refusal: no attempt to it can be running)."""
     pending = callback_transition(to=C.FAILED, expected=[C.PENDING])
     delivering = callback_transition(to=C.FAILED, expected=[C.DELIVERING])
     group = triage.callback_error(status_code=None, error=reason)
+    in_flight = Q(callback_status__in=delivering)
+    if not stalled_too:
+        in_flight &= Q(callback_next_attempt_at__isnull=False)
     won = (
         Task.objects.filter(pk=task_id, run=run)
-        .filter(
-            Q(callback_status__in=pending)
-            | Q(callback_status__in=delivering, callback_next_attempt_at__isnull=False)
-        )
+        .filter(Q(callback_status__in=pending) | in_flight)
         .update(
             callback_status=C.FAILED,
             callback_next_attempt_at=None,

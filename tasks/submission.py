@@ -12,6 +12,7 @@ from typing import Any
 
 import redis
 from django.db import IntegrityError, connection, transaction
+from django.db.models.base import ModelState
 from django.utils import timezone
 
 from tasks import idempotency, jsonsafety
@@ -21,6 +22,7 @@ from tasks.events import stream as event_stream
 from tasks.execution import deadlines
 from tasks.models import Application, IdempotencyRecord, Task
 from tasks.plumbing import rawsql
+from tasks.plumbing.ids import uuid7_many
 from tasks.plumbing.queueing import enqueue_task_run, redis_client, task_job_id
 from tasks.scheduling import estimates, fairness, lanes
 from tasks.statuses import Priority
@@ -78,9 +80,12 @@ class SubmitRequest:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def parse_submit_body(body: Any, *, cancel_after: str | None = None) -> SubmitRequest:
+def parse_submit_body(
+    body: Any, *, cancel_after: str | None = None, batch_head: SubmitRequest | None = None
+) -> SubmitRequest:
     """Validate a decoded JSON body (and the `Cancel-After` header) against the README's API
-    rules; raises ValidationFailed."""
+    rules; raises ValidationFailed. `batch_head`: the body is a batch's item, which has none of
+    the batch-level fields; the request takes the batch's (async, its callback, its priority)."""
     if not isinstance(body, dict):
         raise ValidationFailed(None, "The request body must be a JSON object.")
     for name, value in body.items():  # anywhere in the body, known fields or not
@@ -114,6 +119,16 @@ def parse_submit_body(body: Any, *, cancel_after: str | None = None) -> SubmitRe
         except ssrf.UnsafeCallbackUrl as exc:
             raise ValidationFailed("callback_url", str(exc)) from exc
 
+    concurrency_key = _concurrency_key(body.get("concurrency_key"))
+    retry = _retry(body.get("retry"))
+    deadline_seconds = _deadline_seconds(body.get("deadline_seconds"), cancel_after)
+    if batch_head is not None:
+        return SubmitRequest(
+            inputs=inputs, response_mode="async", user=user,
+            callback_url=batch_head.callback_url, callback_events=batch_head.callback_events,
+            priority=batch_head.priority, concurrency_key=concurrency_key, retry=retry,
+            deadline_seconds=deadline_seconds,
+        )  # fmt: skip
     return SubmitRequest(
         inputs=inputs,
         response_mode=response_mode,
@@ -121,9 +136,9 @@ def parse_submit_body(body: Any, *, cancel_after: str | None = None) -> SubmitRe
         callback_url=callback_url,
         callback_events=_callback_events(body.get("callback_events"), callback_url),
         priority=_priority(body.get("priority")),
-        concurrency_key=_concurrency_key(body.get("concurrency_key")),
-        retry=_retry(body.get("retry")),
-        deadline_seconds=_deadline_seconds(body.get("deadline_seconds"), cancel_after),
+        concurrency_key=concurrency_key,
+        retry=retry,
+        deadline_seconds=deadline_seconds,
     )
 
 
@@ -231,6 +246,64 @@ def new_task(
     )
 
 
+# What new_tasks sets on each row of its own; every other column is the first row's value.
+ITEM_OWN_FIELDS = frozenset(
+    {"id", "inputs", "user", "concurrency_key", "auto_retry", "deadline_at", "idempotency_key",
+     "request_hash", "batch_index"}
+)  # fmt: skip
+
+
+def new_tasks(
+    *,
+    application: Application,
+    requests: list[SubmitRequest],
+    keys: list[str | None],
+    now: datetime,
+    first_index: int | None = None,
+    default_key: str = "",
+    **shared: Any,
+) -> list[Task]:
+    """new_task's rows for many requests alike but for their own fields (ITEM_OWN_FIELDS; a
+    batch's items, `shared` their batch fields): the first is built by new_task, the others
+    copied from it with what differs set, at a small part of a model instance's construction.
+    `first_index`: the rows' batch_index counts from it; `default_key`: the concurrency_key of
+    a request that names none."""
+    if not requests:
+        return []
+    if first_index is not None:
+        shared["batch_index"] = first_index
+    first = new_task(application=application, request=requests[0], idempotency_key=keys[0],
+                     now=now, **shared)  # fmt: skip
+    first.concurrency_key = first.concurrency_key or default_key
+    # Time-ordered: a chunk's rows go to the end of the primary key's index (tasks.plumbing.ids).
+    ids = uuid7_many(len(requests))
+    first.id = ids[0]
+    rows = [first]
+    template = first.__dict__
+    fields_cache = first._state.fields_cache  # the application, the batch
+    index = first_index
+    for request, key, task_id in zip(requests[1:], keys[1:], ids[1:], strict=True):
+        row = Task.__new__(Task)
+        values = row.__dict__
+        values.update(template)
+        state = values["_state"] = ModelState()
+        state.fields_cache = fields_cache.copy()
+        values["id"] = task_id
+        values["inputs"] = request.inputs
+        values["user"] = request.user
+        values["concurrency_key"] = request.concurrency_key or default_key
+        values["auto_retry"] = request.retry is not False
+        values["deadline_at"] = (now + timedelta(seconds=request.deadline_seconds)
+                                 if request.deadline_seconds is not None else None)  # fmt: skip
+        values["idempotency_key"] = key
+        values["request_hash"] = request.request_hash if key else ""
+        if index is not None:
+            index += 1
+            values["batch_index"] = index
+        rows.append(row)
+    return rows
+
+
 def submit_task(
     *,
     application: Application,
@@ -279,31 +352,49 @@ ENQUEUE_CHUNK = 300  # runs per Redis pipeline when many fresh tasks are enqueue
 
 def enqueue_fresh_tasks(*, tasks: list[Task], application: Application) -> int:
     """`enqueue_pending_task(fresh=True, announce=True)` for many tasks inserted a moment ago (a
-    batch's items), in two Redis round trips per ENQUEUE_CHUNK runs: the per-key slots asked
-    for together, then every granted run's job, ticket and `task.queued` event (and the lined
-    runs' events) in one pipeline. A run in its key's line announces no place (`queue` null).
+    batch's items): the per-key slots asked for together (one round trip, one script call per
+    key), then the granted runs' jobs, tickets and `task.queued` events, one pipeline per
+    ENQUEUE_CHUNK runs. A run left in its key's line announces itself when it
+    is granted a slot (tasks.scheduling.dispatch).
     Returns the runs queued or lined; after a Redis failure the rest stay pending for the
     reconciler."""
     if application.max_concurrency:  # RQ's rate limit costs trips of its own per run
         return sum(enqueue_pending_task(task=task, fresh=True, announce=True) for task in tasks)
-    done = 0
-    for start in range(0, len(tasks), ENQUEUE_CHUNK):
-        chunk = tasks[start : start + ENQUEUE_CHUNK]
+    # A batch's items mostly share one key: worked out once per distinct key's inputs.
+    known_keys: dict[tuple[str, str, Any], fairness.Key | None] = {}
+
+    def key_of(task: Task) -> fairness.Key | None:
+        marker = (task.concurrency_key, task.user, task.batch_id)
+        if marker not in known_keys:
+            known_keys[marker] = fairness.key_of(task, application)
+        return known_keys[marker]
+
+    try:
+        keys = [key_of(task) for task in tasks]
+        granted = fairness.acquire_many(tasks, keys=keys)
+    except Exception:  # Redis down, or anything else: the accepted tasks must not be lost
+        logger.warning(
+            "enqueue of %d tasks failed, they stay pending for the reconciler",
+            len(tasks), extra={"app_id": str(application.id)}, exc_info=True,
+        )  # fmt: skip
+        return 0
+    # A run left in its key's line is enqueued, and its `task.queued` announced, when a slot
+    # frees (dispatch); a batch's items mostly wait there, at one line entry each.
+    entering = [(task, key) for task, key, may_enter in zip(tasks, keys, granted, strict=True)
+                if may_enter]  # fmt: skip
+    done = len(tasks) - len(entering)
+    for start in range(0, len(entering), ENQUEUE_CHUNK):
+        chunk = entering[start : start + ENQUEUE_CHUNK]
         try:
-            keys = [fairness.key_of(task, application) for task in chunk]
-            granted = fairness.acquire_many(chunk, keys=keys)
             pipeline = redis_client().pipeline()
             pipeline.multi()  # RQ's enqueue asks for MULTI; no command may come before it
             places = {priority: estimates.for_new_run(priority)
-                      for priority in {task.priority for task in chunk}}  # fmt: skip
-            for task, key, may_enter in zip(chunk, keys, granted, strict=True):
-                place = places[task.priority] if may_enter else None
+                      for priority in {task.priority for task, _key in chunk}}  # fmt: skip
+            for task, key in chunk:
                 event_stream.add(
                     pipeline, task_id=task.id, run=task.run, event=catalog.QUEUED,
-                    data=queued_event_data(task, place),
+                    data=queued_event_data(task, places[task.priority]),
                 )  # fmt: skip
-                if not may_enter:
-                    continue  # its key's line: enqueued when a slot frees
                 queue_name = lanes.queue_name(task.priority)
                 job_id = task_job_id(task.id, task.run)
                 enqueue_task_run(
@@ -315,10 +406,10 @@ def enqueue_fresh_tasks(*, tasks: list[Task], application: Application) -> int:
                     into=pipeline,
                 )  # fmt: skip
             pipeline.execute()
-        except Exception:  # Redis down, or anything else: the accepted tasks must not be lost
+        except Exception:  # as above: the rest stay pending for the reconciler
             logger.warning(
                 "enqueue of %d tasks failed, they stay pending for the reconciler",
-                len(tasks) - done, extra={"app_id": str(application.id)}, exc_info=True,
+                len(entering) - start, extra={"app_id": str(application.id)}, exc_info=True,
             )  # fmt: skip
             return done
         done += len(chunk)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.contrib.auth.models import Permission, User
 from django.db import connection
 from django.test import Client as DjangoClient
 from django.test import client as test_client
@@ -177,6 +178,25 @@ def client() -> Client:
     return Client()
 
 
+@pytest.fixture
+def operator() -> Client:
+    """Logged in as a staff user with the `operate` permission (the dashboard's actions)."""
+    user = User.objects.create_user("operator", password="pw-operator-123", is_staff=True)
+    user.user_permissions.add(Permission.objects.get(codename="operate"))
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def viewer() -> Client:
+    """Logged in as a staff user without `operate`: it sees the dashboard, acts on nothing."""
+    user = User.objects.create_user("viewer", password="pw-viewer-123", is_staff=True)
+    client = Client()
+    client.force_login(user)
+    return client
+
+
 @pytest.fixture(autouse=True)
 def _private_callbacks_allowed(settings):
     # Receivers in tests listen on 127.0.0.1; the SSRF tests switch this off explicitly.
@@ -222,6 +242,21 @@ def api_submit(app: CreatedApplication, body: dict) -> str:
     return response.json()["task_id"]
 
 
+@pytest.fixture
+def stack(tmp_path, settings):
+    """A Redis server of the test's own, with the real processes a fault test starts on it
+    (tests.stack.Stack): the reconciler every 2 s, a worker lost 3 s after its last beat."""
+    from tests.stack import Stack  # it imports this module
+
+    stack = Stack(tmp_path, RECONCILE_INTERVAL="2", WORKER_ALIVE_TTL="3")
+    stack.start_redis()
+    settings.REDIS_URL = stack.redis_url
+    redis_client.cache_clear()
+    yield stack
+    stack.close()
+    redis_client.cache_clear()
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 20, interval: float = 0.05):
     """Poll `predicate` until truthy; returns its value or fails the test with a message."""
     deadline = time.monotonic() + timeout
@@ -231,6 +266,15 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20, interval: flo
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+def wait_for_exit(process: subprocess.Popen, timeout: float) -> int | None:
+    """The process's exit code, or None if it is still running after `timeout` seconds (so an
+    assertion on it can show the process's output rather than a bare TimeoutExpired)."""
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def wait_for_status(task_id, statuses: tuple[str, ...], timeout: float = 20) -> Task:

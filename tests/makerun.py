@@ -116,7 +116,9 @@ class MakeRun:
         assert self.process is None, "already started"
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                ["make", "run", f"PORT={self.port}"],
+                # The venv is the original's, symlinked: never reinstall it from this copy
+                # (a pyproject.toml newer than its stamp would point it here, then vanish).
+                ["make", "-o", ".venv/.installed", "run", f"PORT={self.port}"],
                 cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, process_group=0,
             )  # fmt: skip

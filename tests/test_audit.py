@@ -21,13 +21,6 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def viewer() -> Client:
-    client = Client()
-    client.force_login(User.objects.create_user("viewer", password="pw-viewer-123", is_staff=True))
-    return client
-
-
-@pytest.fixture
 def operator() -> tuple[Client, User]:
     user = User.objects.create_user("operator", password="pw-operator-123", is_staff=True)
     user.user_permissions.add(Permission.objects.get(codename="operate"))

@@ -142,6 +142,32 @@ def test_an_items_key_that_names_a_task_refuses_the_batch(make_app, client, _cle
     assert Batch.objects.count() == 1 and Task.objects.count() == 1
 
 
+def test_a_batch_is_decoded_checked_and_stored_as_a_burst_with_the_collector_paused(
+    make_app, client, _clean, monkeypatch
+):
+    import gc
+
+    from tasks.batches import ingest
+
+    seen: list[bool] = []
+    parse, store = ingest.parse_batch_body, ingest.submit_batch
+
+    def parse_seen(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return parse(*args, **kwargs)
+
+    def store_seen(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return store(*args, **kwargs)
+
+    monkeypatch.setattr(ingest, "parse_batch_body", parse_seen)
+    monkeypatch.setattr(ingest, "submit_batch", store_seen)
+    assert gc.isenabled()
+    submit_batch(client, make_app("echo"), ITEMS)
+    assert seen == [False, False]  # tasks.plumbing.bursts, around the whole request
+    assert gc.isenabled()
+
+
 # --- items are tasks --------------------------------------------------------------------------
 
 
@@ -192,6 +218,41 @@ def test_the_per_key_cap_holds_a_batch_as_one_user(make_app, client, _clean):
         content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {app.api_key}",
     ).json()["task_id"]  # fmt: skip
     assert lane_ids("normal")[-1] == task_job_id(other, 1)
+
+
+def test_without_a_cap_a_batch_holds_batch_concurrency_runs_and_lines_the_rest_in_order(
+    make_app, client, settings, _clean
+):
+    from tasks.events import stream as event_stream
+    from tasks.scheduling import dispatch
+
+    settings.BATCH_CONCURRENCY = 3
+    app = make_app("echo")  # no max_concurrency_per_key
+    batch_id = submit_batch(client, app, [{"inputs": {"n": n}} for n in range(30)])["batch_id"]
+    items = list(Task.objects.filter(batch_id=batch_id).order_by("batch_index"))
+    assert lane_ids("normal") == [task_job_id(t.id, 1) for t in items[:3]]
+    key = fairness.key_of(items[0])
+    assert key is not None and key.is_batch
+    lined = [job.decode() for job in redis_client().zrange(key.line, 0, -1)]
+    assert lined == [task_job_id(t.id, 1) for t in items[3:]]  # index order
+
+    # A lined item has announced nothing yet; a granted one has its task.queued.
+    def announced(task) -> bool:
+        return bool(redis_client().xlen(event_stream.stream_key(task.id)))
+
+    assert announced(items[0]) and not announced(items[3])
+    # Another client's task enters the lane at once: behind 3 of the batch's, not 30.
+    other = client.post(
+        f"/api/applications/{app.application.id}/generate",
+        {"inputs": {}, "response_mode": "async"},
+        content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {app.api_key}",
+    ).json()["task_id"]  # fmt: skip
+    assert lane_ids("normal")[3:] == [task_job_id(other, 1)]
+    # A run's end passes its slot to the next item in index order, which announces itself.
+    Task.objects.filter(pk=items[0].pk).update(status="succeeded")
+    dispatch._pass_on(key, [task_job_id(items[0].id, 1)])
+    assert lane_ids("normal")[-1] == task_job_id(items[3].id, 1)
+    assert announced(items[3])
 
 
 # --- following a batch ------------------------------------------------------------------------
@@ -297,8 +358,22 @@ def test_a_thousand_item_batch_runs_to_the_end_and_pages_its_results(make_app, c
 @pytest.mark.processes
 def test_an_items_callback_names_its_batch(make_app, client, live_worker, receiver):
     app = make_app("echo")
-    batch_id = submit_batch(client, app, ITEMS[:2], callback_url=receiver.url)["batch_id"]
-    wait_for(lambda: len(receiver.received) == 2, timeout=60)
-    bodies = [request.json() for request in receiver.received]
+    batch_id = submit_batch(
+        client, app, ITEMS[:2], callback_url=receiver.url, callback_events=["finished"]
+    )["batch_id"]
+    wait_for(lambda: len(receiver.received) == 3, timeout=60)  # two items, then the batch
+    bodies = [request.json() for request in receiver.received if request.json()["event"]
+              == "task.finished"]  # fmt: skip
+    assert len(bodies) == 2
     assert {body["batch_id"] for body in bodies} == {batch_id}
     assert all(list(body)[-1] == "batch_id" for body in bodies)
+
+
+def test_without_an_idempotency_key_the_body_is_not_hashed(make_app, client, _clean):
+    """The request hash only serves a repeated Idempotency-Key: a batch without one skips it."""
+    answer = submit_batch(client, make_app("echo"), ITEMS)
+    assert Batch.objects.get(pk=answer["batch_id"]).request_hash == ""
+    from tasks.batches import ingest
+
+    assert ingest.parse_batch_body({"items": ITEMS}, hashed=False).request_hash == ""
+    assert len(ingest.parse_batch_body({"items": ITEMS}).request_hash) == 64

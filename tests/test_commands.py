@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from io import StringIO
 
 import psutil
@@ -17,6 +18,7 @@ import pytest
 import requests
 from django.core.management import CommandError, call_command
 from django.db import connection
+from django.utils import timezone
 
 from tasks.credentials import authenticate, hash_api_key
 from tasks.models import ApiKey, Application, AuditEntry, CallbackAttempt, Task
@@ -199,6 +201,53 @@ def test_seed_tasks_bulk_loads_tasks_with_attempts_and_leaves_planner_statistics
             assert cursor.fetchone()[0] > 0
 
 
+@pytest.mark.django_db
+def test_seed_tasks_rows_read_back_as_the_dashboard_reads_them():
+    """What the pages of the 10M benchmark show exists, and every row reads back through the
+    ORM (the loader writes text: ids, times, JSON as each backend stores them); on PostgreSQL
+    the load runs with the task indexes dropped and built again."""
+    from tasks import triage
+    from tasks.models import Batch, Endpoint, ErrorGroup
+    from tasks.statuses import FINISHED
+
+    call_command("seed_tasks", "6000", "--apps", "3", "--days", "2", "--batch", "1000",
+                 "--defer-indexes", stdout=StringIO())  # fmt: skip
+    assert Task.objects.count() == 6000
+    # Old tasks are finished; only the last minutes hold pending and running ones.
+    recent = timezone.now() - timedelta(minutes=11)
+    unfinished = Task.objects.exclude(status__in=FINISHED)
+    assert not unfinished.filter(created_at__lt=recent).exists()
+    failed = Task.objects.filter(status="failed")
+    assert failed.count() > 300 and not failed.filter(error_fingerprint="").exists()
+    # Each failure's fingerprint is triage's for its own message, and its group exists.
+    for error, fingerprint in failed.values_list("error", "error_fingerprint"):
+        assert fingerprint == triage.task_error(error).fingerprint
+    groups = set(ErrorGroup.objects.filter(kind="task").values_list("fingerprint", flat=True))
+    assert set(failed.values_list("error_fingerprint", flat=True)) == groups
+    given_up = Task.objects.filter(callback_status="failed")
+    assert given_up.exists() and not given_up.filter(callback_error_fingerprint="").exists()
+    # Batches: their items in index order, as many as the batch's total.
+    batch = Batch.objects.order_by("-total").first()
+    assert batch is not None and batch.status == "finished"
+    indexes = list(Task.objects.filter(batch=batch).order_by("batch_index")
+                   .values_list("batch_index", flat=True))  # fmt: skip
+    assert indexes == list(range(batch.total))
+    # An endpoint per application, with the attempts of its callbacks.
+    assert Endpoint.objects.count() == 3
+    attempt = CallbackAttempt.objects.select_related("task", "endpoint").first()
+    assert attempt.endpoint.application_id == attempt.task.application_id
+    assert attempt.task.callback_url.startswith(attempt.endpoint.origin.removesuffix(":443"))
+    task = Task.objects.filter(status="succeeded").first()
+    assert task.output == {"answer": "synthetic"} and task.inputs["query"].startswith("question")
+    assert task.created_at < task.started_at < task.finished_at <= timezone.now()
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT indexname FROM pg_indexes WHERE tablename = %s",
+                           [Task._meta.db_table])  # fmt: skip
+            names = {row[0] for row in cursor.fetchall()}
+        assert {index.name for index in Task._meta.indexes} <= names
+
+
 # --- application settings from the command line ---------------------------------------------
 
 
@@ -224,6 +273,7 @@ def test_setapplication_changes_every_setting_of_the_form_and_bumps_updated_at(m
         "--retention-hours", "72", "--endpoint-max-in-flight", "9",
         "--default-priority", "high", "--max-concurrency-per-key", "3",
         "--max-queue-seconds", "45", "--auto-retry", "4", "--auto-retry-backoff", "2.5",
+        "--signing", "both", "--circuit-failures", "5", "--disable-after-hours", "48",
     )  # fmt: skip
     row = Application.objects.get(pk=app.application.id)
     assert {name: getattr(row, name) for name in SETTINGS} == {
@@ -234,6 +284,7 @@ def test_setapplication_changes_every_setting_of_the_form_and_bumps_updated_at(m
         "rate_limit_per_second": 5.0, "rate_limit_burst": 7, "retention_hours": 72,
         "endpoint_max_in_flight": 9, "default_priority": "high", "max_concurrency_per_key": 3,
         "max_queue_seconds": 45, "auto_retry": 4, "auto_retry_backoff_seconds": 2.5,
+        "signing": "both", "circuit_failures": 5, "disable_after_hours": 48,
     }  # fmt: skip
     assert row.updated_at > before  # the workers' caches key on it
     assert "rate_limit             5/7" in out and "retention_hours        72 h" in out

@@ -23,7 +23,14 @@ from tasks.plumbing.queueing import redis_client
 from tasks.selectors.alerts import alerts
 from tasks.upkeep.maintenance import sample_stats_job
 from tasks.upkeep.reconciler import reconcile
-from tests.conftest import Client, WorkerProcess, api_submit, wait_for, wait_for_status
+from tests.conftest import (
+    Client,
+    WorkerProcess,
+    api_submit,
+    wait_for,
+    wait_for_exit,
+    wait_for_status,
+)
 
 
 @pytest.fixture
@@ -249,7 +256,8 @@ def test_stopping_a_worker_at_once_leaves_its_task_to_the_reconciler(
     stopped_at = time.monotonic()
     response = htmx_post(operator, "/workers/stop", worker=own_worker.name, mode="now")
     assert response.status_code == 200
-    wait_for(lambda: own_worker.process.poll() is not None, timeout=10)
+    # Past STOP_NOW_REPORT_SECONDS the worker logs every thread's stack: shown on a failure.
+    assert wait_for_exit(own_worker.process, 10) is not None, own_worker.output()[-6000:]
     assert time.monotonic() - stopped_at < 10  # not the 60 s the task would take
     assert Task.objects.get(pk=task_id).status == TaskStatus.RUNNING  # interrupted, not ended
     time.sleep(5.5)  # the reconciler's grace after a task starts

@@ -12,7 +12,7 @@ from html.parser import HTMLParser
 from urllib.parse import urljoin
 
 import pytest
-from django.contrib.auth.models import Permission, User
+from django.contrib.auth.models import User
 from django.urls import resolve
 from django.utils import timezone
 
@@ -21,31 +21,17 @@ from tasks.models import (
     ApiKey,
     Application,
     AuditEntry,
+    Batch,
     BulkOperation,
     CallbackAttempt,
+    Destination,
+    Endpoint,
     Task,
 )
 from tasks.selectors.task_lists import TaskFilters, task_page, uuid_prefix_range
 from tests.conftest import BASE_DIR, Client
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def viewer() -> Client:
-    user = User.objects.create_user("viewer", password="pw-viewer-123", is_staff=True)
-    client = Client()
-    client.force_login(user)
-    return client
-
-
-@pytest.fixture
-def operator() -> Client:
-    user = User.objects.create_user("operator", password="pw-operator-123", is_staff=True)
-    user.user_permissions.add(Permission.objects.get(codename="operate"))
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 @pytest.fixture
@@ -71,6 +57,8 @@ PAGES = {
     "home": ("/", "Overview", '<section id="live"'),
     "tasks": ("/tasks/", "Tasks", '<div id="results"'),
     "task": ("/tasks/{task}/", "Task <code>", '<section id="task-live"'),
+    "batches": ("/batches/", "Batches", '<div id="batches"'),
+    "batch": ("/batches/{batch}/", "Batch <code>", '<section id="batch-live"'),
     "failed-callbacks": ("/callbacks/failed/", "Failed callbacks", '<div id="results"'),
     "work": ("/work/", "Work", '<div id="results"'),
     "failures": ("/failures/", "Failures", '<div id="groups"'),
@@ -80,7 +68,12 @@ PAGES = {
     "time-zone": ("/time-zone/", "Time zone", '<div id="zone-form"'),
     "history": ("/history/", "History", '<section id="history"'),
     "workers": ("/workers/", "Queues &amp; workers", '<section id="control"'),
-}
+    "endpoints": ("/endpoints/", "Endpoints", '<div id="endpoints"'),
+    "endpoint": ("/endpoints/{endpoint}/", "Endpoint <code>", '<section id="endpoint"'),
+    "destinations": ("/destinations/", "Destinations", '<div id="destinations"'),
+    "destination": ("/destinations/{destination}/", "Destination <code>",
+                    '<section id="destination"'),
+}  # fmt: skip
 # Fragments: only ever a partial, which a page polls.
 FRAGMENTS = {"bulk": ("/bulk/{operation}/", '<div class="operation" id="operation-')}
 # Not the dashboard's own: served to anyone.
@@ -94,7 +87,12 @@ def ids(app) -> dict:
                      callback_status="failed", finished_at=timezone.now())  # fmt: skip
     operation = BulkOperation.objects.create(kind="retry", status="running", created_by="op")
     key = ApiKey.objects.get(application=app.application)
-    return {"task": task.id, "app": app.application.id, "key": key.pk, "operation": operation.pk}
+    batch = Batch.objects.create(application=app.application, total=1)
+    endpoint = Endpoint.objects.create(application=app.application, origin="http://x.example:80")
+    destination = Destination.objects.create(application=app.application, kind="redis",
+                                             url="redis://127.0.0.1:6379/0?stream=s")  # fmt: skip
+    return {"task": task.id, "app": app.application.id, "key": key.pk, "operation": operation.pk,
+            "batch": batch.id, "endpoint": endpoint.pk, "destination": destination.pk}  # fmt: skip
 
 
 def test_every_dashboard_url_is_listed(ids):
@@ -290,6 +288,8 @@ ACTIONS = {
     "task-retry": ("/tasks/{task}/retry", {}),
     "task-redeliver": ("/tasks/{task}/redeliver", {}),
     "task-cancel": ("/tasks/{task}/cancel", {}),
+    "batch-retry": ("/batches/{batch}/retry", {}),
+    "batch-cancel": ("/batches/{batch}/cancel", {}),
     "tasks-retry": ("/tasks/retry", {"task": "{task}"}),
     "callbacks-redeliver": ("/callbacks/redeliver", {"task": "{task}"}),
     "work-act": ("/work/act", {"state": "failed", "act": "retry:selected", "task": "{task}"}),
@@ -301,6 +301,12 @@ ACTIONS = {
     "worker-stop": ("/workers/stop", {"worker": "some-worker", "mode": "now"}),
     "alert-action": ("/alerts/act", {"kind": "stuck_running", "application": "{app}",
                                      "action": "fail"}),
+    "endpoint-reenable": ("/endpoints/{endpoint}/re-enable", {}),
+    "endpoints-recover": ("/endpoints/recover", {"endpoint": "{endpoint}",
+                                                 "since": "2026-01-01T00:00:00"}),
+    "destination-reenable": ("/destinations/{destination}/re-enable", {}),
+    "destinations-recover": ("/destinations/recover", {"destination": "{destination}",
+                                                       "since": "2026-01-01T00:00:00"}),
 }  # fmt: skip
 # The other credential, through the same URL.
 ACTION_CASES = [*ACTIONS.values(), ("/applications/{app}/rotate-secret", {})]

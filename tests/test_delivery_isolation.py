@@ -91,8 +91,9 @@ def test_a_black_hole_endpoint_does_not_delay_a_healthy_one(make_app, live_worke
         worker_class=DELIVERY_WORKER_CLASS,
     )  # fmt: skip
     try:
+        # circuit_failures: its 24 attempts must all be made, none held by an open circuit.
         dead = make_app("echo", retry_schedule=[1], callback_timeout_seconds=2,
-                        endpoint_max_in_flight=2)  # fmt: skip
+                        endpoint_max_in_flight=2, circuit_failures=100)  # fmt: skip
         healthy = make_app("echo", retry_schedule=[1])
         body = {"inputs": {}, "response_mode": "async"}
         dead_ids = [api_submit(dead, body | {"callback_url": black_hole.url}) for _ in range(12)]
@@ -145,3 +146,32 @@ def test_the_cap_is_set_from_the_command_line_and_shown_on_the_application_page(
     assert "7 in flight per endpoint" in page
     for key in client.scan_iter("taskhook:endpoint*"):
         client.delete(key)
+
+
+def test_a_parked_manual_redelivery_is_left_to_wait_by_the_reconciler(
+    make_app, receiver, private_queues
+):
+    """A recover's redeliveries wait on the endpoint's cap as `manual` entries while their
+    callbacks say pending: the reconciler must not send each a second, automatic one."""
+    app = make_app("echo", endpoint_max_in_flight=1)
+    long_ago = timezone.now() - timezone.timedelta(hours=1)
+    task = Task.objects.create(
+        application=app.application, inputs={}, callback_url=receiver.url, status="succeeded",
+        output={}, finished_at=long_ago, callback_status="failed",
+    )  # fmt: skip
+    endpoint = endpoints.endpoint_of(application_id=app.application.id, callback_url=receiver.url)
+    for key in redis_client().scan_iter("taskhook:endpoint*"):
+        redis_client().delete(key)
+    redis_client().zadd(endpoints.SLOTS_KEY.format(endpoint=endpoint), {"busy": time.time() + 60})
+    assert callbacks.redeliver(task_ids=[task.id]) == [task.id]
+    (job_id,) = queue(settings.CALLBACK_QUEUE).get_job_ids()
+    result = callbacks.deliver(task_id=task.id, run=1, trigger="manual", endpoint=endpoint,
+                               job_id=job_id)  # fmt: skip
+    assert result.startswith("parked")
+    queue(settings.CALLBACK_QUEUE).empty()
+    assert Task.objects.get(pk=task.pk).callback_status == "pending"
+    assert endpoints.run_is_parked(endpoint=endpoint, task_id=str(task.id), run=1)
+    report = reconciler.reconcile()
+    assert str(task.id) not in report.callbacks_rescheduled
+    assert queue(settings.CALLBACK_QUEUE).get_job_ids() == []  # no second, automatic delivery
+    assert not endpoints.run_is_parked(endpoint=endpoint, task_id=str(task.id), run=2)

@@ -19,8 +19,7 @@ import requests
 from dashboard.runtime.processes import DELIVERY_WORKER_CLASS
 from tasks.models import CallbackAttempt, Task, TaskLog
 from tasks.plumbing.queueing import redis_client
-from tests.conftest import api_submit, wait_for, wait_for_status
-from tests.stack import Stack
+from tests.conftest import api_submit, wait_for, wait_for_exit, wait_for_status
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -33,17 +32,6 @@ def counting_runner(inputs, ctx):
     if inputs.get("seconds"):
         time.sleep(float(inputs["seconds"]))
     return inputs
-
-
-@pytest.fixture
-def stack(tmp_path, settings):
-    stack = Stack(tmp_path, RECONCILE_INTERVAL="2", WORKER_ALIVE_TTL="3")
-    stack.start_redis()
-    settings.REDIS_URL = stack.redis_url
-    redis_client.cache_clear()
-    yield stack
-    stack.close()
-    redis_client.cache_clear()
 
 
 def post(base_url: str, app, body: dict, key: str | None = None, timeout: float = 15):
@@ -419,7 +407,8 @@ def test_delivery_worker_finishes_deliveries_in_flight_on_sigterm(stack, make_ap
     try:
         worker, ids = deliveries_in_flight(stack, make_app, receiver, concurrency=3, tasks=5)
         worker.process.send_signal(signal.SIGTERM)
-        assert worker.process.wait(30) == 0, worker.output()[-3000:]
+        # Past STOP_REPORT_SECONDS the worker logs every thread's stack: shown on a failure.
+        assert wait_for_exit(worker.process, 30) == 0, worker.output()[-6000:]
         delivered = Task.objects.filter(pk__in=ids, callback_status="delivered")
         assert delivered.count() == 3  # the three in flight, recorded before the exit
         assert CallbackAttempt.objects.filter(task_id__in=ids).count() == 3

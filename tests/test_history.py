@@ -5,12 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from django.contrib.auth.models import User
 
 from tasks.models import CallbackAttempt, StatsRollup, Task
 from tasks.selectors import history as selector
 from tasks.telemetry import rollups
-from tests.conftest import Client
 
 pytestmark = pytest.mark.django_db
 
@@ -108,13 +106,6 @@ def test_history_sums_applications_and_fills_empty_buckets(make_app):
     one = selector.history(range_key="1h", application_id=str(other.application.pk), now=NOW)
     assert one.totals["succeeded"] == 1
     assert len(selector.history(range_key="7d", now=NOW).buckets) == 168
-
-
-@pytest.fixture
-def viewer() -> Client:
-    client = Client()
-    client.force_login(User.objects.create_user("viewer", password="pw-viewer-123", is_staff=True))
-    return client
 
 
 def test_the_page_draws_charts_with_axes_units_and_hover_values(viewer, make_app):

@@ -90,6 +90,7 @@ def test_document_is_served_as_written_and_is_valid_openapi_3_1():
         ("POST", "/api/applications/{app_id}/batches"),
         ("GET", "/api/batches/{batch_id}"),
         ("GET", "/api/batches/{batch_id}/results"),
+        ("GET", "/api/batches/{batch_id}/events"),
         ("POST", "/api/batches/{batch_id}/cancel"),
         ("GET", "/api/openapi.json"),
     }
@@ -115,6 +116,17 @@ fuzzed = schema.exclude(operation_id="streamTaskEvents")
 # the API key stays filtered by its header name, Authorization.
 _sanitization = schema.config.output.sanitization
 _sanitization.sensitive_markers = tuple(m for m in _sanitization.sensitive_markers if m != "key")
+
+
+@schemathesis.serializer("application/x-ndjson")
+def ndjson_lines(ctx, value) -> bytes:
+    """A batch's NDJSON body: the document gives its lines as an array, an element a line. A
+    value that is no array has no lines: it goes as one line that is not an object."""
+    if isinstance(value, bytes):
+        return value
+    lines = value if isinstance(value, list) else [[value]]
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
 
 # Real ids for the path parameters, filled in by `fuzz_target` before the first case is drawn.
 REAL_IDS: dict[str, list[str]] = {}

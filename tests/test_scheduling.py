@@ -326,3 +326,50 @@ def test_a_waiting_task_sees_its_place_shrink_and_an_eta_from_the_real_drain(
     assert later["position"] < first["position"]
     wait_for_status(ids[-1], ("succeeded",), timeout=30)
     assert poll(client, app, ids[-1]).json()["queue"] is None
+
+
+def test_acquire_many_takes_more_runs_than_one_script_call_unpacks():
+    """10,000 runs of one key (a batch's chunk): split into script calls of LINE_MANY_MAX,
+    still one round trip, the first `cap` granted and the rest lined in order."""
+    from types import SimpleNamespace
+
+    clean_redis()
+    application = SimpleNamespace(max_concurrency_per_key=3)
+    key = fairness.Key.of(application_id="app", concurrency_key="big")
+    queued_at = datetime(2026, 12, 7, tzinfo=UTC)
+    runs = [SimpleNamespace(id=f"00000000-0000-0000-0000-{n:012d}", run=1, priority="normal",
+                            queued_at=queued_at + timedelta(seconds=n), batch_index=None,
+                            application=application)
+            for n in range(10_000)]  # fmt: skip
+    assert fairness.acquire_many(runs, keys=[key] * len(runs)) == [True] * 3 + [False] * 9_997
+    line = [job.decode() for job in redis_client().zrange(key.line, 0, -1)]
+    assert line == [task_job_id(run.id, 1) for run in runs[3:]]
+    clean_redis()
+
+
+def test_acquire_many_grants_the_head_then_lines_the_rest_in_order_keeping_places():
+    """One script call for a chunk: runs take free slots until the first that must wait; from
+    there every run joins the line in the given order, except one that holds a slot already
+    (it keeps it) or is in the line already (it keeps its place)."""
+    from types import SimpleNamespace
+
+    clean_redis()
+    application = SimpleNamespace(max_concurrency_per_key=2)
+    key = fairness.Key.of(application_id="app", concurrency_key="one-key")
+
+    def run(n: int, priority: str = "normal") -> SimpleNamespace:
+        return SimpleNamespace(id=f"00000000-0000-0000-0000-{n:012d}", run=1, priority=priority,
+                               queued_at=datetime(2026, 12, 7, tzinfo=UTC) + timedelta(seconds=n),
+                               batch_index=None, application=application)  # fmt: skip
+
+    first = [run(0), run(1), run(2)]
+    assert fairness.acquire_many(first, keys=[key] * 3) == [True, True, False]
+    # Again, with two new ones: 0 and 1 keep their slots, 2 its place, the new ones line up.
+    again = [run(0), run(3), run(1), run(2), run(4, "high")]
+    assert fairness.acquire_many(again, keys=[key] * 5) == [True, False, True, False, False]
+    line = [job.decode() for job in redis_client().zrange(key.line, 0, -1)]
+    assert line == [task_job_id(run(n).id, 1) for n in (4, 2, 3)]  # high first, then oldest
+    assert sorted(fairness.slot_holders(redis_client(), key)) == sorted(
+        task_job_id(run(n).id, 1) for n in (0, 1)
+    )
+    clean_redis()

@@ -8,7 +8,6 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from django.contrib.auth.models import Permission, User
 from django.utils import timezone
 from rq.job import Job
 from rq.registry import ScheduledJobRegistry
@@ -31,23 +30,6 @@ from tasks.submission import enqueue_pending_task
 from tests.conftest import Client, wait_for
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def operator() -> Client:
-    user = User.objects.create_user("operator", password="pw-operator-123", is_staff=True)
-    user.user_permissions.add(Permission.objects.get(codename="operate"))
-    client = Client()
-    client.force_login(user)
-    return client
-
-
-@pytest.fixture
-def viewer() -> Client:
-    user = User.objects.create_user("viewer", password="pw-viewer-123", is_staff=True)
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 @pytest.fixture

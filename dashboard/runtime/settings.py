@@ -164,6 +164,11 @@ MAX_BODY_BYTES = env.int("MAX_BODY_BYTES", default=1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_BODY_BYTES
 # A batch's body (tasks.batches): up to 10,000 items, read by the batch view itself.
 BATCH_MAX_BODY_BYTES = env.int("BATCH_MAX_BODY_BYTES", default=32 * 1024 * 1024)
+# A batch sent as NDJSON (tasks.batches.ingest.MAX_NDJSON_ITEMS): read a line at a time.
+BATCH_NDJSON_MAX_BODY_BYTES = env.int("BATCH_NDJSON_MAX_BODY_BYTES", default=256 * 1024 * 1024)
+# Runs of one batch queued or running at once when its application sets no
+# max_concurrency_per_key (tasks.scheduling.fairness); the rest wait in the batch's line.
+BATCH_CONCURRENCY = env.int("BATCH_CONCURRENCY", default=8)
 IDEMPOTENCY_WINDOW_HOURS = 24
 CALLBACK_ALLOW_PRIVATE_NETWORKS = env.bool("CALLBACK_ALLOW_PRIVATE_NETWORKS", default=False)
 # A callback host's name lookup, at submit and at each delivery attempt.

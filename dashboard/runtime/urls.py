@@ -10,6 +10,7 @@ from django_rq import urls as rq_urls
 
 from dashboard.runtime import health
 from dashboard.ui.access import is_operator
+from tasks.api import jwks
 
 # django-rq's templates use inline scripts and styles: they get a policy that allows those,
 # every other page keeps the strict SECURE_CSP.
@@ -48,6 +49,7 @@ for pattern in rq_urls.urlpatterns:
 
 urlpatterns = [
     path("api/", include("tasks.api.urls")),
+    path(".well-known/taskhook/jwks.json", jwks.jwks, name="jwks"),
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
     path("metrics", health.metrics, name="metrics"),

@@ -97,3 +97,34 @@ def clock(value: datetime | None) -> str:
         return ""
     local = timezone.localtime(value) if timezone.is_aware(value) else value
     return f"{local:%H:%M:%S}.{local.microsecond // 1000:03d} {local.tzname() or 'UTC'}"
+
+
+# --- the long tables' rows, built in Python (dashboard.ui.rows says why) -----------------------
+
+
+@register.simple_tag
+def task_rows(tasks, is_operator=False):
+    from dashboard.ui import rows
+
+    return rows.task_rows(tasks, is_operator=bool(is_operator))
+
+
+@register.simple_tag
+def batch_item_rows(items):
+    from dashboard.ui import rows
+
+    return rows.batch_item_rows(items)
+
+
+@register.simple_tag
+def attempt_rows(attempts):
+    from dashboard.ui import rows
+
+    return rows.attempt_rows(attempts)
+
+
+@register.simple_tag
+def application_links(applications):
+    from dashboard.ui import rows
+
+    return rows.application_links(applications)

@@ -22,12 +22,13 @@ from tasks.models import AuditEntry
 PAGE_SIZE = 100
 FILTERS = ("actor", "action", "target_type", "target_id")
 IDS_SHOWN = 20
-TARGET_TYPES = ("application", "task", "bulk", "queue", "worker", "error_group", "retention",
-                "reconciler", "seed")  # fmt: skip
+TARGET_TYPES = ("application", "task", "batch", "bulk", "queue", "worker", "error_group",
+                "retention", "reconciler", "seed")  # fmt: skip
 # Where a target type's page is: (url name, whether the id is the only argument).
 TARGET_PAGES = {
     "application": "dashboard:application",
     "task": "dashboard:task",
+    "batch": "dashboard:batch",
     "bulk": "dashboard:bulk",
     "error_group": "dashboard:failures",
     "queue": "dashboard:workers",

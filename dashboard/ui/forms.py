@@ -1,14 +1,17 @@
-"""Dashboard forms: task filters and application settings."""
+"""Dashboard forms: task and batch filters and application settings."""
 
 from __future__ import annotations
 
+import html
+
 from django import forms
+from django.utils.safestring import SafeString, mark_safe
 
 from tasks import applications
 from tasks.applications import InvalidApplication, validate_runner
 from tasks.delivery import retry_policy
-from tasks.models import Application, CallbackStatus, TaskStatus
-from tasks.selectors.task_lists import TaskFilters
+from tasks.models import Application, Batch, CallbackStatus, TaskStatus
+from tasks.selectors.task_lists import BatchFilters, TaskFilters
 from tasks.statuses import Priority
 
 RETENTION_PRESETS = [("24", "1 day"), ("72", "3 days"), ("168", "7 days"), ("custom", "Custom")]
@@ -19,7 +22,7 @@ DEFAULT_GRACE_HOURS = 24
 # keeps its current value rather than failing or clearing a cap.
 KEPT_WHEN_ABSENT = (
     "default_priority", "max_concurrency_per_key", "max_queue_seconds", "auto_retry",
-    "auto_retry_backoff_seconds",
+    "auto_retry_backoff_seconds", "signing", "circuit_failures", "disable_after_hours",
 )  # fmt: skip
 
 
@@ -29,10 +32,42 @@ LOCAL_DATETIME = forms.DateTimeInput(attrs={"type": "datetime-local", "step": "1
                                      format="%Y-%m-%dT%H:%M:%S")  # fmt: skip
 
 
+def _attrs(attrs: dict) -> str:
+    """django/forms/widgets/attrs.html."""
+    return "".join(
+        f" {name}" if value is True else f' {name}="{html.escape(str(value))}"'
+        for name, value in attrs.items()
+        if value is not False
+    )
+
+
+class QuickSelect(forms.Select):
+    """A select written in Python: the markup of Django's select.html and select_option.html
+    (optgroups included), without a template include per option: with 50 applications the
+    filter bar's application select cost 9 ms of the task list's render."""
+
+    def render(self, name, value, attrs=None, renderer=None) -> SafeString:
+        widget = self.get_context(name, value, attrs)["widget"]
+        out = [f'<select name="{html.escape(str(widget["name"]))}"{_attrs(widget["attrs"])}>']
+        for group_name, options, _ in widget["optgroups"]:
+            if group_name:
+                out.append(f'\n  <optgroup label="{html.escape(str(group_name))}">')
+            for option in options:
+                out.append(
+                    f'\n  <option value="{html.escape(str(option["value"]))}"'
+                    f"{_attrs(option['attrs'])}>{html.escape(str(option['label']))}</option>\n"
+                )
+            if group_name:
+                out.append("\n  </optgroup>")
+        out.append("\n</select>")
+        return mark_safe("".join(out))  # noqa: S308 (every value in it escaped)
+
+
 class TaskFilterForm(forms.Form):
     application = forms.ModelChoiceField(
-        queryset=Application.objects.only("id", "name"), required=False, empty_label="All apps"
-    )
+        queryset=Application.objects.only("id", "name"), required=False, empty_label="All apps",
+        widget=QuickSelect,
+    )  # fmt: skip
     status = forms.ChoiceField(choices=[("", "Any status"), *TaskStatus.choices], required=False)
     callback_status = forms.ChoiceField(
         choices=[("", "Any callback"), *CallbackStatus.choices], required=False
@@ -68,6 +103,22 @@ class TaskFilterForm(forms.Form):
             q=(data.get("q") or "").strip(),
             error_fingerprint=data.get("error_fingerprint") or "",
             callback_error_fingerprint=data.get("callback_error_fingerprint") or "",
+        )
+
+
+class BatchFilterForm(forms.Form):
+    application = forms.ModelChoiceField(
+        queryset=Application.objects.only("id", "name"), required=False, empty_label="All apps"
+    )
+    status = forms.ChoiceField(choices=[("", "Any status"), *Batch.Status.choices], required=False)
+
+    def filters(self) -> BatchFilters:
+        """The valid filters (invalid fields are ignored, and shown as errors)."""
+        self.is_valid()
+        application = self.cleaned_data.get("application")
+        return BatchFilters(
+            application=str(application.pk) if application else "",
+            status=self.cleaned_data.get("status") or "",
         )
 
 
@@ -107,7 +158,7 @@ class ApplicationForm(forms.ModelForm):
             "queue_threshold_seconds", "run_threshold_seconds", "rate_limit_per_second",
             "rate_limit_burst", "endpoint_max_in_flight", "default_priority",
             "max_concurrency_per_key", "max_queue_seconds", "auto_retry",
-            "auto_retry_backoff_seconds",
+            "auto_retry_backoff_seconds", "signing", "circuit_failures", "disable_after_hours",
         ]  # fmt: skip
         labels = {
             "auto_retry": "Automatic retries",
@@ -124,6 +175,12 @@ class ApplicationForm(forms.ModelForm):
             "auto_retry": "New runs after a retryable failure (0-10); 0 = off.",
             "auto_retry_backoff_seconds": "Seconds before the first automatic retry, doubling "
             "for each next one (0-3600).",
+            "signing": "HMAC with the webhook secret (v1), Ed25519 with a key published at "
+            "/.well-known/taskhook/jwks.json (v1a; receivers hold no secret), or both.",
+            "circuit_failures": "Consecutive failed attempts that open an endpoint's circuit: "
+            "its callbacks then wait, without spending attempts, while probes test it.",
+            "disable_after_hours": "An endpoint failing this long without a success is "
+            "disabled (its callbacks are given up) until an operator re-enables it.",
         }
 
     def __init__(self, *args, **kwargs):

@@ -30,6 +30,8 @@ NAV: dict[str, str] = {
     "dashboard/overview.html": "overview",
     "dashboard/tasks.html": "tasks",
     "dashboard/task_detail.html": "tasks",
+    "dashboard/batches.html": "batches",
+    "dashboard/batch_detail.html": "batches",
     "dashboard/work.html": "work",
     "dashboard/failed_callbacks.html": "callbacks",
     "dashboard/failures.html": "failures",

@@ -1,6 +1,16 @@
 from django.urls import path
 
-from dashboard.ui import audit_log, control, failures, history, views, work
+from dashboard.ui import (
+    audit_log,
+    batches,
+    control,
+    destinations,
+    endpoints,
+    failures,
+    history,
+    views,
+    work,
+)  # fmt: skip
 
 app_name = "dashboard"
 
@@ -13,11 +23,35 @@ urlpatterns = [
     path("tasks/<uuid:task_id>/retry", views.task_retry, name="task-retry"),
     path("tasks/<uuid:task_id>/redeliver", views.task_redeliver, name="task-redeliver"),
     path("tasks/<uuid:task_id>/cancel", views.task_cancel, name="task-cancel"),
+    path("batches/", batches.batch_list, name="batches"),
+    path("batches/<uuid:batch_id>/", batches.batch_detail, name="batch"),
+    path("batches/<uuid:batch_id>/retry", batches.batch_retry, name="batch-retry"),
+    path("batches/<uuid:batch_id>/cancel", batches.batch_cancel, name="batch-cancel"),
     path("work/", work.work_page, name="work"),
     path("work/act", work.work_act, name="work-act"),
     path("callbacks/failed/", views.failed_callbacks, name="failed-callbacks"),
     path("callbacks/redeliver", views.callbacks_redeliver, name="callbacks-redeliver"),
     path("bulk/<int:operation_id>/", views.bulk_progress, name="bulk"),
+    path("endpoints/", endpoints.endpoint_list, name="endpoints"),
+    path("endpoints/recover", endpoints.endpoints_recover, name="endpoints-recover"),
+    path("endpoints/<int:endpoint_id>/", endpoints.endpoint_detail, name="endpoint"),
+    path(
+        "endpoints/<int:endpoint_id>/re-enable",
+        endpoints.endpoint_reenable,
+        name="endpoint-reenable",
+    ),
+    path("destinations/", destinations.destination_list, name="destinations"),
+    path("destinations/recover", destinations.destinations_recover, name="destinations-recover"),
+    path(
+        "destinations/<int:destination_id>/",
+        destinations.destination_detail,
+        name="destination",
+    ),
+    path(
+        "destinations/<int:destination_id>/re-enable",
+        destinations.destination_reenable,
+        name="destination-reenable",
+    ),
     path("failures/", failures.failure_list, name="failures"),
     path("failures/act", failures.failures_act, name="failures-act"),
     path("applications/", views.application_list, name="applications"),

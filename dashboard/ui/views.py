@@ -336,6 +336,7 @@ def _application_context(app: Application, **extra) -> dict:
         # Two rotate forms on the page: distinct element ids, the same field name.
         "rotate_key_form": RotateForm(auto_id="id_key_%s"),
         "rotate_secret_form": RotateForm(auto_id="id_secret_%s"),
+        "rotate_signing_key_form": RotateForm(auto_id="id_signing_%s"),
         "cleanup_preview": retention.preview(application_id=app.pk),
         "cleanup_runs": retention.recent_runs(limit=5),
     }
@@ -377,7 +378,7 @@ def application_detail(request: HtmxHttpRequest, app_id: uuid.UUID) -> HttpRespo
 @operator_required
 def application_rotate(request: HtmxHttpRequest, app_id: uuid.UUID, what: str) -> HttpResponse:
     app = get_object_or_404(Application, pk=app_id)
-    if what not in ("key", "secret"):
+    if what not in ("key", "secret", "signing-key"):
         raise Http404("Unknown credential.")
     form = RotateForm(request.POST)
     if not form.is_valid():
@@ -387,16 +388,25 @@ def application_rotate(request: HtmxHttpRequest, app_id: uuid.UUID, what: str) -
         value = applications.rotate_api_key(application_id=app.pk, grace_hours=grace)
         label = "API key"
         stopped = "The previous key stopped working (within a few seconds on every web process)."
-    else:
+    elif what == "secret":
         value = applications.rotate_webhook_secret(application_id=app.pk, grace_hours=grace)
         label = "webhook secret"
         stopped = "The previous secret no longer signs."
-    audit.record(user=request.user, action=f"application.rotate_{what}",
+    else:
+        try:
+            value = applications.rotate_signing_key(application_id=app.pk, grace_hours=grace)
+        except applications.InvalidApplication as exc:
+            return HttpResponse(f"Not rotated: {exc.message}.", status=400)
+        label = "signing key id"
+        stopped = "The previous key no longer signs and is no longer in the JWKS."
+    audit.record(user=request.user, action=f"application.rotate_{what.replace('-', '_')}",
                  target_type="application", target_id=app.pk, target_label=app.name,
                  detail={"grace_hours": grace})  # fmt: skip
     period = dict(GRACE_CHOICES)[str(grace)]
     note = f"The previous one stays valid for {period}." if grace else stopped
-    context = _application_context(app, label=label, value=value, note=note)
+    # A key id is public (the JWKS lists it): only secrets are "shown only this once".
+    context = _application_context(app, label=label, value=value, note=note,
+                                   public=what == "signing-key")  # fmt: skip
     if not request.htmx:  # the value is shown once: on the page the form posted from
         return render(request, "dashboard/application_detail.html#secret-once", context)
     # The new secret in its slot, and the key table (a new key, the old one's expiry) refreshed.

@@ -458,6 +458,10 @@ def _pair(event_id: str) -> tuple[int, int]:
 # --- the ASGI application ----------------------------------------------------------------------
 
 
+# The pieces every event stream's ASGI application shares (this one and the batches',
+# tasks.api.batch_events): the API's JSON errors before a stream, its start, its end.
+
+
 async def json_error(send: Any, status: int, code: str, message: str, field=None, headers=()):
     body = json.dumps({"error": {"code": code, "message": message, "field": field}}).encode()
     await send({
@@ -467,17 +471,69 @@ async def json_error(send: Any, status: int, code: str, message: str, field=None
     await send({"type": "http.response.body", "body": body})
 
 
+async def refused_method(scope: dict[str, Any], send: Any) -> bool:
+    """Answer 405 to anything but GET; True when it did."""
+    if scope["method"] == "GET":
+        return False
+    await json_error(
+        send, 405, "method_not_allowed", f"{scope['method']} is not allowed here; use GET.",
+        headers=[(b"allow", b"GET")],
+    )  # fmt: skip
+    return True
+
+
+def request_headers(scope: dict[str, Any]) -> dict[str, str]:
+    return {name.decode("latin-1").lower(): value.decode("latin-1")
+            for name, value in scope["headers"]}  # fmt: skip
+
+
+async def database_unavailable(send: Any, what: str) -> None:
+    logger.warning("database unavailable opening %s", what, exc_info=True)
+    await json_error(
+        send, 503, "unavailable", "The database is unavailable; retry shortly.",
+        headers=[(b"retry-after", b"1")],
+    )  # fmt: skip
+
+
+async def nothing_more(send: Any) -> None:
+    """204: the client resumed after the stream's last event."""
+    await send({"type": "http.response.start", "status": 204, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def start_stream(send: Any) -> None:
+    await send({
+        "type": "http.response.start", "status": 200,
+        "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")],
+    })  # fmt: skip
+    await send({"type": "http.response.body", "body": f"retry: {RETRY_MS}\n\n".encode(),
+                "more_body": True})  # fmt: skip
+
+
+async def end_stream(send: Any) -> None:
+    with contextlib.suppress(Exception):  # the client may be gone
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def watch_disconnect(receive: Any, *events: asyncio.Event) -> asyncio.Task:
+    """A task that sets `events` once the client disconnects (cancel it when done)."""
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        for event in events:
+            event.set()
+
+    return asyncio.create_task(watch())
+
+
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     match = PATH.match(scope["path"])
     assert match is not None  # dashboard.runtime.asgi routes only this path here
-    if scope["method"] != "GET":
-        await json_error(
-            send, 405, "method_not_allowed", f"{scope['method']} is not allowed here; use GET.",
-            headers=[(b"allow", b"GET")],
-        )  # fmt: skip
+    if await refused_method(scope, send):
         return
-    headers = {name.decode("latin-1").lower(): value.decode("latin-1")
-               for name, value in scope["headers"]}  # fmt: skip
+    headers = request_headers(scope)
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     after = headers.get("last-event-id") or (query.get("after") or [None])[0]
     try:
@@ -491,11 +547,7 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await json_error(send, exc.status, exc.code, exc.message, exc.field)
         return
     except (OperationalError, InterfaceError):
-        logger.warning("database unavailable opening an event stream", exc_info=True)
-        await json_error(
-            send, 503, "unavailable", "The database is unavailable; retry shortly.",
-            headers=[(b"retry-after", b"1")],
-        )  # fmt: skip
+        await database_unavailable(send, "an event stream")
         return
     await serve(opening, receive, send)
 
@@ -508,8 +560,7 @@ async def serve(opening: Opening, receive: Any, send: Any) -> None:
         if opening.finished_at_ms is not None:
             finished = await stream.finished_id()
             if opening.after is not None and opening.after >= finished:
-                await send({"type": "http.response.start", "status": 204, "headers": []})
-                await send({"type": "http.response.body", "body": b""})
+                await nothing_more(send)
                 return
         if opening.after is None and opening.finished_at_ms is None:
             try:
@@ -520,12 +571,7 @@ async def serve(opening: Opening, receive: Any, send: Any) -> None:
                     headers=[(b"retry-after", b"1")],
                 )  # fmt: skip
                 return
-        await send({
-            "type": "http.response.start", "status": 200,
-            "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
-                        (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")],
-        })  # fmt: skip
-        await stream.body(f"retry: {RETRY_MS}\n\n".encode())
+        await start_stream(send)
         if opening.after is None and opening.finished_at_ms is not None:
             if await stream.send_finished(event_stream.format_id(finished), opening.run):
                 return
@@ -534,21 +580,13 @@ async def serve(opening: Opening, receive: Any, send: Any) -> None:
         await follow(stream, receive)
     finally:
         await the_hub.unwatch(stream.follower)
-        with contextlib.suppress(Exception):
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await end_stream(send)
 
 
 async def follow(stream: Stream, receive: Any) -> None:
     follower = stream.follower
     disconnected = asyncio.Event()
-
-    async def watch_disconnect() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        disconnected.set()
-        follower.woken.set()
-
-    watcher = asyncio.create_task(watch_disconnect())
+    watcher = watch_disconnect(receive, disconnected, follower.woken)
     now = time.monotonic()
     ends_at = now + settings.STREAM_MAX_SECONDS
     keepalive_at = now + keepalive_seconds()

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import wraps
 from typing import Any
 
@@ -26,6 +26,7 @@ from tasks.batches import ingest as batch_ingest
 from tasks.events import tokens
 from tasks.idempotency import IdempotencyConflict
 from tasks.models import ApiKey, Batch, IdempotencyRecord, Task
+from tasks.plumbing import bursts
 from tasks.plumbing.queueing import wait_for_finish
 from tasks.presenters import (
     accepted_body,
@@ -190,6 +191,56 @@ def _chunked_body(request: HttpRequest, limit: int) -> bytes:
     return request.environ["wsgi.input"].read(limit + 1)
 
 
+BODY_BLOCK = 64 * 1024  # bytes read at a time from a streamed body
+
+
+def _body_lines(request: HttpRequest, *, limit: int) -> Iterator[bytes]:
+    """The body a line at a time (chunked or not), at most `limit` bytes in all and a line at
+    most MAX_BODY_BYTES (a single submit's bound), so the body is never held whole. Read in
+    blocks and split here: the web process's ASGI bridge (a2wsgi) answers a sized readline
+    with what it has buffered so far, an empty line before the first bytes arrive."""
+    length = request.META.get("CONTENT_LENGTH") or "0"
+    if length.isdigit() and int(length) > limit:
+        raise _too_large(limit)
+    if _is_chunked(request):
+        assert isinstance(request, WSGIRequest)  # as in _chunked_body
+        stream = request.environ["wsgi.input"]
+    else:
+        stream = request
+    line_limit = settings.MAX_BODY_BYTES
+    pending = bytearray()  # the line being read, and what follows it in the last block
+    scanned = read = number = 0
+    while True:
+        block = stream.read(min(BODY_BLOCK, limit - read + 1))
+        read += len(block)
+        if read > limit:
+            raise _too_large(limit)
+        pending += block
+        start = 0
+        while (end := pending.find(b"\n", scanned)) != -1:
+            number += 1
+            if end + 1 - start > line_limit:
+                raise _line_too_large(number, line_limit)
+            yield bytes(pending[start : end + 1])
+            start = scanned = end + 1
+        del pending[:start]
+        scanned = len(pending)
+        if len(pending) > line_limit:
+            raise _line_too_large(number + 1, line_limit)
+        if not block:
+            if pending:
+                yield bytes(pending)
+            return
+
+
+def _line_too_large(number: int, line_limit: int) -> ApiError:
+    return ApiError(
+        413,
+        "payload_too_large",
+        f"Line {number} is larger than {line_limit} bytes (MAX_BODY_BYTES).",
+    )
+
+
 def _too_large(limit: int) -> ApiError:
     return ApiError(413, "payload_too_large", f"The body is larger than {limit} bytes.")
 
@@ -323,7 +374,7 @@ def task_cancel(request: HttpRequest, task_id: str) -> JsonResponse:
 
 
 @api_view("GET")
-def task_events_needs_asgi(request: HttpRequest, task_id: str) -> JsonResponse:
+def events_need_asgi(request: HttpRequest, **ids: str) -> JsonResponse:
     raise ApiError(
         501,
         "not_implemented",
@@ -333,22 +384,56 @@ def task_events_needs_asgi(request: HttpRequest, task_id: str) -> JsonResponse:
 
 
 @api_view("POST")
+@bursts.during  # decoding, checking and storing thousands of items: see tasks.plumbing.bursts
 def batch_submit(request: HttpRequest, app_id: str) -> JsonResponse:
     key = _submitting_key(request, app_id)
     application = key.application
+    hashed = bool(request.headers.get("Idempotency-Key"))  # only a repeat compares bodies
     try:
-        submit = batch_ingest.parse_batch_body(
-            _read_json(request, limit=settings.BATCH_MAX_BODY_BYTES)
-        )
+        if request.content_type == "application/x-ndjson":
+            submit = batch_ingest.parse_ndjson_batch(
+                _body_lines(request, limit=settings.BATCH_NDJSON_MAX_BODY_BYTES),
+                query=dict(request.GET.lists()),
+                hashed=hashed,
+            )
+        elif request.content_type == "application/json":
+            given = [name for name in batch_ingest.NDJSON_BATCH_FIELDS if name in request.GET]
+            if given:  # the JSON form would ignore them without a word
+                raise ApiError(
+                    400,
+                    "invalid_request",
+                    "Query parameters set an NDJSON batch's fields; a JSON batch has them in "
+                    "its body.",
+                    given[0],
+                )
+            submit = batch_ingest.parse_batch_body(
+                _read_json(request, limit=settings.BATCH_MAX_BODY_BYTES), hashed=hashed
+            )
+        else:
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                "Send the batch as JSON (Content-Type: application/json) or one item per line "
+                "(Content-Type: application/x-ndjson).",
+            )
         idempotency_key = validate_idempotency_key(request.headers.get("Idempotency-Key"))
     except ValidationFailed as exc:
         raise ApiError(400, "invalid_request", exc.message, exc.field) from None
     try:
         batch, _created = batch_ingest.submit_batch(
-            application=application, request=submit, idempotency_key=idempotency_key
-        )
+            application=application, request=submit, idempotency_key=idempotency_key,
+            base_url=request.build_absolute_uri("/"),
+        )  # fmt: skip
     except IdempotencyConflict:
         raise _idempotency_conflict() from None
+    except batch_ingest.BatchInProgress:
+        raise ApiError(
+            409,
+            "idempotency_conflict",
+            "A batch with this Idempotency-Key is still being stored; retry in a few seconds.",
+            "Idempotency-Key",
+            headers={"Retry-After": "2"},
+        ) from None
     except batch_ingest.ItemKeyTaken as exc:
         raise ApiError(
             409,
@@ -389,7 +474,7 @@ def batch_results(request: HttpRequest, batch_id: str) -> StreamingHttpResponse:
     unknown = next((name for name in request.GET if name not in ("after", "limit")), None)
     if unknown is not None:  # a misspelt cursor must not silently restart at the first item
         raise ApiError(400, "invalid_request", "Only after and limit are accepted here.", unknown)
-    after = _int_param(request, "after", default=-1, low=-1, high=batch_ingest.MAX_ITEMS)
+    after = _int_param(request, "after", default=-1, low=-1, high=batch_ingest.MAX_NDJSON_ITEMS)
     limit = _int_param(
         request,
         "limit",
@@ -412,7 +497,7 @@ def batch_results(request: HttpRequest, batch_id: str) -> StreamingHttpResponse:
 
 def _int_param(request: HttpRequest, name: str, *, default: int, low: int, high: int) -> int:
     raw = request.GET.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     try:
         value = int(raw)

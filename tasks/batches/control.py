@@ -7,6 +7,7 @@ import logging
 import redis
 
 from tasks import state
+from tasks.batches import completion
 from tasks.events import catalog
 from tasks.events import stream as event_stream
 from tasks.models import Batch, Task
@@ -56,6 +57,7 @@ def cancel_batch(*, batch: Batch) -> int:
     for key, job_ids in dropped.items():
         for chunk in _chunks(job_ids, CANCEL_CHUNK):
             dispatch.runs_dropped(key=key, job_ids=chunk)
+    completion.settle(batch_id=batch.pk)
     return cancelled
 
 

@@ -3,12 +3,13 @@ partial index task_batch_part_idx, never kept in step) and its results, paged by
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from django.db.models import Count, Max
-from django.utils import timezone
+from django.db.models import Count
 
+from tasks.batches import completion
 from tasks.models import Batch, Task
 from tasks.statuses import FINISHED, UNFINISHED
 
@@ -24,32 +25,36 @@ class Progress:
 
 
 def progress(batch: Batch) -> Progress:
-    """The counts per status (one aggregate query on the partial index), and the batch's
-    status brought up to date: `running` while an item has not finished, then `finished`
-    (`cancelled` when a cancel was requested); an item retried later makes it running again."""
-    counts = dict.fromkeys(COUNTED, 0)
-    last_finished = None
-    for status, count, finished_at in (
-        Task.objects.filter(batch=batch)
-        .values("status")
-        .annotate(count=Count("pk"), last=Max("finished_at"))
-        .values_list("status", "count", "last")
-    ):
-        counts[status] = count
-        if finished_at is not None and (last_finished is None or finished_at > last_finished):
-            last_finished = finished_at
+    """The counts per status, and the batch's status: `running` while an item has not
+    finished, then `finished` (`cancelled` when a cancel was requested; tasks.batches.completion
+    decides it); an item retried later makes it running again."""
+    counts = counts_of(batch_id=batch.pk)
     unfinished = sum(counts[status] for status in UNFINISHED)
-    if unfinished:
-        status, finished_at = Batch.Status.RUNNING, None
-    else:
-        status = Batch.Status.CANCELLED if batch.cancel_requested else Batch.Status.FINISHED
-        finished_at = batch.finished_at or last_finished or timezone.now()
-    if (status, finished_at) != (batch.status, batch.finished_at):
-        Batch.objects.filter(pk=batch.pk).update(status=status, finished_at=finished_at)
-        batch.status, batch.finished_at = status, finished_at
+    # Normally the item's end settled the batch already; this catches up with a lost hook.
+    if (unfinished == 0) == (batch.status == Batch.Status.RUNNING):
+        if unfinished:
+            completion.reopen(batch_ids=[batch.pk])
+        else:
+            completion.settle(batch_id=batch.pk)
+        batch.status, batch.finished_at = Batch.objects.values_list("status", "finished_at").get(
+            pk=batch.pk
+        )
     finished = sum(counts[status] for status in FINISHED)
     percent = finished * 100 // batch.total if batch.total else 100
     return Progress({"total": batch.total, **counts}, percent)
+
+
+def counts_of(*, batch_id: uuid.UUID) -> dict[str, int]:
+    """Items per status (COUNTED): one aggregate query on the partial index."""
+    counts = dict.fromkeys(COUNTED, 0)
+    for status, count in (
+        Task.objects.filter(batch_id=batch_id)
+        .values("status")
+        .annotate(count=Count("pk"))
+        .values_list("status", "count")
+    ):
+        counts[status] = count
+    return counts
 
 
 @dataclass(frozen=True)

@@ -12,21 +12,26 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import logging
-import math
 import secrets
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import redis
-from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
-from rq.exceptions import DuplicateJobError
 
 from tasks import credentials, jsonsafety, state
 from tasks.applications import cached_application, current_application
-from tasks.delivery import endpoints, retry_policy, signing, ssrf, webhook_http
+from tasks.delivery import (
+    destinations,
+    endpoints,
+    health,
+    retry_policy,
+    signing,
+    ssrf,
+    webhook_http,
+)
 from tasks.delivery.webhook_http import Outcome
 from tasks.models import (
     Application,
@@ -36,7 +41,7 @@ from tasks.models import (
     Task,
 )
 from tasks.plumbing import rawsql
-from tasks.plumbing.queueing import SUCCESSFUL_JOB_TTL, delete_job, queue
+from tasks.plumbing.queueing import delete_job, enqueue_delivery_job
 from tasks.presenters import callback_body
 from tasks.statuses import DELIVERABLE
 from tasks.telemetry.metrics import record_callback_attempt
@@ -73,26 +78,17 @@ def _enqueue_delivery(
     """
     application = task.application
     endpoint = endpoints.endpoint_of(application_id=application.id, callback_url=task.callback_url)
-    options = {
-        "args": (str(task.id), task.run, trigger, auto_attempt, endpoint),
-        "job_id": job_id or _delivery_job_id(task, trigger, auto_attempt),
-        "job_timeout": int(application.callback_timeout_seconds) + 30,
-        # Kept a minute like task jobs: deleting a job at once costs RQ more round trips.
-        "result_ttl": SUCCESSFUL_JOB_TTL,
-        "failure_ttl": application.retention_hours * 3600,
-        "unique": True,
-        "description": f"callback {task.id} run {task.run} ({trigger})",
-    }
-    callbacks = queue(settings.CALLBACK_QUEUE)
     try:
-        if delay > 0:
-            # RQ's scheduled registry keeps whole seconds (truncated): round up, never run early.
-            due = datetime.fromtimestamp(math.ceil(time.time() + delay), tz=UTC)
-            callbacks.enqueue_at(due, "tasks.jobs.deliver_callback", **options)
-        else:
-            callbacks.enqueue("tasks.jobs.deliver_callback", at_front=at_front, **options)
-    except DuplicateJobError:
-        return False  # already scheduled: nothing to add
+        return enqueue_delivery_job(
+            "tasks.jobs.deliver_callback",
+            job_id=job_id or _delivery_job_id(task, trigger, auto_attempt),
+            delay=delay,
+            at_front=at_front,
+            args=(str(task.id), task.run, trigger, auto_attempt, endpoint),
+            job_timeout=int(application.callback_timeout_seconds) + 30,
+            failure_ttl=application.retention_hours * 3600,
+            description=f"callback {task.id} run {task.run} ({trigger})",
+        )
     except redis.RedisError:
         logger.warning(
             "could not schedule callback; the reconciler will",
@@ -100,7 +96,6 @@ def _enqueue_delivery(
             exc_info=True,
         )
         return False
-    return True
 
 
 def schedule_first_delivery(
@@ -142,8 +137,8 @@ def resume_delivery(*, task: Task) -> bool:
     auto_done = CallbackAttempt.objects.filter(
         task_id=task.id, run=task.run, trigger=AttemptTrigger.AUTO
     ).count()
-    if is_parked(task=task, auto_attempt=auto_done + 1):
-        return False  # waiting its turn on the endpoint's cap, not lost
+    if is_parked(task=task):
+        return False  # waiting its turn on the endpoint (its cap or circuit), not lost
     _drop_ended_job(_delivery_job_id(task, AttemptTrigger.AUTO, auto_done + 1))
     return _enqueue_delivery(task=task, trigger=AttemptTrigger.AUTO, auto_attempt=auto_done + 1)
 
@@ -155,7 +150,8 @@ def _drop_ended_job(job_id: str) -> None:
 
 def redeliver(*, task_ids: list[uuid.UUID | str]) -> list[uuid.UUID]:
     """Operator's manual redelivery: one `manual` attempt now per finished task with a callback,
-    whatever its automatic state. Returns the ids that were enqueued."""
+    whatever its automatic state, and one publish to each of its application's destinations.
+    Returns the ids that were enqueued (to either)."""
     tasks = (
         Task.objects.select_related("application")
         .filter(pk__in=task_ids, status__in=DELIVERABLE)
@@ -166,7 +162,8 @@ def redeliver(*, task_ids: list[uuid.UUID | str]) -> list[uuid.UUID]:
         state.reopen_delivery(task_id=task.pk, run=task.run)
         if _enqueue_delivery(task=task, trigger=AttemptTrigger.MANUAL):
             enqueued.append(task.id)
-    return enqueued
+    published = destinations.redeliver(task_ids=task_ids)
+    return enqueued + [task_id for task_id in published if task_id not in enqueued]
 
 
 # --- one attempt ------------------------------------------------------------------------------
@@ -201,7 +198,7 @@ def _send(task: Task, number: int) -> Outcome:
         "User-Agent": USER_AGENT,
         "X-Taskhook-Attempt": str(number),
         **signing.signature_headers(
-            secrets=credentials.signing_secrets(application),
+            **credentials.signing_material(application),
             message_id=signing.webhook_id(task.id, task.run),
             timestamp=int(time.time()),
             body=body,
@@ -233,23 +230,36 @@ def deliver(
     cap = application.endpoint_max_in_flight
     job_id = job_id or f"direct-{secrets.token_hex(6)}"
     parked = endpoints.ParkedDelivery(task_id, run, trigger, auto_attempt, _base_job_id(job_id))
-    if not endpoints.acquire_or_park(
+    taken = endpoints.acquire_or_park(
         endpoint=endpoint, cap=cap, job_id=job_id,
         hold_seconds=application.callback_timeout_seconds, parked=parked,
-    ):  # fmt: skip
-        return "parked: the endpoint's deliveries in flight are at their cap"
+    )  # fmt: skip
+    if taken == endpoints.PARKED:
+        return "parked: the endpoint's circuit is open or its deliveries in flight are at their cap"
+    if taken == endpoints.REFUSED:
+        reason = health.disabled_error(application)
+        state.give_up_delivery(task_id=task_id, run=run, reason=reason, stalled_too=True)
+        return f"failed: {reason}"
     try:
-        return _deliver_now(task_id=task_id, run=run, trigger=trigger, auto_attempt=auto_attempt)
+        return _deliver_now(
+            task_id=task_id, run=run, trigger=trigger, auto_attempt=auto_attempt, endpoint=endpoint
+        )
     finally:
-        for waiting in endpoints.release(endpoint=endpoint, cap=cap, job_id=job_id):
-            _enqueue_parked(waiting, endpoint=endpoint)
+        enqueue_promoted(endpoints.release(endpoint=endpoint, cap=cap, job_id=job_id))
 
 
 def _base_job_id(job_id: str) -> str:
     return job_id.split("-p", 1)[0] if job_id.startswith("cb-") else job_id
 
 
-def _enqueue_parked(parked: endpoints.ParkedDelivery, *, endpoint: str) -> None:
+def enqueue_promoted(promoted: list[endpoints.ParkedDelivery]) -> None:
+    """Parked deliveries whose turn came, oldest first: each goes to the front of the queue, so
+    the newest goes first and the oldest ends up in front."""
+    for waiting in reversed(promoted):
+        enqueue_parked(waiting)
+
+
+def enqueue_parked(parked: endpoints.ParkedDelivery) -> None:
     """A parked delivery whose turn came: back on the callbacks queue, at the front (it waited
     already), under a new id (its old job may still be ending)."""
     task = Task.objects.select_related("application").filter(pk=parked.task_id).first()
@@ -269,25 +279,24 @@ def promote_parked() -> int:
     for endpoint in endpoints.endpoints_with_waiting():
         application = Application.objects.filter(pk=endpoint.partition("|")[0]).first()
         cap = application.endpoint_max_in_flight if application else 0
-        for waiting in endpoints.release(endpoint=endpoint, cap=max(cap, 1)):
-            _enqueue_parked(waiting, endpoint=endpoint)
-            promoted += 1
+        waiting = endpoints.release(endpoint=endpoint, cap=max(cap, 1))
+        enqueue_promoted(waiting)
+        promoted += len(waiting)
     return promoted
 
 
-def is_parked(*, task: Task, auto_attempt: int) -> bool:
-    """Whether this automatic attempt waits on its endpoint's cap (the reconciler leaves it)."""
+def is_parked(*, task: Task) -> bool:
+    """Whether a delivery of the task's run, automatic or an operator's (a recover's), waits
+    on its endpoint's cap or circuit: the reconciler leaves it rather than send a second."""
     endpoint = endpoints.endpoint_of(
         application_id=task.application_id, callback_url=task.callback_url
     )
-    job_id = _delivery_job_id(task, AttemptTrigger.AUTO, auto_attempt)
-    parked = endpoints.ParkedDelivery(
-        str(task.id), task.run, AttemptTrigger.AUTO, auto_attempt, job_id
-    )
-    return endpoints.is_parked(endpoint=endpoint, parked=parked)
+    return endpoints.run_is_parked(endpoint=endpoint, task_id=str(task.id), run=task.run)
 
 
-def _deliver_now(*, task_id: str, run: int, trigger: str, auto_attempt: int | None = None) -> str:
+def _deliver_now(
+    *, task_id: str, run: int, trigger: str, auto_attempt: int | None = None, endpoint: str = ""
+) -> str:
     task = _claim_attempt(task_id, run, trigger)
     if task is None:
         return "skipped: task gone or re-run, no callback, or callback already settled"
@@ -320,7 +329,14 @@ def _deliver_now(*, task_id: str, run: int, trigger: str, auto_attempt: int | No
         else:
             next_at = timezone.now() + timedelta(seconds=delay)
             result, fields = "retrying", {"callback_next_attempt_at": next_at}
+    recorded = health.record(
+        endpoint=endpoint or endpoints.endpoint_of(
+            application_id=task.application_id, callback_url=task.callback_url
+        ),
+        delivered=outcome.delivered, circuit_failures=task.application.circuit_failures,
+    )  # fmt: skip
     attempt = rawsql.insert_statement(CallbackAttempt(
+        endpoint_id=recorded.endpoint_id if recorded else None,
         task_id=task.id,
         run=run,
         number=number,

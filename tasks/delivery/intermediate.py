@@ -141,7 +141,7 @@ def _post(hooks: RunWebhooks, batch: list[_Waiting]) -> webhook_http.Outcome:
         "Content-Type": "application/json",
         "User-Agent": "Taskhook",
         **signing.signature_headers(
-            secrets=credentials.signing_secrets(application),
+            **credentials.signing_material(application),
             message_id=f"{signing.webhook_id(hooks.task_id, hooks.run)}_e{hooks.posts}",
             timestamp=int(time.time()),
             body=body,

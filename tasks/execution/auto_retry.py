@@ -92,10 +92,12 @@ def describe(*, number: int, allowed: int, delay: float, error: str) -> str:
 # --- waiting out the backoff ---------------------------------------------------------------------
 
 
-def due_time(delay: float) -> datetime:
-    """When a run that waits `delay` seconds joins the queue: whole seconds, rounded up, because
-    RQ's scheduled registry keeps whole seconds (truncated) and a run must never start early."""
-    return datetime.fromtimestamp(math.ceil(time.time() + delay), tz=UTC)
+def due_time(delay: float, *, since: datetime | None = None) -> datetime:
+    """When a run that waits `delay` seconds after `since` (now) joins the queue: whole seconds,
+    rounded up, because RQ's scheduled registry keeps whole seconds (truncated) and a run must
+    never start early."""
+    start = since.timestamp() if since is not None else time.time()
+    return datetime.fromtimestamp(math.ceil(start + delay), tz=UTC)
 
 
 def due_job_id(task_id: uuid.UUID | str, run: int) -> str:

@@ -8,7 +8,7 @@ import time
 import traceback
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
@@ -123,6 +123,16 @@ class TaskContext:
             {"level": line.level, "message": line.message, "at": iso(line.created_at)},
         )
 
+    def check(self) -> None:
+        """Stop a run that was cancelled, lost and re-run, or is past its deadline, as the calls
+        above do but reporting nothing: for a runner waiting on an upstream that sends nothing
+        (tasks.execution.upstreams). One read by primary key."""
+        deadlines.check(self.deadline_at)
+        if not Task.objects.filter(
+            pk=self.task_id, run=self.run, status=TaskStatus.RUNNING
+        ).exists():
+            raise TaskCancelled(f"task {self.task_id} run {self.run} is no longer running")
+
     def emit(self, text: str) -> None:
         """Append a piece of streamed output: published at once, stored in batches (a stored
         batch is where a cancelled run is noticed, so a runner that only emits stops too)."""
@@ -228,6 +238,7 @@ def execute_task(*, task_id: str, run: int, worker_name: str = "") -> str:
         application=application,
         has_callback=has_callback,
         callback_url=started_run.callback_url,
+        batch_id=started_run.batch_id,
         # Only a blocking submit waits on the notification; pollers read the database.
         wake_waiters=started_run.response_mode == "blocking",
         run_seconds=time.monotonic() - started,
@@ -322,7 +333,8 @@ def _retry_automatically(
         base=application.auto_retry_backoff_seconds,
         retry_after=auto_retry.retry_after_of(exc),
     )
-    due = auto_retry.due_time(delay) if delay > 0 else timezone.now()
+    ended_at = timezone.now()
+    due = auto_retry.due_time(delay, since=ended_at) if delay > 0 else ended_at
     error = jsonsafety.clean_text(error)[:5000]
     new_run = state.start_new_run(
         task_id=ctx.task_id,
@@ -332,6 +344,7 @@ def _retry_automatically(
         traceback=jsonsafety.clean_text(trace),
         automatic=True,
         queued_at=due,
+        ended_at=ended_at,
     )
     if new_run is None:
         return False
@@ -364,13 +377,19 @@ def on_task_finished(
     callback_url: str = "",
     wake_waiters: bool = True,
     run_seconds: float | None = None,
+    batch_id: uuid.UUID | Literal["unknown"] | None = "unknown",
 ) -> None:
     """Side effects of reaching succeeded/failed: end the task's event streams and wake
     blocking clients (one Redis trip), count it for the charts and metrics (batched in
-    workers), and schedule the callback if the task has one.
+    workers), schedule the callback if the task has one and the publishes to its application's
+    destinations (tasks.delivery.destinations), and settle its batch if it was the batch's last
+    item.
 
-    The worker passes the run and application it already holds, so nothing is read again.
+    The worker passes the run, application and batch it already holds, so nothing is read
+    again; the other callers (a deadline, a lost task, an operator) leave the batch to be read.
     """
+    from tasks.batches import completion  # completion reaches the delivery modules
+    from tasks.delivery import destinations
     from tasks.delivery.callbacks import (
         schedule_first_delivery,  # callbacks imports execution's models
     )
@@ -384,6 +403,13 @@ def on_task_finished(
         schedule_first_delivery(
             task_id=task_id, run=run, application=application, callback_url=callback_url
         )
+    destinations.schedule_first(task_id=task_id, run=run, application=application)
+    try:
+        if batch_id == "unknown":
+            batch_id = Task.objects.filter(pk=task_id).values_list("batch_id", flat=True).first()
+        completion.item_finished(batch_id=batch_id)
+    except (DatabaseError, redis.RedisError):  # the task's end stands; the reconciler settles
+        logger.warning("could not settle the batch of task %s", task_id, exc_info=True)
 
 
 def announce_finished(task_id: uuid.UUID | str, *, run: int, wake_waiters: bool = True) -> None:

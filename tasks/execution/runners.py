@@ -1,12 +1,14 @@
 """Runners: the code a worker calls to do a task's work, `run(inputs, ctx) -> dict`.
 
-Built-ins are named (`echo`, `sleep`, `fail`, `http`); any other runner is a dotted path to a
-callable. `ctx.progress(n)`, `ctx.log(msg)` and `ctx.emit(text)` (a piece of streamed output)
-report to the task's event stream and dashboard, and raise `TaskCancelled` once the task was
-cancelled, which is how a cooperative runner stops early. A runner raises `RunnerError` for a
-clear failure, and `RetryableError` for one that may go away by itself (an upstream down or
-overloaded): the application's automatic retries (tasks.execution.auto_retry) then run the task
-again. The `http` runner raises it for a connection error, a timeout, a 5xx or a 429.
+Built-ins are named (`echo`, `sleep`, `fail`, `http`; `openai` and `dify`, whose code is in
+tasks.execution.upstreams); any other runner is a dotted path to a callable. `ctx.progress(n)`,
+`ctx.log(msg)` and `ctx.emit(text)` (a piece of streamed output) report to the task's event
+stream and dashboard, and raise `TaskCancelled` once the task was cancelled, which is how a
+cooperative runner stops early; `ctx.check()` does only that, for a runner waiting on something
+between those calls. A runner raises `RunnerError` for a clear failure, and `RetryableError` for
+one that may go away by itself (an upstream down or overloaded): the application's automatic
+retries (tasks.execution.auto_retry) then run the task again. The `http` runner raises it for a
+connection error, a timeout, a 5xx or a 429.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ class RunContext(Protocol):
     def log(self, message: str, level: str = "info") -> None: ...
 
     def emit(self, text: str) -> None: ...
+
+    def check(self) -> None:
+        """Raise TaskCancelled when the run is no longer current: for a runner that waits on
+        something (an upstream's silence) between the calls above."""
 
 
 Runner = Callable[[dict[str, Any], RunContext], Any]
@@ -325,7 +331,23 @@ def _emit_stream(values: Iterable[Any], ctx: RunContext, path: str | None) -> di
     return {"text": "".join(pieces), "chunks": chunks, **output}
 
 
-BUILTIN_RUNNERS: dict[str, Runner] = {"echo": echo, "sleep": sleep, "fail": fail, "http": http}
+def openai(inputs: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    """A chat completion from an OpenAI-compatible server: tasks.execution.upstreams.openai."""
+    from tasks.execution.upstreams import openai as upstream  # it imports this module
+
+    return upstream.run(inputs, ctx)
+
+
+def dify(inputs: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    """A run of a Dify workflow or chat app: tasks.execution.upstreams.dify."""
+    from tasks.execution.upstreams import dify as upstream  # it imports this module
+
+    return upstream.run(inputs, ctx)
+
+
+BUILTIN_RUNNERS: dict[str, Runner] = {
+    "echo": echo, "sleep": sleep, "fail": fail, "http": http, "openai": openai, "dify": dify,
+}  # fmt: skip
 
 
 def resolve_runner(name: str) -> Runner:

@@ -24,7 +24,10 @@ command stops it warmly.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -62,6 +65,13 @@ BACKOFF_MAX_SECONDS = 30.0
 # restart a scheduler that died in an outage, and notice a half-open connection, in seconds.
 IDLE_WAKE_SECONDS = 10
 SCHEDULER_RETRY_SECONDS = 10
+# RQ joins its scheduler process without a bound when the worker stops; one that does not answer
+# its SIGTERM within this is killed, so a stop always ends.
+SCHEDULER_STOP_SECONDS = 5.0
+# A warm stop of a delivery worker waits for its deliveries in flight (each bounded by the
+# callback timeout); one still not done after this writes every thread's stack to the log.
+STOP_REPORT_SECONDS = 20
+STOP_NOW_REPORT_SECONDS = 5  # a stop at once has nothing to wait for
 # How stale a worker's copy of the paused queues may be: a pause or resume takes effect this fast.
 PAUSED_READ_SECONDS = 1.0
 AGING_CHECK_SECONDS = 1.0
@@ -177,6 +187,8 @@ class LivenessMixin(_WorkerBase):
                 wait_for_redis(self.connection, self._outage)
             return super().work(*args, **kwargs)
         finally:
+            if not self.is_horse:
+                self._reap_children()
             stop.set()
             thread.join(timeout=2)
             counters.flush()
@@ -400,6 +412,38 @@ class LivenessMixin(_WorkerBase):
 
     _scheduler_retry_at = 0.0
 
+    def stop_scheduler(self) -> None:
+        process = self.scheduler._process if self.scheduler else None
+        if process is None or process.pid is None:
+            return
+        with contextlib.suppress(OSError):
+            os.kill(process.pid, signal.SIGTERM)
+        process.join(SCHEDULER_STOP_SECONDS)
+        if process.is_alive():
+            logger.warning("worker %s: RQ's scheduler did not stop; killed", self.name)
+            process.kill()
+            process.join(1)
+            with contextlib.suppress(*REDIS_ERRORS):  # else they expire in a minute
+                self.scheduler.release_locks()
+
+    @staticmethod
+    def _report_stop_after(seconds: float) -> None:
+        """A stop still not done after `seconds` writes every thread's stack to stderr (the
+        worker's log): where it is stuck."""
+        with contextlib.suppress(ValueError, OSError, RuntimeError):  # stderr not a file
+            faulthandler.dump_traceback_later(seconds)
+
+    def _reap_children(self) -> None:
+        # multiprocessing joins every child left at exit, without a bound: a scheduler started
+        # where RQ no longer tracks it (a stop that came while one was starting) would keep this
+        # process from ever exiting.
+        for child in multiprocessing.active_children():
+            child.terminate()
+            child.join(SCHEDULER_STOP_SECONDS)
+            if child.is_alive():
+                child.kill()
+                child.join(1)
+
     def maintain_heartbeats(self, job: Job, execution) -> None:
         try:  # a forking worker's monitor: the horse goes on, so does the watching
             super().maintain_heartbeats(job, execution)
@@ -433,6 +477,7 @@ class LivenessMixin(_WorkerBase):
     def request_stop(self, signum, frame):
         if self._stop_now:
             self._stop_requested = True
+            self._report_stop_after(STOP_NOW_REPORT_SECONDS)
             if self.horse_pid:
                 self.kill_horse()
                 self.wait_for_horse()
@@ -531,8 +576,14 @@ class TaskhookDeliveryWorker(TaskhookWorker):
         # holds jobs another worker could take.
         self._waiting = True
         try:
+            # A warm stop that came after RQ's loop looked (while it was busy): take no more.
+            if self._stop_requested:
+                raise StopRequested()
             while not self._slots.acquire(timeout=10):
                 self.heartbeat()
+            if self._stop_requested:
+                self._slots.release()
+                raise StopRequested()
             try:
                 result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
             except BaseException:
@@ -581,6 +632,7 @@ class TaskhookDeliveryWorker(TaskhookWorker):
         # Warm shutdown (SIGTERM): RQ waits for "the" job when busy, but here the main thread may
         # be blocked on the queue while deliveries run; stop taking jobs at once, and teardown
         # lets the deliveries in flight finish.
+        self._report_stop_after(STOP_REPORT_SECONDS)
         if self._waiting:
             raise StopRequested()
         super()._shutdown()

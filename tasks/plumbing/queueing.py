@@ -10,9 +10,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import redis
 from django.conf import settings
@@ -36,7 +39,9 @@ INFRASTRUCTURE_RETRY = Retry(max=2, interval=[0, 10])
 def redis_client() -> redis.Redis:
     """One pooled client per process (redis-py resets the pool after a fork); through Redis
     Sentinel's current master when REDIS_SENTINELS is set."""
-    options = {"socket_connect_timeout": 2, "socket_timeout": 10, "health_check_interval": 30}
+    options: dict[str, Any] = {
+        "socket_connect_timeout": 2, "socket_timeout": 10, "health_check_interval": 30,
+    }  # fmt: skip
     if settings.REDIS_SENTINELS:
         sentinel = Sentinel(settings.REDIS_SENTINELS, socket_connect_timeout=2)
         return sentinel.master_for(
@@ -58,6 +63,27 @@ def queue_length(name: str) -> int | None:
         return int(redis_client().llen(queue(name).key))
     except redis.RedisError:
         return None
+
+
+def enqueue_delivery_job(
+    func: str, *, job_id: str, delay: float = 0.0, at_front: bool = False, **options: Any
+) -> bool:
+    """Put a delivery job (a callback attempt, a batch's `batch.finished`, a destination
+    publish) on the callbacks queue, now or after `delay` seconds, unique by `job_id` and kept
+    SUCCESSFUL_JOB_TTL once done. False when a job of that id is there already; raises
+    redis.RedisError (the caller logs it: the reconciler schedules it from the database)."""
+    callbacks = queue(settings.CALLBACK_QUEUE)
+    options |= {"job_id": job_id, "result_ttl": SUCCESSFUL_JOB_TTL, "unique": True}
+    try:
+        if delay > 0:
+            # RQ's scheduled registry keeps whole seconds (truncated): round up, never run early.
+            due = datetime.fromtimestamp(math.ceil(time.time() + delay), tz=UTC)
+            callbacks.enqueue_at(due, func, **options)
+        else:
+            callbacks.enqueue(func, at_front=at_front, **options)
+    except DuplicateJobError:
+        return False  # already scheduled: nothing to add
+    return True
 
 
 def task_job_id(task_id: uuid.UUID | str, run: int) -> str:

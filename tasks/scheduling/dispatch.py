@@ -65,19 +65,18 @@ def runs_dropped(*, key: fairness.Key, job_ids: list[str]) -> None:
         logger.warning("could not pass on the slots of %d runs: %s", len(job_ids), exc)
 
 
-def _cap(application_id: str, *, fresh: bool = False) -> int | None:
-    """The application's cap. A run's end reads it as this process caches the application
-    (AUTH_CACHE_SECONDS), so it costs no query; the reconciler's refill reads it fresh."""
-    if fresh:
-        return (
-            Application.objects.filter(pk=application_id)
-            .values_list("max_concurrency_per_key", flat=True)
-            .first()
-        )
+def _cap(key: fairness.Key, *, fresh: bool = False) -> int | None:
+    """The key's cap (fairness.cap_of). A run's end reads the application as this process
+    caches it (AUTH_CACHE_SECONDS), so it costs no query; the reconciler's refill reads it
+    fresh."""
     try:
-        return cached_application(application_id).max_concurrency_per_key
+        if fresh:
+            application = Application.objects.get(pk=key.application_id)
+        else:
+            application = cached_application(key.application_id)
     except Application.DoesNotExist:
         return None
+    return fairness.cap_of(key, application)
 
 
 def _pass_on(key: fairness.Key, ended: list[str], *, fresh: bool = False) -> int:
@@ -85,7 +84,7 @@ def _pass_on(key: fairness.Key, ended: list[str], *, fresh: bool = False) -> int
     waiting (cancelled, failed by its deadline) frees its slot again. Returns runs enqueued."""
     from tasks.submission import enqueue_pending_task  # submission imports scheduling
 
-    cap = _cap(key.application_id, fresh=fresh)
+    cap = _cap(key, fresh=fresh)
     enqueued = 0
     while True:
         granted = fairness.release(key=key, ended_job_ids=ended, cap=cap)

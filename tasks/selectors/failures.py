@@ -124,17 +124,29 @@ def group(*, kind: str, fingerprint: str) -> ErrorGroup | None:
     return ErrorGroup.objects.filter(kind=kind, fingerprint=fingerprint).first()
 
 
-def _scan(kind: str, columns: str, limit: int, since: bool = False) -> str:
+def _scan(kind: str, columns: str, limit: int, since: bool = False, of: str = "%s") -> str:
     """A capped range of the kind's partial index for one fingerprint (finished since a time
-    when `since`), newest first. Parameters: the failed status, the fingerprint[, the time]."""
+    when `since`), newest first. Parameters: the failed status, the fingerprint (unless `of`
+    names the column that holds it)[, the time]."""
     spec = KINDS[kind]
     table = rawsql.quote(Task._meta.db_table)
     status = rawsql.quote_column(rawsql.get_field(Task, spec.status_field))
     fingerprint = rawsql.quote_column(rawsql.get_field(Task, spec.fingerprint_field))
     return (
-        f"SELECT {columns} FROM {table} WHERE {status} = %s AND {fingerprint} = %s "  # noqa: S608
+        f"SELECT {columns} FROM {table} WHERE {status} = %s AND {fingerprint} = {of} "  # noqa: S608
         f"{'AND finished_at >= %s ' if since else ''}ORDER BY finished_at DESC LIMIT {int(limit)}"
     )
+
+
+def _lateral(fingerprints: list[str], select: str, scans: list[str]) -> tuple[str, list]:
+    """PostgreSQL: `select` over a VALUES list of (index, fingerprint) AS v(i, fp), joined to
+    each of `scans` (capped index ranges reading the fingerprint from v.fp) by LATERAL. One
+    statement planned once: the UNION ALL of a scan per group cost 5-8 ms of planning for 10
+    groups, more than running it."""
+    values = ", ".join(["(%s, %s)"] * len(fingerprints))
+    params: list[Any] = [p for index, fp in enumerate(fingerprints) for p in (index, fp)]
+    joins = " ".join(f"CROSS JOIN LATERAL ({scan}) AS s{n}" for n, scan in enumerate(scans))
+    return f"SELECT {select} FROM (VALUES {values}) AS v(i, fp) {joins}", params  # noqa: S608
 
 
 def _union(parts: list[str], params: list[list[Any]]) -> list[tuple]:
@@ -177,25 +189,60 @@ def _count_parts(
 def _fill_counts(kind: str, rows: list[GroupRow], *, now: datetime, cap: int) -> None:
     if not rows:
         return
-    parts, params = _count_parts(kind, [row.group.fingerprint for row in rows], now, cap)
-    for index, total, day, hour in _union(parts, params):
+    fingerprints = [row.group.fingerprint for row in rows]
+    if connection.vendor == "postgresql":
+        found = _lateral_counts(kind, fingerprints, now, cap)
+    else:
+        found = _union(*_count_parts(kind, fingerprints, now, cap))
+    for index, total, day, hour in found:
         row = rows[int(index)]
         row.total, row.last_day, row.last_hour = int(total), int(day), int(hour)
+
+
+def _lateral_counts(kind: str, fingerprints: list[str], now: datetime, cap: int) -> list[tuple]:
+    finished = Task._meta.get_field("finished_at")
+    hour = finished.get_db_prep_value(now - timedelta(hours=1), connection)
+    day = finished.get_db_prep_value(now - timedelta(days=1), connection)
+    failed = KINDS[kind].failed
+    failed_now = f"SELECT COUNT(*) AS total FROM ({_scan(kind, '1', NOW_CAP, of='v.fp')}) AS n"  # noqa: S608
+    last_day = (
+        "SELECT COUNT(*) AS day, COALESCE(SUM(CASE WHEN finished_at >= %s THEN 1 ELSE 0 END), 0) "  # noqa: S608
+        f"AS hour FROM ({_scan(kind, 'finished_at', cap, since=True, of='v.fp')}) AS d"
+    )
+    statement, params = _lateral(
+        fingerprints, "v.i, s0.total, s1.day, s1.hour", [failed_now, last_day]
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(statement, [*params, failed, hour, failed, day])
+        return cursor.fetchall()
+
+
+def _application_pairs(kind: str, fingerprints: list[str]) -> list[tuple]:
+    """(group's index, application id) of the latest APP_SAMPLE failures of each group."""
+    app_column = rawsql.quote(Task._meta.get_field("application").column)
+    failed = KINDS[kind].failed
+    if connection.vendor == "postgresql":
+        scan = _scan(kind, f"{app_column} AS application_id", APP_SAMPLE, of="v.fp")
+        statement, params = _lateral(fingerprints, "DISTINCT v.i, s0.application_id", [scan])
+        with connection.cursor() as cursor:
+            cursor.execute(statement, [*params, failed])
+            return cursor.fetchall()
+    parts, params = [], []
+    for index, fingerprint in enumerate(fingerprints):
+        parts.append(
+            f"SELECT DISTINCT %s, application_id FROM "  # noqa: S608
+            f"({_scan(kind, f'{app_column} AS application_id', APP_SAMPLE)}) AS apps_{index}"
+        )
+        params.append([index, failed, fingerprint])
+    return _union(parts, params)
 
 
 def _fill_applications(kind: str, rows: list[GroupRow]) -> None:
     wanted = [row for row in rows if row.total]
     if not wanted:
         return
-    app_column = rawsql.quote(Task._meta.get_field("application").column)
-    parts, params = [], []
-    for index, row in enumerate(wanted):
-        parts.append(
-            f"SELECT DISTINCT %s, application_id FROM "  # noqa: S608
-            f"({_scan(kind, f'{app_column} AS application_id', APP_SAMPLE)}) AS apps_{index}"
-        )
-        params.append([index, KINDS[kind].failed, row.group.fingerprint])
-    pairs = [(int(index), uuid.UUID(str(app_id))) for index, app_id in _union(parts, params)]
+    found = _application_pairs(kind, [row.group.fingerprint for row in wanted])
+    pairs = [(int(index), uuid.UUID(str(app_id))) for index, app_id in found]
     names = {
         app.pk: app
         for app in Application.objects.filter(pk__in={app_id for _, app_id in pairs}).only(

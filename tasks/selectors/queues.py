@@ -42,28 +42,39 @@ class QueueStats:
         return self.paused_at is not None
 
 
-def queue_stats() -> list[QueueStats]:
+def queue_stats(paused: dict[str, pausing.Pause] | None = None) -> list[QueueStats]:
     client = redis_client()
-    paused = pausing.paused_queues()  # the table: one small query
-    stats = []
+    if paused is None:
+        paused = pausing.paused_queues()  # the table: one small query
     names = (*lanes.lane_names(), *pausing.known_queues()[1:])
+    # ZCARD/LLEN only: constant time whatever the registry size, and all of them in one
+    # pipeline (one round trip rather than five per queue: 7.5 ms of the Overview's 17).
+    pipeline = client.pipeline(transaction=False)
     for name in names:
         queue = Queue(name, connection=client)
+        pipeline.llen(queue.key)
+        for registry in (StartedJobRegistry, ScheduledJobRegistry, DeferredJobRegistry,
+                         FailedJobRegistry):  # fmt: skip
+            pipeline.zcard(registry(queue=queue).key)
+    counts = iter(pipeline.execute())
+    pausable = pausing.pausable_queues()
+    stats = []
+    for name in names:
         lane = lanes.priority_of_queue(name) or ""
         # The lanes are paused and resumed together, as the task queue.
         pause = paused.get(settings.TASK_QUEUE if lane else name)
-        # ZCARD/LLEN only: constant time whatever the registry size.
+        queued, started, scheduled, deferred, failed = (next(counts) for _ in range(5))
         stats.append(
             QueueStats(
                 name=name,
-                queued=client.llen(queue.key),
-                started=client.zcard(StartedJobRegistry(queue=queue).key),
-                scheduled=client.zcard(ScheduledJobRegistry(queue=queue).key),
-                deferred=client.zcard(DeferredJobRegistry(queue=queue).key),
-                failed=client.zcard(FailedJobRegistry(queue=queue).key),
+                queued=queued,
+                started=started,
+                scheduled=scheduled,
+                deferred=deferred,
+                failed=failed,
                 paused_at=pause.paused_at if pause else None,
                 paused_by=pause.paused_by if pause else "",
-                pausable=name in pausing.pausable_queues(),
+                pausable=name in pausable,
                 lane=lane,
             )
         )

@@ -1,5 +1,6 @@
 """The dashboard's task lists and filters: keyset pagination on (created_at, id), never OFFSET,
-never COUNT(*) over the table; counts that could be large are capped (`bounded_count`)."""
+never COUNT(*) over the table; counts that could be large are capped (`bounded_count`). The
+Batches pages' lists too: batches newest first, a batch's items by index."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from django.db.models import Q, QuerySet
+from django.db.models import Count, Q, QuerySet
 from django.utils.dateparse import parse_datetime
 
-from tasks.models import Task
+from tasks.models import Batch, Task
 from tasks.statuses import CallbackStatus, TaskStatus
 
 COUNT_CAP = 10_000
@@ -37,6 +38,8 @@ class TaskFilters:
     # One error group of the Failures page (tasks.triage), through its partial index.
     error_fingerprint: str = ""
     callback_error_fingerprint: str = ""
+    # The items of one batch (the batch page's actions), walked by their index.
+    batch: str = ""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -66,6 +69,8 @@ def uuid_prefix_range(prefix: str) -> tuple[uuid.UUID, uuid.UUID] | None:
 
 def filtered_tasks(filters: TaskFilters) -> QuerySet[Task]:
     tasks = Task.objects.all()
+    if filters.batch:
+        tasks = tasks.filter(batch_id=filters.batch)
     if filters.application:
         tasks = tasks.filter(application_id=filters.application)
     if filters.status:
@@ -102,8 +107,8 @@ LIST_FIELDS = (
 )  # fmt: skip
 
 
-def encode_cursor(task: Task) -> str:
-    raw = f"{task.created_at.isoformat()}|{task.id}"
+def encode_cursor(row: Task | Batch) -> str:
+    raw = f"{row.created_at.isoformat()}|{row.id}"
     return base64.urlsafe_b64encode(raw.encode()).decode()
 
 
@@ -136,7 +141,11 @@ def task_page(*, filters: TaskFilters, cursor: str = "", size: int = 50) -> Task
 
 
 def iter_matching_ids(filters: TaskFilters, *, batch: int = 200):
-    """Every matching task id, newest first, in keyset batches (for bulk operations)."""
+    """Every matching task id, newest first, in keyset batches (for bulk operations); a
+    batch's items in index order instead, on its partial index (task_batch_part_idx)."""
+    if filters.batch:
+        yield from _iter_item_ids(filters, size=batch)
+        return
     cursor = ""
     while True:
         page = task_page(filters=filters, cursor=cursor, size=batch)
@@ -145,3 +154,97 @@ def iter_matching_ids(filters: TaskFilters, *, batch: int = 200):
         if not page.next_cursor:
             return
         cursor = page.next_cursor
+
+
+def _iter_item_ids(filters: TaskFilters, *, size: int):
+    after = -1
+    while True:
+        rows = list(
+            filtered_tasks(filters)
+            .filter(batch_index__gt=after)
+            .order_by("batch_index")
+            .values_list("pk", "batch_index")[:size]
+        )
+        if rows:
+            yield [pk for pk, _ in rows]
+        if len(rows) < size:
+            return
+        after = rows[-1][1] or 0  # never None: items have an index
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchFilters:
+    application: str = ""
+    status: str = ""
+
+
+@dataclass
+class BatchPage:
+    rows: list[Batch]
+    # Items per status for each batch of the page: {batch id: {status: count}}.
+    counts: dict[uuid.UUID, dict[str, int]]
+    next_cursor: str | None
+    size: int
+
+
+def batch_page(*, filters: BatchFilters, cursor: str = "", size: int = 50) -> BatchPage:
+    """One page of batches, newest first, after `cursor` (keyset on created_at, id), with the
+    counts of all its batches' items from one grouped query (never one per row)."""
+    batches = Batch.objects.select_related("application").defer("request_hash")
+    if filters.application:
+        batches = batches.filter(application_id=filters.application)
+    if filters.status:
+        batches = batches.filter(status=filters.status)
+    after = decode_cursor(cursor) if cursor else None
+    if after:
+        created, batch_id = after
+        batches = batches.filter(Q(created_at__lt=created) | Q(created_at=created, id__lt=batch_id))
+    rows = list(batches.order_by("-created_at", "-id")[: size + 1])
+    next_cursor = encode_cursor(rows[size - 1]) if len(rows) > size else None
+    rows = rows[:size]
+    return BatchPage(rows=rows, counts=item_counts([row.id for row in rows]),
+                     next_cursor=next_cursor, size=size)  # fmt: skip
+
+
+def item_counts(batch_ids: list[uuid.UUID]) -> dict[uuid.UUID, dict[str, int]]:
+    """{batch id: {status: items}} for many batches in one grouped query."""
+    counts: dict[uuid.UUID, dict[str, int]] = {batch_id: {} for batch_id in batch_ids}
+    if not batch_ids:
+        return counts
+    grouped = (
+        Task.objects.filter(batch_id__in=batch_ids)
+        .values("batch_id", "status")
+        .annotate(n=Count("pk"))
+        .values_list("batch_id", "status", "n")
+        .order_by()
+    )
+    for batch_id, status, n in grouped:
+        counts[batch_id][status] = n
+    return counts
+
+
+ITEM_FIELDS = (
+    "id", "batch_index", "status", "run", "user", "created_at", "started_at", "finished_at",
+    "callback_status", "error", "error_code",
+)  # fmt: skip
+
+
+@dataclass
+class ItemPage:
+    rows: list[Task]
+    next_after: int | None  # the index the next page starts after
+    size: int
+
+
+def item_page(*, batch: Batch, status: str = "", after: int = -1, size: int = 100) -> ItemPage:
+    """One page of a batch's items in index order, after index `after` (keyset on the partial
+    index task_batch_part_idx)."""
+    items = Task.objects.filter(batch=batch, batch_index__gt=after).only(*ITEM_FIELDS)
+    if status:
+        items = items.filter(status=status)
+    rows = list(items.order_by("batch_index")[: size + 1])
+    next_after = rows[size - 1].batch_index if len(rows) > size else None
+    return ItemPage(rows=rows[:size], next_after=next_after, size=size)

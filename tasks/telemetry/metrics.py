@@ -13,6 +13,10 @@ tasks.telemetry.counters), states are read from the database and Redis when scra
 - taskhook_workers                        registered RQ workers
 - taskhook_reconciler_corrections_total{kind}
 - taskhook_cleanup_removed_total          tasks removed by retention
+- taskhook_endpoint_*{app,endpoint}       each endpoint's health (tasks.delivery.health):
+                                           consecutive_failures, circuit_open, disabled,
+                                           success_ratio and latency_ms{quantile} over its last
+                                           attempts
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from prometheus_client.registry import Collector
 from rq import Queue
 from rq.worker import BaseWorker
 
+from tasks.delivery import health
 from tasks.models import Application, Task
 from tasks.plumbing.lane_names import task_lanes
 from tasks.plumbing.queueing import redis_client
@@ -127,6 +132,27 @@ class TaskhookCollector(Collector):
             value=int(client.get(CLEANUP_KEY) or 0),
         )  # fmt: skip
 
+        yield from self._endpoints(app_label)
+        yield from self._destinations(app_label)
+
+    @staticmethod
+    def _endpoints(app_label):
+        rows = [(found, found.endpoint, [app_label(str(found.endpoint.application_id)),
+                                         found.endpoint.origin])
+                for found in health.all_health()]  # fmt: skip
+        return _target_metrics("endpoint", ["app", "endpoint"], rows, attempts="attempts",
+                               each="each endpoint", its="the endpoint's")  # fmt: skip
+
+    @staticmethod
+    def _destinations(app_label):
+        """The endpoint figures, per destination (labelled by its masked URL and kind)."""
+        rows = [(found, found.destination, [app_label(str(found.destination.application_id)),
+                                            found.destination.masked_url, found.destination.kind])
+                for found in health.all_destination_health()]  # fmt: skip
+        return _target_metrics("destination", ["app", "destination", "kind"], rows,
+                               attempts="publishes", each="each destination",
+                               its="the destination's")  # fmt: skip
+
     @staticmethod
     def _durations(raw: dict[str, str], app_label) -> HistogramMetricFamily:
         histogram = HistogramMetricFamily(
@@ -144,3 +170,31 @@ class TaskhookCollector(Collector):
                 buckets.append((label, cumulative))
             histogram.add_metric([app_label(app_id)], buckets, values.get("sum", 0.0))
         return histogram
+
+
+def _target_metrics(kind: str, labels: list[str], rows, *, attempts: str, each: str, its: str):
+    """A delivery target's gauges (tasks.delivery.health): `rows` are (figures, row, label
+    values) of endpoints or destinations."""
+    gauges = {
+        name: GaugeMetricFamily(f"taskhook_{kind}_{name}", text, labels=labels)
+        for name, text in (
+            ("consecutive_failures", f"Consecutive failed {attempts} to {each}."),
+            ("circuit_open", f"1 while {its} circuit is open or half-open."),
+            ("disabled", f"1 while the {kind} is disabled."),
+            ("success_ratio", f"Delivered share of {its} last attempts."),
+        )
+    }
+    latency = GaugeMetricFamily(
+        f"taskhook_{kind}_latency_ms", f"Attempt duration percentiles over {its} last attempts.",
+        labels=[*labels, "quantile"],
+    )  # fmt: skip
+    for found, row, key in rows:
+        gauges["consecutive_failures"].add_metric(key, row.consecutive_failures)
+        gauges["circuit_open"].add_metric(key, int(row.circuit != "closed"))
+        gauges["disabled"].add_metric(key, int(row.disabled_at is not None))
+        if found.success_rate is not None:
+            gauges["success_ratio"].add_metric(key, found.success_rate)
+        for quantile, value in (("0.5", found.p50_ms), ("0.95", found.p95_ms)):
+            if value is not None:
+                latency.add_metric([*key, quantile], value)
+    return [*gauges.values(), latency]

@@ -9,7 +9,11 @@
 (c) finished tasks whose callback delivery was never scheduled, or whose scheduled retry
     vanished, get it scheduled (a delivery parked on its endpoint's cap is not lost: left);
 (d) parked deliveries of endpoints whose slots expired (a worker died holding one) are
-    enqueued.
+    enqueued;
+(e) publishes to destinations whose jobs vanished are enqueued again
+    (tasks.delivery.destinations.resume_lost);
+(f) endpoints failing too long are disabled, due circuit probes start, and each circuit's Redis
+    copy is put back (tasks.delivery.health).
 Each pass is bounded (BATCH rows per rule) and guarded by a Redis lock so passes never overlap.
 Each rule walks its rows by keyset across passes (a cursor in Redis), so rows that a rule must
 skip (a live job, a recent attempt) or cannot correct never hide the rows behind them.
@@ -31,7 +35,8 @@ from rq.job import Job
 from rq.worker import BaseWorker
 
 from tasks import state
-from tasks.delivery import callbacks
+from tasks.batches import completion, ingest
+from tasks.delivery import batch_callbacks, callbacks, destinations, health
 from tasks.execution.executor import on_task_finished
 from tasks.execution.worker import KNOWN_WORKERS_KEY, alive_key
 from tasks.models import CallbackAttempt, CallbackStatus, Task, TaskStatus
@@ -69,6 +74,11 @@ class ReconcileReport:
     callbacks_rescheduled: list[str] = field(default_factory=list)
     promoted: int = 0  # parked deliveries enqueued because their endpoint's slots expired
     granted: int = 0  # runs moved from their key's line to their lane (tasks.scheduling)
+    batches_abandoned: int = 0  # batches whose request died while storing them
+    batches_settled: int = 0  # batches whose last item ended without settling them
+    batch_callbacks_resumed: int = 0  # `batch.finished` attempts re-enqueued
+    endpoints: health.SweepReport | None = None  # probes started, endpoints disabled
+    destinations_resumed: int = 0  # destination publishes re-enqueued
     skipped: bool = False
 
     @property
@@ -94,7 +104,15 @@ def reconcile() -> ReconcileReport:
         lock.reacquire()
         report.promoted = callbacks.promote_parked()
         lock.reacquire()
+        report.endpoints = health.sweep()
+        lock.reacquire()
         report.granted = dispatch.refill()
+        lock.reacquire()
+        report.batches_abandoned = ingest.abandon_stale()
+        report.batches_settled = completion.sweep()
+        report.batch_callbacks_resumed = batch_callbacks.resume_lost()
+        lock.reacquire()
+        report.destinations_resumed = destinations.resume_lost()
         record_reconciler_corrections({kind: len(getattr(report, kind))
             for kind in ("requeued", "lost", "rerun", "callbacks_rescheduled")})  # fmt: skip
         return report

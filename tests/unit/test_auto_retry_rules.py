@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -99,6 +100,15 @@ def test_due_time_is_a_whole_second_never_early():
     assert due.timestamp() == int(due.timestamp())
     assert due.timestamp() >= before + 2.3
     assert due.tzinfo is not None
+
+
+def test_due_time_counts_from_when_the_run_ended():
+    # A run that ended just before a second boundary: the wait counts from its end, which the
+    # run history records, not from whenever the due time happens to be computed.
+    ended = datetime(2026, 12, 7, 16, 24, 55, 999_000, tzinfo=UTC)
+    due = auto_retry.due_time(7, since=ended)
+    assert due == datetime(2026, 12, 7, 16, 25, 3, tzinfo=UTC)
+    assert due - ended >= timedelta(seconds=7)
 
 
 def test_the_log_line():

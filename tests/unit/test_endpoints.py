@@ -20,7 +20,7 @@ def app_id():
     yield value
     client = redis_client()
     for key in client.scan_iter(f"taskhook:endpoint:{value}|*"):
-        client.delete(key)
+        client.delete(key)  # slots, waiting line and circuit
     for member in client.smembers(endpoints.WAITING_INDEX_KEY):
         if member.decode().startswith(f"{value}|"):
             client.srem(endpoints.WAITING_INDEX_KEY, member)
@@ -150,11 +150,35 @@ def test_waiting_count_is_per_application(app_id):
         client.srem(endpoints.WAITING_INDEX_KEY, f"{other}|http://a:80")
 
 
-def test_no_cap_never_touches_redis(monkeypatch):
-    monkeypatch.setattr(endpoints, "redis_client", lambda: pytest.fail("Redis was called"))
-    assert endpoints.acquire_or_park(endpoint="x|y", cap=0, job_id="j", hold_seconds=1,
-                                     parked=parked(1))  # fmt: skip
-    assert endpoints.release(endpoint="x|y", cap=0, job_id="j") == []
+def test_no_cap_takes_every_delivery_but_an_open_circuit_still_parks(app_id):
+    endpoint = f"{app_id}|https://h.example:443"
+    take = {"endpoint": endpoint, "cap": 0, "hold_seconds": 10}
+    for n in range(20):
+        taken = endpoints.acquire_or_park(job_id=f"j{n}", parked=parked(n), **take)
+        assert taken == endpoints.TAKEN
+    endpoints.set_circuit(endpoint=endpoint, circuit="open")
+    assert endpoints.acquire_or_park(job_id="j99", parked=parked(99), **take) == endpoints.PARKED
+    assert endpoints.release(endpoint=endpoint, cap=0, job_id="j0") == []  # none while open
+    endpoints.set_circuit(endpoint=endpoint, circuit=None)
+    assert endpoints.release(endpoint=endpoint, cap=0, job_id="j1") == [parked(99)]
+
+
+def test_half_open_lets_one_probe_through_and_disabled_refuses(app_id):
+    endpoint = f"{app_id}|https://h.example:443"
+    take = {"endpoint": endpoint, "cap": 4, "hold_seconds": 10}
+    endpoints.set_circuit(endpoint=endpoint, circuit="open")
+    assert endpoints.acquire_or_park(job_id="j1", parked=parked(1), **take) == endpoints.PARKED
+    assert endpoints.oldest_parked(endpoint=endpoint) == parked(1)
+    endpoints.set_circuit(endpoint=endpoint, circuit="half")
+    assert endpoints.acquire_or_park(job_id="j1-p1", parked=parked(1), **take) == endpoints.TAKEN
+    assert endpoints.circuit_of(endpoint=endpoint) == "probe:j1-p1"
+    assert not endpoints.is_parked(endpoint=endpoint, parked=parked(1))  # the probe left the line
+    assert endpoints.acquire_or_park(job_id="j2", parked=parked(2), **take) == endpoints.PARKED
+    endpoints.set_circuit(endpoint=endpoint, circuit="open", only_if_missing=True)
+    assert endpoints.circuit_of(endpoint=endpoint) == "probe:j1-p1"  # a probe's claim stays
+    endpoints.set_circuit(endpoint=endpoint, circuit="disabled")
+    assert endpoints.acquire_or_park(job_id="j3", parked=parked(3), **take) == endpoints.REFUSED
+    assert endpoints.release(endpoint=endpoint, cap=4, job_id="j1-p1") == [parked(2)]
 
 
 def test_redis_down_lets_deliveries_through(monkeypatch):

@@ -139,3 +139,32 @@ def test_the_first_problem_in_document_order_is_named():
     with pytest.raises(js.UnstorableJson) as caught:
         js.check_value({"a": [1, float("nan"), float("nan")], "b": "\x00"}, "inputs")
     assert caught.value.path == "inputs.a[1]"
+
+
+def test_values_the_quick_check_is_unsure_of_get_the_full_rules():
+    """check_value's path-free pass says yes only for plain JSON types; anything else (a
+    subclass, a tuple, a bool inside) is decided by the rules that name the place."""
+    from collections import OrderedDict
+
+    class Text(str):
+        pass
+
+    js.check_value(OrderedDict(a=[True, None, 1.5, (2, "x")], b=Text("fine")), "inputs")
+    with pytest.raises(js.UnstorableJson) as refused:
+        js.check_value(OrderedDict(a=[Text("bad\x00")]), "inputs")
+    assert refused.value.path == "inputs.a[0]"
+    with pytest.raises(js.UnstorableJson) as refused:
+        js.check_value({"a": {"b": float("nan")}}, "inputs")
+    assert refused.value.path == "inputs.a.b"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"q": 1, "text": "tab\tnew\nline \\ ü 😀", "n": [1.5, 1e16, -0.0, None, True]},
+        {"big": 10**40, "nested": [{"deep": [10**19]}]},  # beyond 64 bits: json's encoder
+        [],
+    ],
+)
+def test_dumps_bytes_is_json_that_decodes_to_the_value(value):
+    assert json.loads(js.dumps_bytes(value)) == value

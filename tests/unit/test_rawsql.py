@@ -65,9 +65,9 @@ def test_start_returning_is_the_orm_update_and_read(application):
     )
     read = Task.objects.values_list("inputs", "callback_url", "application_id",
                                     "response_mode", "callback_events",
-                                    "deadline_at").get(pk=orm.pk)  # fmt: skip
+                                    "deadline_at", "batch_id").get(pk=orm.pk)  # fmt: skip
     assert tuple(started) == read
-    assert started == state.StartedRun(INPUTS, URL, application.id, "async", "", None)
+    assert started == state.StartedRun(INPUTS, URL, application.id, "async", "", None, None)
     assert isinstance(started.application_id, uuid.UUID) and isinstance(started.inputs, dict)
     assert without(row(raw.pk), "started_at") == without(row(orm.pk), "started_at")
     assert abs(row(raw.pk)["started_at"] - now) < timedelta(seconds=5)

@@ -16,14 +16,14 @@ from django.conf import settings
 from django.core.management.base import CommandError
 
 from tasks.applications import SETTINGS, InvalidApplication
-from tasks.models import Application
+from tasks.models import Application, Destination
 
 NONE_WORDS = ("none", "default", "")
 
 # flag -> (setting, metavar, help). rate_limit_per_second and rate_limit_burst share --rate-limit.
 FLAGS: dict[str, tuple[str, str, str]] = {
     "--name": ("name", "NAME", "display name"),
-    "--runner": ("runner", "RUNNER", "echo, sleep, fail, http or a.dotted.path"),
+    "--runner": ("runner", "RUNNER", "echo, sleep, fail, http, openai, dify or a.dotted.path"),
     "--runner-config": ("runner_config", "JSON", "JSON object, e.g. '{\"url\": …}'"),
     "--retry-schedule": (
         "retry_schedule", "S,S,…", "seconds between callback retries, e.g. 10,60,300; none: none"
@@ -47,6 +47,14 @@ FLAGS: dict[str, tuple[str, str, str]] = {
     "--endpoint-max-in-flight": (
         "endpoint_max_in_flight", "N", "deliveries in flight at once per callback origin; 0: no cap"
     ),
+    "--circuit-failures": (
+        "circuit_failures", "N", "consecutive failed attempts that open an endpoint's circuit "
+        "(default 20)"
+    ),
+    "--disable-after-hours": (
+        "disable_after_hours", "H", "disable an endpoint failing this long without a success "
+        "(default 120)"
+    ),
     "--default-priority": (
         "default_priority", "high|normal|low", "the lane of a submit that names no priority"
     ),
@@ -63,9 +71,14 @@ FLAGS: dict[str, tuple[str, str, str]] = {
         "auto_retry_backoff_seconds", "S", "seconds before the first automatic retry (0-3600), "
         "doubling for each next one"
     ),
+    "--signing": (
+        "signing", "hmac|ed25519|both", "how callbacks are signed: HMAC with the webhook secret "
+        "(v1), Ed25519 with a key published in the JWKS (v1a), or both"
+    ),
 }  # fmt: skip
 FLAG_OF = {setting: flag for flag, (setting, _, _) in FLAGS.items()} | {
-    "rate_limit_burst": "--rate-limit"
+    "rate_limit_burst": "--rate-limit",
+    "destinations": "--destination",
 }
 NULLABLE = (
     "blocking_timeout_seconds",
@@ -90,6 +103,26 @@ def add_setting_arguments(parser: argparse.ArgumentParser, *, creating: bool) ->
             required=creating and flag == "--runner",
             help=help_text,
         )
+    group.add_argument(
+        "--destination", dest="destinations", action="append", default=None, metavar="URL",
+        help="also publish finished tasks to this message bus (repeatable): "
+        "redis://HOST:PORT/DB?stream=NAME, amqp://USER:PASS@HOST:PORT/VHOST?exchange=E"
+        "&routing_key=K or nats://HOST:PORT?subject=S",
+    )  # fmt: skip
+    group.add_argument(
+        "--clear-destinations", action="store_true",
+        help="remove every destination first (then add those of --destination, if any)",
+    )  # fmt: skip
+
+
+def destinations_from_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The destination flags given, as keyword arguments of the services."""
+    given: dict[str, Any] = {}
+    if options.get("destinations"):
+        given["destinations"] = list(options["destinations"])
+    if options.get("clear_destinations"):
+        given["clear_destinations"] = True
+    return given
 
 
 def settings_from_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -126,8 +159,13 @@ def invalid(exc: InvalidApplication) -> CommandError:
 
 def describe(application: Application) -> dict[str, Any]:
     """Every setting by its field name, as `--json` prints it."""
-    values = {"app_id": str(application.pk)}
+    values: dict[str, Any] = {"app_id": str(application.pk)}
     values |= {name: getattr(application, name) for name in SETTINGS}
+    values["destinations"] = [
+        {"url": d.masked_url, "kind": d.kind, "enabled": d.enabled,
+         "consecutive_failures": d.consecutive_failures}
+        for d in application.destinations.all()
+    ]  # fmt: skip
     values["updated_at"] = application.updated_at.isoformat()
     return values
 
@@ -163,6 +201,23 @@ def settings_lines(application: Application) -> list[str]:
         ("retention_hours", f"{a.retention_hours} h"),
         ("endpoint_max_in_flight", str(a.endpoint_max_in_flight) if a.endpoint_max_in_flight
          else "0 (no cap)"),
+        ("circuit_failures", f"{a.circuit_failures} consecutive failures open the circuit"),
+        ("disable_after_hours", f"{a.disable_after_hours} h failing disables an endpoint"),
+        ("signing", a.signing if a.signing == Application.Signing.HMAC
+         else f"{a.signing} (key {a.signing_key_id}, in /.well-known/taskhook/jwks.json)"),
+        ("destinations", "\n".join(_destination_line(d) for d in a.destinations.all())
+         or "none (webhooks only)"),
         ("updated_at", a.updated_at.isoformat()),
     ]  # fmt: skip
-    return [f"  {name:22} {value}" for name, value in rows]
+    indent = "\n" + " " * 25
+    return [f"  {name:22} {value.replace('\n', indent)}" for name, value in rows]
+
+
+def _destination_line(destination: Destination) -> str:
+    health = (
+        f"{destination.consecutive_failures} failing in a row"
+        if destination.consecutive_failures
+        else "ok"
+    )
+    state = health if destination.enabled else "disabled"
+    return f"{destination.masked_url} ({state})"

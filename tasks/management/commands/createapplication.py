@@ -6,9 +6,11 @@ from django.db import transaction
 
 from tasks import audit
 from tasks.applications import InvalidApplication, create_application
+from tasks.delivery.destinations import masked_urls
 
 from ._application_settings import (
     add_setting_arguments,
+    destinations_from_options,
     invalid,
     settings_from_options,
     settings_lines,
@@ -31,14 +33,17 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         changes = settings_from_options(options)
+        urls = destinations_from_options(options).get("destinations", [])
         try:
             with transaction.atomic():
-                created = create_application(name=options["name"], **changes)
+                created = create_application(name=options["name"], destinations=urls, **changes)
                 audit.record_command(command="createapplication", action="application.create",
                                      target_type="application", target_id=created.application.pk,
                                      target_label=created.application.name,
                                      detail={"name": created.application.name,
-                                             "settings": changes})  # fmt: skip
+                                             "settings": changes,
+                                             "destinations": masked_urls(
+                                                 created.application.pk)})  # fmt: skip
         except InvalidApplication as exc:
             if exc.field == "name":
                 raise invalid(InvalidApplication("NAME", exc.message)) from exc

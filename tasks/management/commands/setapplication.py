@@ -6,12 +6,14 @@ from django.db import transaction
 
 from tasks import audit
 from tasks.applications import InvalidApplication, update_application
+from tasks.delivery.destinations import masked_urls
 from tasks.models import Application
 
 from ._application_settings import (
     FLAG_OF,
     add_setting_arguments,
     describe,
+    destinations_from_options,
     invalid,
     settings_from_options,
     settings_lines,
@@ -31,12 +33,19 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         changes = settings_from_options(options)
+        destination_flags = destinations_from_options(options)
         try:
             with transaction.atomic():
                 current = Application.objects.get(pk=options["app_id"])
                 before = {name: getattr(current, name) for name in changes}
-                application = update_application(application_id=current.pk, **changes)
+                if destination_flags:
+                    before["destinations"] = masked_urls(current.pk)
+                application = update_application(
+                    application_id=current.pk, **destination_flags, **changes
+                )
                 after = {name: getattr(application, name) for name in changes}
+                if destination_flags:
+                    after["destinations"] = masked_urls(current.pk)
                 if diff := audit.changes(before, after):
                     audit.record_command(command="setapplication", action="application.update",
                                          target_type="application", target_id=application.pk,
@@ -49,8 +58,14 @@ class Command(BaseCommand):
         if options["json"]:
             self.stdout.write(json.dumps(describe(application)))
             return
-        if changes:
-            flags = sorted({FLAG_OF[name] for name in changes})
+        if changes or destination_flags:
+            flags = sorted(
+                {FLAG_OF[name] for name in changes}
+                | {
+                    "--clear-destinations" if name == "clear_destinations" else "--destination"
+                    for name in destination_flags
+                }
+            )
             self.stdout.write(f"Updated {application.name!r} ({', '.join(flags)}):")
         else:
             self.stdout.write(f"{application.name!r} (nothing changed):")

@@ -1,0 +1,1 @@
+"""Protocol-faithful fake upstreams (OpenAI-compatible, Dify) for the runner tests."""
