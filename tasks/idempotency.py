@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta
-from typing import cast
+from typing import Any
 
 from django.conf import settings
+from django.db import connection
+from django.db.models import Q
 from django.utils import timezone
 
 from tasks.models import Application, IdempotencyRecord, Task
+from tasks.plumbing import rawsql
 
 
 class IdempotencyConflict(Exception):
@@ -49,21 +52,42 @@ def existing_for_key(
     return found
 
 
+# What an IdempotencyRecord keeps of its task: its fields, and the task's they come from.
+KEPT_FROM_TASK = {"application": "application", "key": "idempotency_key",
+                  "request_hash": "request_hash", "task_id": "id", "status": "status",
+                  "created_at": "created_at"}  # fmt: skip
+
+
+def _keeps_key() -> Q:
+    """Which removed tasks' keys are kept: those with a key still inside its window."""
+    return Q(idempotency_key__isnull=False, created_at__gte=window_start())
+
+
 def keep_keys_of(task_ids: list[uuid.UUID]) -> None:
     """Retention is about to remove these tasks: keep the keys still inside their window.
     Runs inside retention's delete transaction."""
-    records = [
-        IdempotencyRecord(
-            # Never None: the query below selects idempotency_key__isnull=False.
-            application_id=app_id, key=cast(str, key), request_hash=request_hash, task_id=task_id,
-            status=status, created_at=created_at,
-        )
-        for task_id, app_id, key, request_hash, status, created_at in Task.objects.filter(
-            pk__in=task_ids, idempotency_key__isnull=False, created_at__gte=window_start()
-        ).values_list("pk", "application_id", "idempotency_key", "request_hash", "status",
-                      "created_at")
-    ]  # fmt: skip
+    names = [rawsql.get_field(IdempotencyRecord, name).attname for name in KEPT_FROM_TASK]
+    rows = Task.objects.filter(_keeps_key(), pk__in=task_ids).values_list(*KEPT_FROM_TASK.values())
+    records = [IdempotencyRecord(**dict(zip(names, row, strict=True))) for row in rows]
     IdempotencyRecord.objects.bulk_create(records, ignore_conflicts=True)
+
+
+def keep_keys_statement(removed: str) -> tuple[str, list[Any]]:
+    """keep_keys_of as one INSERT ... SELECT and its parameters, for a statement that removes
+    tasks (PostgreSQL): `removed` names a relation of the removed tasks' rows with the task
+    table's columns that KEPT_FROM_TASK names (a `DELETE ... RETURNING` in a WITH)."""
+    query = Task.objects.filter(_keeps_key()).query
+    where, params = query.get_compiler(connection=connection).compile(query.where)
+    table = rawsql.quote(Task._meta.db_table)  # `removed` takes its name: the WHERE names it
+    record_columns = ", ".join(rawsql.quote_column(rawsql.get_field(IdempotencyRecord, name))
+                               for name in KEPT_FROM_TASK)  # fmt: skip
+    task_columns = ", ".join(rawsql.quote_column(rawsql.get_field(Task, name))
+                             for name in KEPT_FROM_TASK.values())  # fmt: skip
+    statement = (
+        f"INSERT INTO {rawsql.quote(IdempotencyRecord._meta.db_table)} ({record_columns}) "  # noqa: S608
+        f"SELECT {task_columns} FROM {removed} AS {table} WHERE {where} ON CONFLICT DO NOTHING"
+    )
+    return statement, list(params)
 
 
 def purge_expired_records() -> int:

@@ -369,11 +369,32 @@ def test_an_items_callback_names_its_batch(make_app, client, live_worker, receiv
     assert all(list(body)[-1] == "batch_id" for body in bodies)
 
 
-def test_without_an_idempotency_key_the_body_is_not_hashed(make_app, client, _clean):
-    """The request hash only serves a repeated Idempotency-Key: a batch without one skips it."""
-    answer = submit_batch(client, make_app("echo"), ITEMS)
-    assert Batch.objects.get(pk=answer["batch_id"]).request_hash == ""
+def test_without_an_idempotency_key_the_body_is_not_hashed(make_app, client, _clean, monkeypatch):
+    """The request hash only serves a repeated Idempotency-Key: a batch without one skips it,
+    in the JSON and the NDJSON form."""
     from tasks.batches import ingest
 
+    asked: list[bool] = []
+    for name in ("parse_batch_body", "parse_ndjson_batch"):
+        real = getattr(ingest, name)
+
+        def spy(*args, _real=real, **kwargs):
+            asked.append(kwargs["hashed"])
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(ingest, name, spy)
+    app = make_app("echo")
+    answer = submit_batch(client, app, ITEMS)
+    assert Batch.objects.get(pk=answer["batch_id"]).request_hash == ""
+    ndjson = "\n".join(json.dumps(item) for item in ITEMS)
+    response = client.post(f"/api/applications/{app.application.id}/batches", ndjson,
+                           content_type="application/x-ndjson",
+                           HTTP_AUTHORIZATION=f"Bearer {app.api_key}")  # fmt: skip
+    assert response.status_code == 200, response.content
+    keyed = post_batch(client, app, {"items": ITEMS}, idempotency_key="hash-me")
+    assert keyed.status_code == 200, keyed.content
+    assert len(Batch.objects.get(pk=keyed.json()["batch_id"]).request_hash) == 64
+    assert asked == [False, False, True]
+    monkeypatch.undo()
     assert ingest.parse_batch_body({"items": ITEMS}, hashed=False).request_hash == ""
     assert len(ingest.parse_batch_body({"items": ITEMS}).request_hash) == 64

@@ -16,7 +16,17 @@ from django.utils import timezone
 from rq.job import Job
 
 from dashboard.runtime.processes import cron_argv
-from tasks.models import AuditEntry, CallbackAttempt, CleanupRun, Task, TaskLog, TaskRunHistory
+from tasks.models import (
+    AuditEntry,
+    CallbackAttempt,
+    CleanupRun,
+    Destination,
+    DestinationAttempt,
+    IdempotencyRecord,
+    Task,
+    TaskLog,
+    TaskRunHistory,
+)
 from tasks.plumbing.queueing import redis_client, task_job_id
 from tasks.submission import enqueue_pending_task
 from tasks.upkeep import retention
@@ -76,10 +86,31 @@ def test_attempts_logs_and_history_go_with_the_task(make_app):
                                    started_at=timezone.now(), url="http://x.example/h")  # fmt: skip
     TaskLog.objects.create(task=task, message="hello")
     TaskRunHistory.objects.create(task=task, run=1, status="failed")
+    destination = Destination.objects.create(application=app.application, kind="redis",
+                                             url="redis://127.0.0.1:6379/0?stream=s")  # fmt: skip
+    DestinationAttempt.objects.create(destination=destination, task=task, run=1, number=1,
+                                      trigger="auto", started_at=timezone.now())  # fmt: skip
     retention.run_cleanup(trigger="command")
     assert not CallbackAttempt.objects.exists()
     assert not TaskLog.objects.exists()
     assert not TaskRunHistory.objects.exists()
+    assert not DestinationAttempt.objects.exists() and Destination.objects.exists()
+
+
+def test_a_removed_tasks_key_is_kept_only_inside_its_window(make_app):
+    app = make_app("echo", retention_hours=1)
+    recent = finished(app, hours_ago=2, idempotency_key="recent", request_hash="h1",
+                      status="failed")  # fmt: skip
+    finished(app, hours_ago=30, idempotency_key="old", request_hash="h2")  # past the 24 h
+    finished(app, hours_ago=2)  # no key
+    assert retention.purge_application(app.application) == 3
+    assert not Task.objects.exists()
+    kept = IdempotencyRecord.objects.values_list(
+        "application_id", "key", "request_hash", "task_id", "status", "created_at"
+    )
+    assert list(kept) == [
+        (app.application.pk, "recent", "h1", recent.pk, "failed", recent.created_at)
+    ]
 
 
 def test_cleanup_deletes_in_batches(make_app, monkeypatch):

@@ -28,6 +28,7 @@ CHECKED_AGAINST = {"django": "6.1", "rq": "3.0", "psycopg": "3.3"}
 RQ_WORKER = "rq.worker.Worker"
 BASE_HANDLER = "django.core.handlers.base.BaseHandler"
 PG_WRAPPER = "django.db.backends.postgresql.base.DatabaseWrapper"
+SQLITE_WRAPPER = "django.db.backends.sqlite3.base.DatabaseWrapper"
 LIVENESS = "tasks.execution.worker.LivenessMixin"
 DELIVERY = "tasks.execution.worker.TaskhookDeliveryWorker"
 
@@ -114,6 +115,11 @@ SEAMS: tuple[Seam, ...] = (
          "wrap a psycopg cursor as Django wraps its own"),
     Seam("psycopg.Cursor", "execute", ("self", "query", "params", "prepare", "binary"),
          "dashboard.runtime.postgresql.base.PreparedCursor", "prepare on the first run"),
+    # --- Django's SQLite backend (dashboard/runtime/sqlite3/base.py) --------------------------
+    Seam(SQLITE_WRAPPER, "_start_transaction_under_autocommit", ("self",),
+         "dashboard.runtime.sqlite3.base.DatabaseWrapper",
+         "BEGIN IMMEDIATE retried every half millisecond, not by SQLite's busy handler",
+         ("transaction_mode",)),
 )  # fmt: skip
 
 # Our subclasses of library classes, and the library classes they shadow: the test requires
@@ -124,4 +130,5 @@ SUBCLASSES = {
     "dashboard.runtime.handlers.ApiMiddlewareMixin": (BASE_HANDLER,),
     "dashboard.runtime.postgresql.base.DatabaseWrapper": (PG_WRAPPER,),
     "dashboard.runtime.postgresql.base.PreparedCursor": ("psycopg.Cursor",),
+    "dashboard.runtime.sqlite3.base.DatabaseWrapper": (SQLITE_WRAPPER,),
 }

@@ -95,6 +95,8 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "timeout": 20,
     }
+    # The same backend, its write transactions waiting for the lock by polling (see there).
+    _db["ENGINE"] = "dashboard.runtime.sqlite3"
     # A file (not :memory:) so that worker processes started by tests see the same database.
     _db["TEST"] = {"NAME": env.str("TEST_DATABASE_NAME", default=str(VAR_DIR / "test.sqlite3"))}
 else:

@@ -57,6 +57,22 @@ def _local(value: datetime) -> datetime:
     return timezone.localtime(value) if timezone.is_aware(value) else value
 
 
+def _status_badge(status: str) -> str:
+    """`status` escaped already."""
+    return f'<span class="badge {status}">{status}</span>'
+
+
+def _callback_badge(callback_status: str) -> str:
+    if callback_status == "none":
+        return ""
+    state = e(callback_status)
+    return f'<span class="badge cb-{state}">{state}</span>'
+
+
+def _task_link(url: Callable[[str], str], task_id: str, label: str) -> str:
+    return f'<a href="{url(task_id)}"><code>{label}</code></a>'
+
+
 def task_rows(tasks: Iterable, *, is_operator: bool) -> SafeString:
     """dashboard/_task_rows.html's rows (the task list, the failed callbacks)."""
     url = _task_url()
@@ -74,20 +90,17 @@ def task_rows(tasks: Iterable, *, is_operator: bool) -> SafeString:
         if task.priority != "normal":
             priority = e(task.priority)
             extra += f' <span class="hint priority-{priority}">{priority}</span>'
-        callback = ""
-        if task.callback_status != "none":
-            state = e(task.callback_status)
-            callback = (
-                f'<span class="badge cb-{state}">{state}</span> {int(task.callback_attempts)}\u00d7'
-            )
+        callback = _callback_badge(task.callback_status)
+        if callback:
+            callback += f" {int(task.callback_attempts)}\u00d7"
             if task.callback_last_status_code:
                 callback += f" ({int(task.callback_last_status_code)})"
         created = _local(task.created_at)
         parts.append(
             f'    <tr class="status-{status}">\n      {check}\n'
-            f'      <td><a href="{url(task_id)}"><code>{task_id[:8]}</code></a></td>\n'
+            f"      <td>{_task_link(url, task_id, task_id[:8])}</td>\n"
             f"      <td>{e(task.application.name)}</td>\n"
-            f'      <td><span class="badge {status}">{status}</span>{extra}</td>\n'
+            f"      <td>{_status_badge(status)}{extra}</td>\n"
             f'      <td class="num">{int(task.run)}</td>\n'
             f"      <td>{e(task.user)}</td>\n"
             f'      <td title="{created.isoformat()}">{created:%Y-%m-%d %H:%M:%S}</td>\n'
@@ -106,17 +119,14 @@ def batch_item_rows(items: Iterable) -> SafeString:
     for item in items:
         task_id = str(item.id)
         status = e(item.status)
-        callback = ""
-        if item.callback_status != "none":
-            state = e(item.callback_status)
-            callback = f'<span class="badge cb-{state}">{state}</span>'
+        callback = _callback_badge(item.callback_status)
         code = f"<code>{e(item.error_code)}</code> " if item.error_code else ""
         finished = e(clock(item.finished_at)) if item.finished_at else ""
         parts.append(
             f'      <tr class="status-{status}" data-index="{item.batch_index}">\n'
             f'        <td class="num">{item.batch_index}</td>\n'
-            f'        <td><a href="{url(task_id)}"><code>\u2026{task_id[-8:]}</code></a></td>\n'
-            f'        <td><span class="badge {status}">{status}</span></td>\n'
+            f"        <td>{_task_link(url, task_id, '\u2026' + task_id[-8:])}</td>\n"
+            f"        <td>{_status_badge(status)}</td>\n"
             f'        <td class="num">{int(item.run)}</td>\n'
             f"        <td>{e(item.user)}</td>\n"
             f'        <td class="num">{e(duration(item.started_at, item.finished_at))}</td>\n'
@@ -138,7 +148,7 @@ def attempt_rows(attempts: Iterable) -> SafeString:
         parts.append(
             f'      <tr class="{"ok" if attempt.delivered else "failed"}">\n'
             f"        <td>{e(clock(attempt.started_at))}</td>\n"
-            f'        <td><a href="{url(task_id)}"><code>{task_id[:8]}</code></a></td>\n'
+            f"        <td>{_task_link(url, task_id, task_id[:8])}</td>\n"
             f'        <td class="num">{int(attempt.number)}</td>\n'
             f"        <td>{e(attempt.trigger)}</td>\n"
             f'        <td class="num">{status_code}</td>\n'

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import redis
-from django.db import connection, transaction
+from django.db import connection, models, transaction
 from django.db.models import Exists, Min, OuterRef, QuerySet
 from django.utils import timezone
 
@@ -31,13 +31,8 @@ from tasks.models import (
     Application,
     Batch,
     BatchCallbackAttempt,
-    CallbackAttempt,
     CleanupRun,
-    DestinationAttempt,
-    IdempotencyRecord,
     Task,
-    TaskLog,
-    TaskRunHistory,
 )
 from tasks.plumbing import rawsql
 from tasks.plumbing.queueing import redis_client
@@ -83,6 +78,13 @@ def preview(*, application_id: uuid.UUID | str | None = None) -> list[Preview]:
     return result
 
 
+# What goes with a task, deleted before it (their foreign keys are checked, not cascaded, by the
+# database): every model whose foreign key to a task cascades.
+def _task_children() -> list[tuple[type[models.Model], str]]:
+    return [(relation.related_model, relation.field.name) for relation in Task._meta.related_objects
+            if relation.on_delete is models.CASCADE]  # fmt: skip
+
+
 def delete_batch(expired: QuerySet[Task], ids: list[uuid.UUID]) -> int:
     """Delete those of `ids` still in `expired` (re-checked under row locks), with their logs,
     attempts, runs and event streams; the number removed. Retention and the Work page's
@@ -96,9 +98,8 @@ def delete_batch(expired: QuerySet[Task], ids: list[uuid.UUID]) -> int:
         ids = list(expired.filter(pk__in=ids).select_for_update().values_list("pk", flat=True))
         idempotency.keep_keys_of(ids)  # a key outlives its task (its window is 24 h)
         # Children first by plain DELETE ... WHERE task_id IN (...): nothing is loaded.
-        CallbackAttempt.objects.filter(task_id__in=ids).delete()
-        TaskLog.objects.filter(task_id__in=ids).delete()
-        TaskRunHistory.objects.filter(task_id__in=ids).delete()
+        for child, field in _task_children():
+            child._default_manager.filter(**{f"{field}__in": ids}).delete()
         Task.objects.filter(pk__in=ids).only("pk").delete()
     event_stream.delete(ids)  # after the commit; a stream left behind expires on its own
     return len(ids)
@@ -120,36 +121,24 @@ def _delete_batch_postgresql(expired: QuerySet[Task], ids: list[uuid.UUID]) -> l
     made the retention of 10,000,000 tasks take an hour."""
     query = expired.filter(pk__in=ids).query
     where, where_params = query.get_compiler(connection=connection).compile(query.where)
-    quote, meta = rawsql.quote, Task._meta
-    table = quote(meta.db_table)
-    record = IdempotencyRecord._meta
-    children = [
-        (quote(model._meta.db_table), rawsql.quote_column(rawsql.get_field(model, "task")))
-        for model in (CallbackAttempt, TaskLog, TaskRunHistory, DestinationAttempt)
-    ]
+    table = rawsql.quote(Task._meta.db_table)
+    returned = ", ".join(rawsql.quote_column(rawsql.get_field(Task, name))
+                         for name in idempotency.KEPT_FROM_TASK.values())  # fmt: skip
+    keep_keys, keep_params = idempotency.keep_keys_statement("gone")
     deletes = "".join(
-        f", gone_{n} AS (DELETE FROM {child} WHERE {column} IN (SELECT id FROM gone))"  # noqa: S608
-        for n, (child, column) in enumerate(children)
+        f", gone_{n} AS (DELETE FROM {rawsql.quote(child._meta.db_table)} "  # noqa: S608
+        f"WHERE {rawsql.quote_column(rawsql.get_field(child, field))} IN (SELECT id FROM gone))"
+        for n, (child, field) in enumerate(_task_children())
     )
-    kept = ("application", "key", "request_hash", "task_id", "status", "created_at")
-    columns = ", ".join(rawsql.quote_column(rawsql.get_field(IdempotencyRecord, name))
-                        for name in kept)  # fmt: skip
-    app_column = rawsql.quote_column(rawsql.get_field(Task, "application"))
     statement = (
-        f"WITH gone AS (DELETE FROM {table} WHERE {where} RETURNING id, {app_column}, "  # noqa: S608
-        f"idempotency_key, request_hash, status, created_at), "
-        # A key outlives its task (its window is 24 h): idempotency.keep_keys_of's rows.
-        f"kept AS (INSERT INTO {quote(record.db_table)} ({columns}) SELECT {app_column}, "
-        f"idempotency_key, request_hash, id, status, created_at FROM gone WHERE "
-        f"idempotency_key IS NOT NULL AND created_at >= %s ON CONFLICT DO NOTHING){deletes} "
-        f"SELECT id FROM gone"
+        f"WITH gone AS (DELETE FROM {table} WHERE {where} RETURNING {returned}), "  # noqa: S608
+        f"kept AS ({keep_keys}){deletes} SELECT id FROM gone"
     )
-    window = meta.get_field("created_at").get_db_prep_value(idempotency.window_start(), connection)
     with transaction.atomic(), connection.cursor() as cursor:
         # A lost commit of a cleanup's batch (a crash) only means its tasks go on the next
         # pass: it need not wait for its WAL to reach the disk.
         cursor.execute("SET LOCAL synchronous_commit = off")
-        cursor.execute(statement, [*where_params, window])
+        cursor.execute(statement, [*where_params, *keep_params])
         return [row[0] for row in cursor.fetchall()]
 
 
