@@ -10,7 +10,7 @@ import contextlib
 from datetime import timedelta
 
 import pytest
-from django.db import connection  # noqa: F401 (read by the skipif conditions)
+from django.db import connection
 from django.utils import timezone
 from rq.queue import Queue
 
@@ -117,6 +117,34 @@ def test_on_postgresql_a_transactions_chunks_stream_through_one_copy_then_are_en
     assert writes == [(2, before), (2, before), (2, before), (2, before + 6), (1, before + 6)]
     assert list(Task.objects.filter(batch=batch).order_by("batch_index")
                 .values_list("batch_index", flat=True)) == list(range(9))  # fmt: skip
+
+
+@pytest.mark.skipif("connection.vendor != 'sqlite'")
+@pytest.mark.usefixtures("_clean")
+def test_on_sqlite_each_chunk_commits_alone_and_the_committed_ones_are_enqueued_together(
+    make_app, monkeypatch
+):
+    import sqlite3
+
+    app = make_app("echo").application
+    monkeypatch.setattr(ingest, "SQLITE_STORE_CHUNK", 2)
+    monkeypatch.setattr(ingest, "STORE_CHUNK", 6)
+    other = sqlite3.connect(connection.settings_dict["NAME"])  # sees committed rows only
+    table = Task._meta.db_table
+    writes: list[tuple[int, int, int]] = []
+
+    def seen(prepared):
+        query = f"SELECT count(*) FROM {table} WHERE batch_id IS NOT NULL"
+        writes.append((len(prepared.rows), other.execute(query).fetchone()[0], len(lane())))
+
+    on_each_write(monkeypatch, seen)
+    before = len(lane())
+    batch, _ = ingest.submit_batch(application=app, request=request(9))
+    other.close()
+    # Each chunk its own transaction (SQLite's lock free in between); enqueued 6 at a time.
+    assert writes == [(2, 0, before), (2, 2, before), (2, 4, before), (2, 6, before + 6),
+                      (1, 8, before + 6)], writes  # fmt: skip
+    assert Task.objects.filter(batch=batch).count() == 9
 
 
 @pytest.mark.usefixtures("_clean")
