@@ -121,29 +121,32 @@ def test_on_postgresql_a_transactions_chunks_stream_through_one_copy_then_are_en
 
 @pytest.mark.skipif("connection.vendor != 'sqlite'")
 @pytest.mark.usefixtures("_clean")
-def test_on_sqlite_each_chunk_commits_alone_and_the_committed_ones_are_enqueued_together(
+def test_on_sqlite_each_chunk_commits_alone_then_pauses_and_the_committed_are_enqueued_together(
     make_app, monkeypatch
 ):
     import sqlite3
+    import types
 
     app = make_app("echo").application
     monkeypatch.setattr(ingest, "SQLITE_STORE_CHUNK", 2)
     monkeypatch.setattr(ingest, "STORE_CHUNK", 6)
     other = sqlite3.connect(connection.settings_dict["NAME"])  # sees committed rows only
     table = Task._meta.db_table
-    writes: list[tuple[int, int, int]] = []
+    seen: list[tuple] = []
 
-    def seen(prepared):
+    def written(prepared):
         query = f"SELECT count(*) FROM {table} WHERE batch_id IS NOT NULL"
-        writes.append((len(prepared.rows), other.execute(query).fetchone()[0], len(lane())))
+        seen.append((len(prepared.rows), other.execute(query).fetchone()[0], len(lane())))
 
-    on_each_write(monkeypatch, seen)
+    on_each_write(monkeypatch, written)
+    monkeypatch.setattr(ingest, "time", types.SimpleNamespace(sleep=lambda s: seen.append(s)))
     before = len(lane())
     batch, _ = ingest.submit_batch(application=app, request=request(9))
     other.close()
-    # Each chunk its own transaction (SQLite's lock free in between); enqueued 6 at a time.
-    assert writes == [(2, 0, before), (2, 2, before), (2, 4, before), (2, 6, before + 6),
-                      (1, 8, before + 6)], writes  # fmt: skip
+    # Each chunk its own transaction, then a pause with SQLite's lock free; enqueued 6 at a time.
+    pause = ingest.SQLITE_CHUNK_PAUSE_SECONDS
+    assert seen == [(2, 0, before), pause, (2, 2, before), pause, (2, 4, before), pause,
+                    (2, 6, before + 6), pause, (1, 8, before + 6), pause], seen  # fmt: skip
     assert Task.objects.filter(batch=batch).count() == 9
 
 

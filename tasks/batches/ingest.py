@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -46,6 +47,10 @@ TRANSACTION_ITEMS = 10_000  # on PostgreSQL: items per transaction (one COPY), t
 # SQLite has one writer: a chunk holds every other write back until it commits, so its chunks
 # are small enough that another client's submit waits a few milliseconds, not a chunk's worth.
 SQLITE_STORE_CHUNK = 250
+# ... and after each chunk's commit the batch pauses this long, so that another client's submit
+# finds the write lock free (and, in the same web process, the GIL) rather than racing the next
+# chunk for it (docs/benchmarks.md, "Batches").
+SQLITE_CHUNK_PAUSE_SECONDS = 0.002
 INGEST_STALE_SECONDS = 600  # a batch still being stored after this: its request died
 # Set on the batch for all its items; an item naming one is refused rather than ignored.
 BATCH_LEVEL_FIELDS = ("response_mode", "priority", "callback_url", "callback_events")
@@ -362,6 +367,8 @@ def submit_batch(
                         rows = early or build(*span)
                         write(rows)
                         stored += rows.tasks
+                if not streamed:
+                    time.sleep(SQLITE_CHUNK_PAUSE_SECONDS)
             for start in range(0, len(stored), STORE_CHUNK):  # committed: the workers may see them
                 enqueue_fresh_tasks(
                     tasks=stored[start : start + STORE_CHUNK], application=application
