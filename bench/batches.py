@@ -503,30 +503,36 @@ def verdicts(columns: list[tuple[str, dict[str, Any]]]) -> list[str]:
     ]  # fmt: skip
 
 
-DIAGNOSIS = """Diagnosis (a 10,000-item JSON batch timed in-process, CPU and wall, the code of the
-session's start against this run's, interleaved on the same busy hour; py-spy of the submit):
+DIAGNOSIS = """Diagnosis (this session, 2026-12-08; the fairness phase alone on SQLite for the A/B
+pairs, run one after another in the same half hour):
 
-- In-process on PostgreSQL the submit's CPU went from 1,014 to 441 ms per 10,000 items and its
-  wall time from 1.90 to 1.02 s; on SQLite from 1,110 to 831 ms CPU and 1.32 to 1.07 s. What
-  bought it: the cyclic GC paused for the request (full collections that found nothing: about
-  a fifth of the CPU), a row's own columns named instead of found by comparing every row's
-  values and prepared without Django's four calls per value, the items' inputs to JSON by
-  orjson, binary COPY (psycopg formats a value in about half the time), one COPY per 10,000
-  items whose chunks of 2,000 are built while the server stores the one before, the slots
-  asked for once per stored chunk, and the body hashed only when an Idempotency-Key comes.
-- What is left on SQLite is SQLite: its executemany (7 index entries per row) and 40 commits
-  are 43% of the submit's samples, in this process; then the line entries (16%), building the
-  items (17%) and parsing them (11%). An inserter thread storing one chunk while the next is
-  built was tried and bought nothing measurable, so it is not in.
-- Under a big batch on SQLite, B's submit waits for the write lock a chunk of 250 holds, and
-  SQLite's busy handler retries after 1, 2, 5, 10, 15, 20 ms...: a wait of one chunk becomes
-  the next retry, 33 or 53 ms. The same hour, the code of the session's start gave B p99 45.7
-  ms and this code 51.8 ms (ingesting the 100,000 items in 21.1 s against 15.5 s): B's p99
-  there follows the machine's speed more than the code, and its tasks' waits grow as the
-  ingestion packs the lock more densely (p50 106 against 271 ms, far inside the 1 s bound).
-- The machine was slower this hour than in the earlier runs (single submits 319/s on SQLite
-  against 550/s then), which the ingestion's absolute rate follows; the ratio to single
-  submits is x27.6 on SQLite and x43.1 on PostgreSQL."""
+- Five full runs. Before the pause below (03:37 UTC): a 10,000-item batch 18,264 tasks/s on
+  SQLite, x22.6 its single submits (809/s), B's p99 under the 100,000-item batch 95.2 ms. With
+  it (03:58, 04:01, 04:04, 04:09; the table above is the last): 15,031, 7,747, 9,470 and
+  13,804/s, x25.0 to x28.6 (singles 550, 299, 324 and 525/s: the host's speed moved that much
+  within minutes, the ratio held), B's p99 45.1, 44.7, 58.9 and 50.0 ms. The 58.9 run's B
+  alone (no batch) had p99 34.4 ms, against 12.3 in the last. Last session's code gave
+  8,714/s and 73.6 ms on a slow hour.
+- SQLite's busy handler sleeps 1, 2, 5, 10, 15, 20 ms... between tries of a locked BEGIN, so a
+  submit behind a batch's chunk waited for the next try, not for the chunk. The SQLite backend
+  (dashboard/runtime/sqlite3) now retries BEGIN IMMEDIATE every 0.5 ms: B's p99 92.7 and 86.4
+  ms with Django's backend against 70.1 and 68.2 ms with it. After it, 2 of the phase's write
+  transactions waited over 2 ms for the lock (3.0 ms at most): the lock was no longer B's wait.
+- B's connection and the batch's landed in the same web process in some runs (271 of 271
+  submits) and not in others (0 of 277): p99 70-87 ms either way, so not only the GIL.
+- A pause after each chunk's commit: 1 ms gave p99 65.0 and 68.0 ms, 2 ms 42.6, 46.2 and 35.3
+  ms (kept: SQLITE_CHUNK_PAUSE_SECONDS). It costs the 100,000 items 6.5-6.7 s -> 8.0-9.0 s
+  and a 10,000-item batch 80 ms, the rates above.
+- Tried and not kept: a PASSIVE WAL checkpoint after every chunk (p99 47.0 and 56.8 ms, but the
+  100,000 items in 10.3-10.8 s), or after every 2,000 items (58.1 and 65.2 ms against 59.5
+  and 67.0 without: nothing).
+- The items are enqueued 2,000 at a time on SQLite too (they were enqueued per chunk of 250):
+  in-process, the enqueues were 140 ms of a 600 ms submit of 10,000 items; its gain was not
+  measured apart from the lock change.
+- Giving the batch's thread a lower CPU priority (nice 10) bought nothing: p99 42.6 and 46.6
+  ms against 42.4 and 34.3 without.
+- PostgreSQL's path did not change. Its B p99 was 22.7, 72.0, 37.9, 30.2 and 36.9 ms in the
+  five runs; in the 72.0 run, B alone (no batch) had p99 44.0 ms against 8.7 in the first."""
 
 
 def write_report(columns: list[tuple[str, dict[str, Any]]], seconds: float) -> None:
@@ -539,8 +545,8 @@ def write_report(columns: list[tuple[str, dict[str, Any]]], seconds: float) -> N
         "database; gunicorn as `make run` serves it. Ingestion: no worker running; the "
         "batch's time is from the request sent to the answer read (every item stored, on "
         "PostgreSQL by a binary COPY per 10,000 items (one transaction) written 2,000 at a "
-        "time, on SQLite by an INSERT run for 250 rows, a transaction each, the items with "
-        "time-ordered ids, "
+        "time, on SQLite by an INSERT run for 250 rows, a transaction each and a 2 ms pause "
+        "after it, the items with time-ordered ids, "
         "and enqueued: a batch is one key, so BATCH_CONCURRENCY (default 8) of its items, or "
         "the application's max_concurrency_per_key, get an RQ job, the rest wait in its line); "
         "the single submits are wrk's 2xx answers/s over "
