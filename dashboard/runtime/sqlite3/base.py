@@ -25,9 +25,11 @@ DEFAULT_TIMEOUT_SECONDS = 5.0  # sqlite3.connect's own default
 
 
 class DatabaseWrapper(base.DatabaseWrapper):
+    transaction_mode: str | None  # set by get_connection_params; django-stubs does not declare it
+
     def _start_transaction_under_autocommit(self) -> None:
         if self.transaction_mode != "IMMEDIATE":
-            super()._start_transaction_under_autocommit()
+            super()._start_transaction_under_autocommit()  # type: ignore[misc]
             return
         raw = self.connection
         timeout = float(self.settings_dict["OPTIONS"].get("timeout", DEFAULT_TIMEOUT_SECONDS))
