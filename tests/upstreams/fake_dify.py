@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import select
 import threading
 import time
 import uuid
@@ -45,6 +46,9 @@ class Stop:
     task_id: str
     user: Any
     at: float
+    # Whether the client had already closed the run's stream when the stop came (its end of
+    # the connection readable: the EOF is there), None for a run this server does not know.
+    stream_gone: bool | None = None
 
 
 class Run:
@@ -219,10 +223,16 @@ class FakeDify(FakeServer):
         if not user:
             writer.json(400, dify_error(400, "invalid_param", "user is required"))
             return
-        with self.changed:
-            self.stops.append(Stop(kind, task_id, user, time.monotonic()))
-            self.changed.notify_all()
         run = self.runs.get(task_id)
+        stream_gone = None
+        if run is not None:
+            try:  # select, not a peek: the run's own thread owns the socket's timeout
+                stream_gone = bool(select.select([run.w.handler.connection], [], [], 0)[0])
+            except (OSError, ValueError):  # already closed on this side
+                stream_gone = True
+        with self.changed:
+            self.stops.append(Stop(kind, task_id, user, time.monotonic(), stream_gone))
+            self.changed.notify_all()
         if run is not None and run.request.body.get("user") == user:
             run.stopped.set()
         writer.json(200, {"result": "success"})
